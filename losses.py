@@ -1,0 +1,79 @@
+"""The two losses of M2D-CLAP stage 1. Imports torch only.
+
+- m2d_loss: 2 - 2 cos(prediction, standardised target), over masked patches.
+- ClapLoss: symmetric InfoNCE between audio and text embeddings with a learned
+  temperature. How the loss is defined is separate from how features are
+  gathered across data-parallel ranks (gather_features).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def standardize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each vector over its last dimension to mean 0, variance 1."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def m2d_loss(prediction: torch.Tensor, target: torch.Tensor, standardize_target: bool = True) -> torch.Tensor:
+    """M2D loss, [B, Nm, D] each -> scalar.
+
+    2 - 2 cos is the squared distance of the L2-normalised vectors, averaged
+    over masked patches and clips. The target is standardised per vector first
+    (on by default); only its centring matters, since cosine ignores scale.
+    """
+    target = target.float()
+    if standardize_target:
+        target = standardize(target)
+    cos = F.cosine_similarity(prediction.float(), target, dim=-1, eps=1e-8)  # [B, Nm]
+    return (2 - 2 * cos).mean()
+
+
+def gather_features(audio: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate [B, E] features from every data-parallel rank -> [W*B, E].
+
+    all_gather returns tensors without gradient, so the local rank's own slot is
+    replaced by its local tensors: gradients then flow to this rank's features,
+    and the other ranks' features act as extra negatives. Without an initialised
+    process group (one process) this is the identity.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return audio, text
+    world, rank = dist.get_world_size(), dist.get_rank()
+    gathered = []
+    for local in (audio, text):
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.detach().contiguous())
+        parts[rank] = local
+        gathered.append(torch.cat(parts, dim=0))
+    return gathered[0], gathered[1]
+
+
+class ClapLoss(nn.Module):
+    """Symmetric contrastive loss with the audio-text pairs on the diagonal.
+
+    logits = exp(s) * a @ t^T with L2-normalised a and t, s the model's learned
+    logit_scale clamped to [0, log 100]; the loss is the mean of the
+    audio->text and text->audio cross-entropies.
+    """
+
+    max_logit_scale = math.log(100.0)
+
+    def __init__(self, gather=gather_features):
+        super().__init__()
+        self.gather = gather
+
+    def forward(self, audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        audio = F.normalize(audio.float(), dim=-1)  # [B, E]
+        text = F.normalize(text.float(), dim=-1)    # [B, E]
+        audio, text = self.gather(audio, text)      # [W*B, E]
+        scale = logit_scale.float().clamp(0, self.max_logit_scale).exp()
+        logits = scale * audio @ text.T             # [W*B, W*B], rows audio, columns text
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2

@@ -1,0 +1,462 @@
+"""M2D-CLAP model: the ViT audio encoder, masked modeling duo (M2D) and the CLAP heads.
+
+Everything here is an nn.Module (or a pure tensor function) and imports torch
+only, so the whole file can be pasted into other research code.
+
+Reading order follows the data:
+    log-mel [B, 1, F, T] -> (x - mean) / std with the stored norm_stats
+      -> PatchEmbed (16x16 patches, frequency-major order)       [B, N, D]
+      -> random_masking: visible / masked patch indices
+      -> online encoder (blocks, norm) on visible patches + CLS  [B, 1+Nv, D]
+      -> predictor (decoder_*) fills the masked positions        [B, Nm, D]
+      -> target encoder (target_blocks, target_norm), EMA copy,
+         fed with the masked patches only                        [B, Nm, D]
+      -> audio_proj on the online patch features  -> CLAP audio  [B, D]
+      -> text_proj on sentence embeddings         -> CLAP text   [B, D]
+
+The losses live in losses.py; the training loop in train.py.
+Submodule names give the state-dict keys of the released M2D / M2D-CLAP
+checkpoints (cls_token, pos_embed, patch_embed.proj, blocks.{i}.attn.qkv,
+target_blocks, decoder_blocks, audio_proj.sem_token, text_proj, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class M2DConfig:
+    """Model shape. The defaults are the 2025 M2D-CLAP ViT-Base (80 x 1001 input)."""
+
+    n_mels: int = 80              # frequency bins of the input log-mel
+    crop_frames: int = 1001       # time frames of a training crop (100 frames per second)
+    patch_size: int = 16          # square patches over (frequency, time)
+    embed_dim: int = 768          # D
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    predictor_dim: int = 512      # M2D predictor ("decoder") width
+    predictor_depth: int = 8
+    predictor_heads: int = 16
+    mask_ratio: float = 0.7       # share of patches hidden from the online encoder
+    audio_proj: str = "semantic"  # "semantic" (2025) or "mlp" (2024)
+    text_dim: int = 4096          # width of the precomputed sentence embeddings (NV-Embed-v2)
+    text_proj: str = "linear"     # "linear", "mlp" or "none" (text already D wide)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(F, T) patch grid; trailing frames that do not fill a patch are dropped."""
+        return self.n_mels // self.patch_size, self.crop_frames // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        f, t = self.grid_size
+        return f * t
+
+
+PRESETS: dict[str, M2DConfig] = {
+    # Small enough to learn the built-in data on 2 CPU cores in a few minutes.
+    "tiny": M2DConfig(crop_frames=192, embed_dim=192, depth=4, num_heads=3,
+                      predictor_dim=128, predictor_depth=2, predictor_heads=4,
+                      text_dim=384),
+    # The paper's ViT-Base, 10 s input (m2d_clap_vit_base-80x1001p16x16p16k...).
+    "base": M2DConfig(),
+    "large": M2DConfig(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+def preset(name: str, **overrides) -> M2DConfig:
+    """A named configuration, optionally with some fields changed."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+# -----------------------------------------------------------------------------
+# Fixed 2-D sin-cos position tables (the MAE recipe)
+
+
+def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """[L] positions -> [L, embed_dim]: sin of half the channels, cos of the other half."""
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega                                    # [D/2]
+    angles = positions.double()[:, None] * omega[None, :]         # [L, D/2]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)         # [L, D]
+
+
+def sincos_2d(embed_dim: int, grid_f: int, grid_t: int, cls_token: bool = True) -> torch.Tensor:
+    """[1 + F*T, D] table in frequency-major patch order, zero row first for CLS.
+
+    As in MAE, the first half of the channels encodes the time (column) index and
+    the second half the frequency (row) index.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim must be a multiple of 4 for a 2-D sin-cos table, got {embed_dim}")
+    f_idx, t_idx = torch.meshgrid(torch.arange(grid_f), torch.arange(grid_t), indexing="ij")
+    table = torch.cat([sincos_1d(embed_dim // 2, t_idx.flatten()),  # [F*T, D/2] time
+                       sincos_1d(embed_dim // 2, f_idx.flatten())],  # [F*T, D/2] frequency
+                      dim=1)
+    if cls_token:
+        table = torch.cat([torch.zeros(1, embed_dim, dtype=table.dtype), table], dim=0)
+    return table.float()
+
+
+def crop_pos_table(table: torch.Tensor, grid_f: int, grid_t: int, t_used: int) -> torch.Tensor:
+    """Keep the first t_used time columns of a [1, 1 + F*T, D] table (for shorter inputs)."""
+    if t_used == grid_t:
+        return table
+    if t_used > grid_t:
+        raise ValueError(f"input has {t_used} time patches but the position table holds {grid_t}")
+    cls, patches = table[:, :1], table[:, 1:]
+    patches = patches.reshape(1, grid_f, grid_t, -1)[:, :, :t_used]  # [1, F, T', D]
+    return torch.cat([cls, patches.reshape(1, grid_f * t_used, -1)], dim=1)
+
+
+# -----------------------------------------------------------------------------
+# Transformer layers, in the order data meets them
+
+
+class PatchEmbed(nn.Module):
+    """[B, 1, F_bins, T_frames] -> [B, F*T, D], token index = f * T + t."""
+
+    def __init__(self, patch_size: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(1, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)                     # [B, D, F, T]
+        return x.flatten(2).transpose(1, 2)  # [B, F*T, D], frequency-major
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)        # 3 x [B, H, L, D/H]
+        x = F.scaled_dot_product_attention(q, k, v)           # [B, H, L, D/H]
+        return self.proj(x.transpose(1, 2).reshape(B, L, D))  # [B, L, D]
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+# -----------------------------------------------------------------------------
+# CLAP heads
+
+
+class SemanticAudioProjector(nn.Module):
+    """2025 audio projector: a learned semantic token attends to the patch features.
+
+    The token (zeros at init) is prepended to the patch features, one pre-norm
+    block with a single head and MLP ratio 1 mixes them, and the token's output
+    through a LayerNorm is the CLAP audio embedding.
+    """
+
+    def __init__(self, dim: int, depth: int = 1):
+        super().__init__()
+        self.sem_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.sem_blocks = nn.ModuleList([Block(dim, num_heads=1, mlp_ratio=1.0, norm_eps=1e-5)
+                                         for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.sem_token.expand(patches.shape[0], -1, -1), patches], dim=1)  # [B, 1+N, D]
+        for block in self.sem_blocks:
+            x = block(x)
+        return self.norm(x[:, 0])  # [B, D]
+
+
+class MLPAudioProjector(nn.Sequential):
+    """2024 audio projector: mean of the patch features, then Linear-ReLU-Linear."""
+
+    def __init__(self, dim: int):
+        super().__init__(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return super().forward(patches.mean(dim=1))  # [B, N, D] -> [B, D]
+
+
+def make_text_proj(kind: str, text_dim: int, dim: int) -> nn.Module:
+    """Map a sentence embedding [B, text_dim] to the audio width D.
+
+    "linear" has no bias (its released key is text_proj.weight alone);
+    "mlp" is Linear-ReLU-Linear (text_proj.0.*, text_proj.2.*).
+    """
+    if kind == "linear":
+        return nn.Linear(text_dim, dim, bias=False)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(text_dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+    if kind == "none":
+        if text_dim != dim:
+            raise ValueError(f"text_proj='none' needs text_dim == embed_dim, got {text_dim} and {dim}")
+        return nn.Identity()
+    raise ValueError(f"unknown text_proj {kind!r}; choose 'linear', 'mlp' or 'none'")
+
+
+# -----------------------------------------------------------------------------
+# Masking
+
+
+def random_masking(batch: int, num_patches: int, mask_ratio: float, device=None,
+                   generator: torch.Generator | None = None):
+    """Per clip, a random permutation of patch indices split into visible and masked.
+
+    Every clip of the batch keeps the same number of visible patches,
+    int(N * (1 - mask_ratio)). Both index sets are sorted so that each keeps
+    grid order. Returns
+        ids_visible  [B, Nv]
+        ids_masked   [B, Nm]
+        ids_restore  [B, N]: position of each grid patch in cat(visible, masked),
+                     used to unshuffle the predictor's sequence back to grid order.
+    """
+    num_visible = int(num_patches * (1 - mask_ratio))
+    noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    ids_shuffle = noise.argsort(dim=1)                                 # [B, N]
+    ids_visible = ids_shuffle[:, :num_visible].sort(dim=1).values      # [B, Nv]
+    ids_masked = ids_shuffle[:, num_visible:].sort(dim=1).values       # [B, Nm]
+    ids_restore = torch.cat([ids_visible, ids_masked], dim=1).argsort(dim=1)  # [B, N]
+    return ids_visible, ids_masked, ids_restore
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[B, N, D] tokens, [B, K] indices -> [B, K, D]."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class M2DCLAP(nn.Module):
+    """Audio encoder trained by M2D and CLAP together (stage 1 of M2D-CLAP)."""
+
+    def __init__(self, config: M2DConfig, norm_stats: tuple[float, float] = (-7.1, 4.2)):
+        super().__init__()
+        self.config = config
+        D, Dp = config.embed_dim, config.predictor_dim
+        grid_f, grid_t = config.grid_size
+        if grid_f < 1 or grid_t < 1:
+            raise ValueError(f"input {config.n_mels}x{config.crop_frames} is smaller than one "
+                             f"{config.patch_size}x{config.patch_size} patch")
+
+        # Log-mel normalisation statistics travel with the weights (key "norm_stats").
+        self.register_buffer("norm_stats", torch.tensor(norm_stats, dtype=torch.float32))
+
+        # Online encoder.
+        self.patch_embed = PatchEmbed(config.patch_size, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.register_buffer("pos_embed", sincos_2d(D, grid_f, grid_t)[None])  # [1, 1+N, D]
+        self.blocks = nn.ModuleList([Block(D, config.num_heads, config.mlp_ratio)
+                                     for _ in range(config.depth)])
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+
+        # Target encoder: its own blocks and norm, updated only by EMA. It shares
+        # the patch embedding, position table and CLS token with the online one.
+        self.target_blocks = nn.ModuleList([Block(D, config.num_heads, config.mlp_ratio)
+                                            for _ in range(config.depth)])
+        self.target_norm = nn.LayerNorm(D, eps=1e-6)
+
+        # Predictor, named "decoder" as in MAE and the released checkpoints.
+        self.decoder_embed = nn.Linear(D, Dp)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dp))
+        self.register_buffer("decoder_pos_embed", sincos_2d(Dp, grid_f, grid_t)[None])  # [1, 1+N, Dp]
+        self.decoder_blocks = nn.ModuleList([Block(Dp, config.predictor_heads, config.mlp_ratio)
+                                             for _ in range(config.predictor_depth)])
+        self.decoder_norm = nn.LayerNorm(Dp, eps=1e-6)
+        self.decoder_pred = nn.Linear(Dp, D)
+
+        # CLAP heads.
+        if config.audio_proj == "semantic":
+            self.audio_proj = SemanticAudioProjector(D)
+        elif config.audio_proj == "mlp":
+            self.audio_proj = MLPAudioProjector(D)
+        else:
+            raise ValueError(f"unknown audio_proj {config.audio_proj!r}; choose 'semantic' or 'mlp'")
+        self.text_proj = make_text_proj(config.text_proj, config.text_dim, D)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+        self.initialize_weights()
+        for p in self.target_parameters():
+            p.requires_grad_(False)
+
+    # --- initialisation (MAE recipe) -----------------------------------------
+
+    def initialize_weights(self):
+        # The patch projection is initialised like a Linear on its flattened weight.
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(self._init_layer)
+
+    @staticmethod
+    def _init_layer(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # --- the steps of M2D -----------------------------------------------------
+
+    def normalize(self, log_mel: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std with the stored scalar statistics."""
+        return (log_mel - self.norm_stats[0]) / self.norm_stats[1]
+
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 1, F_bins, T_frames] normalised log-mel -> [B, N, D] patches with positions."""
+        patches = self.patch_embed(x)  # [B, F*T', D]
+        grid_f, grid_t = self.config.grid_size
+        t_used = x.shape[-1] // self.config.patch_size
+        pos = crop_pos_table(self.pos_embed, grid_f, grid_t, t_used)
+        return patches + pos[:, 1:]
+
+    def _with_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1)  # [B, 1+K, D]
+
+    def forward_online(self, patches: torch.Tensor, ids_visible: torch.Tensor) -> torch.Tensor:
+        """Online encoder on the visible patches: [B, N, D] -> [B, 1+Nv, D] (CLS first)."""
+        x = self._with_cls(gather_tokens(patches, ids_visible))
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    @torch.no_grad()
+    def forward_target(self, patches: torch.Tensor, ids_masked: torch.Tensor) -> torch.Tensor:
+        """Target encoder on the masked patches: [B, N, D] -> [B, Nm, D] (CLS dropped)."""
+        x = self._with_cls(gather_tokens(patches, ids_masked))
+        for block in self.target_blocks:
+            x = block(x)
+        return self.target_norm(x)[:, 1:]
+
+    def forward_predictor(self, online: torch.Tensor, ids_restore: torch.Tensor,
+                          ids_masked: torch.Tensor) -> torch.Tensor:
+        """Predict the target features of the masked patches: -> [B, Nm, D].
+
+        The visible features are mapped to the predictor width, mask tokens fill
+        the masked positions, the sequence is put back in grid order and given
+        positions, and the outputs at the masked positions are returned in the
+        order of ids_masked (the order of the target's inputs).
+        """
+        x = self.decoder_embed(online)                                      # [B, 1+Nv, Dp]
+        cls, visible = x[:, :1], x[:, 1:]
+        B, N = ids_restore.shape
+        mask_tokens = self.mask_token.expand(B, N - visible.shape[1], -1)  # [B, Nm, Dp]
+        x = gather_tokens(torch.cat([visible, mask_tokens], dim=1), ids_restore)  # [B, N, Dp] grid order
+        grid_f, grid_t = self.config.grid_size
+        pos = crop_pos_table(self.decoder_pos_embed, grid_f, grid_t, N // grid_f)
+        x = torch.cat([cls, x], dim=1) + pos                                # [B, 1+N, Dp]
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.decoder_pred(self.decoder_norm(x))                         # [B, 1+N, D]
+        return gather_tokens(x[:, 1:], ids_masked)                          # [B, Nm, D]
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor | None = None,
+                generator: torch.Generator | None = None):
+        """One stage-1 forward pass.
+
+        x: [B, 1, F_bins, T_frames] log-mel (normalised here with norm_stats);
+        text: [B, text_dim] sentence embeddings or None. Returns (prediction,
+        target, audio_embed, text_embed); the last two are None without text.
+        """
+        patches = self.embed_patches(self.normalize(x))                     # [B, N, D]
+        ids_visible, ids_masked, ids_restore = random_masking(
+            patches.shape[0], patches.shape[1], self.config.mask_ratio, patches.device, generator)
+        online = self.forward_online(patches, ids_visible)                  # [B, 1+Nv, D]
+        prediction = self.forward_predictor(online, ids_restore, ids_masked)
+        target = self.forward_target(patches, ids_masked)
+        if text is None:
+            return prediction, target, None, None
+        # In stage 1 the audio projector reads the online encoder's visible patches.
+        audio_embed = self.audio_proj(online[:, 1:])                        # [B, D]
+        text_embed = self.text_proj(text)                                   # [B, D]
+        return prediction, target, audio_embed, text_embed
+
+    # --- inference ------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Online encoder without masking: [B, 1, F, T] log-mel -> [B, 1+N, D]."""
+        x = self._with_cls(self.embed_patches(self.normalize(x)))
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def encode_clap_audio(self, x: torch.Tensor) -> torch.Tensor:
+        """CLAP audio embedding of unmasked input: [B, 1, F, T] -> [B, D] (not normalised)."""
+        return self.audio_proj(self.encode(x)[:, 1:])
+
+    # --- EMA target -----------------------------------------------------------
+
+    def online_parameters(self) -> list[torch.Tensor]:
+        return [*self.blocks.parameters(), *self.norm.parameters()]
+
+    def target_parameters(self) -> list[torch.Tensor]:
+        return [*self.target_blocks.parameters(), *self.target_norm.parameters()]
+
+    @torch.no_grad()
+    def ema_update(self, decay: float):
+        """target <- decay * target + (1 - decay) * online, as one fused foreach op."""
+        torch._foreach_lerp_(self.target_parameters(), self.online_parameters(), 1.0 - decay)
+
+    # --- optimiser ------------------------------------------------------------
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay on weight matrices only, not on biases, norms, tokens or scales."""
+        no_decay_names = {"cls_token", "mask_token", "audio_proj.sem_token", "logit_scale"}
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or name in no_decay_names else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+
+def ema_decay_at(step: int, total_steps: int, start: float = 0.99995, end: float = 0.99999) -> float:
+    """EMA decay rising linearly from start to end over the whole run."""
+    return start + (end - start) * min(step, total_steps) / max(total_steps, 1)
