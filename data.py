@@ -221,13 +221,16 @@ class ClipDataset(Dataset):
             raise AudioError(f"{table.csv_path}: {len(missing)} of {len(self.files)} audio file(s) listed "
                              f"there do not exist under {self.audio_root}, e.g. {missing[:3]}. Fix the "
                              "file_name column or pass the right --audio-root.")
-        self._mels = [self.load_mel(i) for i in range(len(self.files))] if preload else None
+        self._mels = [self._decode(i) for i in range(len(self.files))] if preload else None
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def load_mel(self, index: int) -> torch.Tensor:
-        """Full-length log-mel [n_mels, frames] of clip `index`."""
+    def full_log_mel(self, index: int) -> torch.Tensor:
+        """Full-length log-mel [n_mels, frames] of clip `index`, uncropped."""
+        return self._mels[index] if self._mels is not None else self._decode(index)
+
+    def _decode(self, index: int) -> torch.Tensor:
         path = self.audio_root / self.files[index]
         mel = log_mel(load_audio(path))
         if mel.shape[-1] < MIN_FRAMES:
@@ -237,8 +240,7 @@ class ClipDataset(Dataset):
         return mel
 
     def __getitem__(self, index: int):
-        mel = self._mels[index] if self._mels is not None else self.load_mel(index)
-        mel = crop_or_pad(mel, self.crop_frames)[None]          # [1, F, crop_frames]
+        mel = crop_or_pad(self.full_log_mel(index), self.crop_frames)[None]  # [1, F, crop_frames]
         rows = self.caption_rows[index]
         row = rows[torch.randint(len(rows), (1,))].item()
         return mel, self.embeddings[row]
@@ -254,7 +256,7 @@ def compute_norm_stats(dataset: ClipDataset, max_clips: int = 1000) -> tuple[flo
     indices = np.linspace(0, len(dataset) - 1, n).round().astype(int)
     total, total_sq, count = 0.0, 0.0, 0
     for i in indices:
-        mel = (dataset._mels[i] if dataset._mels is not None else dataset.load_mel(int(i))).double()
+        mel = dataset.full_log_mel(int(i)).double()
         total += mel.sum().item()
         total_sq += mel.square().sum().item()
         count += mel.numel()

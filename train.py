@@ -247,7 +247,7 @@ def train(args: argparse.Namespace):
     batch_iter = batches()
     model.train()
     t_start = t_log = time.perf_counter()
-    logged_step = 0
+    logged_step, records = 0, []
     for step in range(total_steps):
         lr = lr_at(step, total_steps, warmup_steps, peak_lr)
         for group in optimizer.param_groups:
@@ -282,6 +282,7 @@ def train(args: argparse.Namespace):
                           ema_decay=ema_decay, logit_scale=model.logit_scale.exp().item(),
                           grad_norm=grad_norm.item(), clips_per_s=round(clips_per_s, 1),
                           elapsed_s=round(now - t_start, 2))
+            records.append(record)
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             eta = (now - t_start) / done * (total_steps - done)
@@ -294,6 +295,10 @@ def train(args: argparse.Namespace):
     checkpoint(total_steps)
     log_file.close()
     print(f"done in {format_duration(time.perf_counter() - t_start)}; checkpoint {out_dir / 'last.pt'}")
+    last = records[-10:]
+    print(f"losses, step 1 -> mean of the last {len(last)} logged steps: "
+          + ", ".join(f"{key} {records[0][key]:.3f} -> {sum(r[key] for r in last) / len(last):.3f}"
+                      for key in ("loss_m2d", "loss_clap")))
 
 
 if __name__ == "__main__":

@@ -87,3 +87,9 @@ def test_embedding_command_writes_real_sentence_embeddings(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(table.embeddings, axis=1), 1.0, atol=2e-3)
     sim = table.embeddings @ table.embeddings.T
     assert sim[0, 1] > 0.7 > sim[0, 2]  # paraphrases are close, different sounds are not
+
+
+def test_missing_optional_dependency_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "sentence_transformers", None)
+    with pytest.raises(ImportError, match="pip install -r requirements-extras.txt"):
+        text_embed.load_sentence_model()
