@@ -56,7 +56,6 @@ class Recipe:
     clip_grad_norm: float = 3.0
     ema_decay: tuple[float, float] = (0.99995, 0.99999)  # linear from start to end over training
     clap_weight: float = 0.01        # lambda
-    crop_frames: int = 1001
 
 
 RECIPES: dict[str, Recipe] = {
@@ -64,7 +63,7 @@ RECIPES: dict[str, Recipe] = {
     # faster-moving EMA target, since the paper's 0.99995 would leave the target
     # at its random initialisation for a run this short.
     "tiny": Recipe(batch_size=64, base_lr=2e-3, epochs=40, warmup_epochs=2,
-                   ema_decay=(0.995, 0.999), crop_frames=192),
+                   ema_decay=(0.995, 0.999)),
     "base": Recipe(),
     "large": Recipe(),
 }
@@ -112,6 +111,13 @@ def build_model_from_checkpoint(ckpt: dict) -> m2d.M2DCLAP:
 # Command line
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", required=True, choices=["1"], help="training stage")
@@ -125,11 +131,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--audio-root", type=Path, default=None,
                    help="folder the CSV's file_name paths are relative to (default: the CSV's folder)")
     p.add_argument("--out-dir", type=Path, default=None, help="run folder (default: runs/stage<STAGE>)")
-    p.add_argument("--max-steps", type=int, default=None,
+    p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimiser steps; schedules span them (default: the recipe's epochs)")
     p.add_argument("--epochs", type=float, default=None, help="epochs over the data (default: the recipe's)")
-    p.add_argument("--batch-size", type=int, default=None, help="total clips per optimiser step")
-    p.add_argument("--accum-steps", type=int, default=1,
+    p.add_argument("--batch-size", type=positive_int, default=None, help="total clips per optimiser step")
+    p.add_argument("--accum-steps", type=positive_int, default=1,
                    help="split each step's batch into this many micro-batches (gradient accumulation)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: base_lr * batch / 256)")
     p.add_argument("--clap-weight", type=float, default=None, help="lambda, the weight of the CLAP loss")
@@ -148,9 +154,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preload", action=argparse.BooleanOptionalAction, default=None,
                    help="decode every clip into memory once (default: on for the built-in data)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10, help="steps between progress lines and log records")
-    p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoint saves")
-    return p.parse_args(argv)
+    p.add_argument("--log-every", type=positive_int, default=10, help="steps between progress lines and log records")
+    p.add_argument("--save-every", type=positive_int, default=1000, help="steps between checkpoint saves")
+    args = p.parse_args(argv)
+    if args.data is None and (args.embeddings or args.audio_root):
+        p.error("--embeddings and --audio-root describe your own data; pass --data CSV with them")
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -166,7 +175,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
-    except (data.AudioError, text_embed.CaptionFileError) as e:
+    except (ValueError, FileNotFoundError) as e:  # AudioError and CaptionFileError included
         sys.exit(f"error: {e}")
 
 
@@ -182,7 +191,7 @@ def train(args: argparse.Namespace):
     use_compile = cuda if args.compile is None else args.compile
     workers = args.workers if args.workers is not None else (8 if cuda else 0)
     if recipe.batch_size % args.accum_steps:
-        sys.exit(f"error: --batch-size {recipe.batch_size} is not divisible by --accum-steps {args.accum_steps}")
+        raise ValueError(f"--batch-size {recipe.batch_size} is not divisible by --accum-steps {args.accum_steps}")
     micro_batch = recipe.batch_size // args.accum_steps
 
     random.seed(args.seed)
@@ -198,11 +207,15 @@ def train(args: argparse.Namespace):
         audio_root = args.audio_root or args.data.parent
         preload = bool(args.preload)
     table = text_embed.load_caption_embeddings(csv_path, npy_path)
-    dataset = data.ClipDataset(table, audio_root, recipe.crop_frames, preload=preload)
+    overrides = {"text_dim": table.dim}
+    if args.mask_ratio is not None:
+        overrides["mask_ratio"] = args.mask_ratio
+    config = m2d.preset(args.preset, **overrides)
+    dataset = data.ClipDataset(table, audio_root, config.crop_frames, preload=preload)
     norm_stats = tuple(args.norm_stats) if args.norm_stats else data.compute_norm_stats(dataset)
     if len(dataset) < micro_batch:
-        sys.exit(f"error: {csv_path} has {len(dataset)} clips, fewer than one batch of {micro_batch}; "
-                 "lower --batch-size")
+        raise ValueError(f"{csv_path} has {len(dataset)} clips, fewer than one batch of {micro_batch}; "
+                         "lower --batch-size")
     loader = DataLoader(dataset, batch_size=micro_batch, shuffle=True, drop_last=True,
                         num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(args.seed))
@@ -212,10 +225,6 @@ def train(args: argparse.Namespace):
     peak_lr = args.lr or recipe.base_lr * recipe.batch_size / 256
 
     # --- model -----------------------------------------------------------------
-    overrides = {"crop_frames": recipe.crop_frames, "text_dim": table.dim}
-    if args.mask_ratio is not None:
-        overrides["mask_ratio"] = args.mask_ratio
-    config = m2d.preset(args.preset, **overrides)
     model = m2d.M2DCLAP(config, norm_stats=norm_stats).to(device)
     clap_loss = ClapLoss()
     optimizer = torch.optim.AdamW(model.param_groups(recipe.weight_decay), lr=peak_lr,
@@ -254,6 +263,7 @@ def train(args: argparse.Namespace):
             group["lr"] = lr
         ema_decay = m2d.ema_decay_at(step, total_steps, *recipe.ema_decay)
 
+        step_losses = torch.zeros(2, device=device)  # M2D, CLAP: summed over micro-batches, no sync
         for _ in range(args.accum_steps):
             mel, text = next(batch_iter)
             mel = mel.to(device, non_blocking=True)
@@ -264,6 +274,7 @@ def train(args: argparse.Namespace):
                 loss_clap = clap_loss(audio_emb, text_emb, model.logit_scale)
                 loss = loss_m2d + recipe.clap_weight * loss_clap
             scaler.scale(loss / args.accum_steps).backward()
+            step_losses += torch.stack([loss_m2d, loss_clap]).detach() / args.accum_steps
 
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
@@ -277,9 +288,11 @@ def train(args: argparse.Namespace):
             now = time.perf_counter()
             clips_per_s = (done - logged_step) * recipe.batch_size / (now - t_log)
             t_log, logged_step = now, done
-            record = dict(step=done, epoch=round(done / steps_per_epoch, 3), loss=loss.item(),
-                          loss_m2d=loss_m2d.item(), loss_clap=loss_clap.item(), lr=lr,
-                          ema_decay=ema_decay, logit_scale=model.logit_scale.exp().item(),
+            m2d_value, clap_value = step_losses.tolist()
+            record = dict(step=done, epoch=round(done / steps_per_epoch, 3),
+                          loss=m2d_value + recipe.clap_weight * clap_value, loss_m2d=m2d_value,
+                          loss_clap=clap_value, lr=lr, ema_decay=ema_decay,
+                          logit_scale=model.logit_scale.clamp(0, ClapLoss.max_logit_scale).exp().item(),
                           grad_norm=grad_norm.item(), clips_per_s=round(clips_per_s, 1),
                           elapsed_s=round(now - t_start, 2))
             records.append(record)
