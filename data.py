@@ -197,12 +197,14 @@ def crop_or_pad(mel: torch.Tensor, crop_frames: int, generator: torch.Generator 
 
 
 class ClipDataset(Dataset):
-    """Clips of a captions CSV, each with one caption embedding drawn at random.
+    """Clips of a captions CSV, each with one of its captions drawn at random.
 
-    Items are (log_mel [1, n_mels, crop_frames], text_embedding [dim]): the
-    raw log-mel (the model normalises it with its stored statistics). A clip
-    with several caption rows gets one of them at random on every access.
-    With preload=True every clip is decoded once, up front (small corpora).
+    Items are (log_mel [1, n_mels, crop_frames], caption): the raw log-mel (the
+    model normalises it with its stored statistics) and the caption's sentence
+    embedding [dim], or its text when the table holds no embeddings (for a
+    trainable text encoder). A clip with several caption rows gets one of them
+    at random on every access. With preload=True every clip is decoded once,
+    up front (small corpora).
     """
 
     def __init__(self, table: text_embed.CaptionTable, audio_root: str | Path, crop_frames: int,
@@ -243,7 +245,7 @@ class ClipDataset(Dataset):
         mel = crop_or_pad(self.full_log_mel(index), self.crop_frames)[None]  # [1, F, crop_frames]
         rows = self.caption_rows[index]
         row = rows[torch.randint(len(rows), (1,))].item()
-        return mel, self.embeddings[row]
+        return mel, self.table.captions[row] if self.embeddings is None else self.embeddings[row]
 
 
 def compute_norm_stats(dataset: ClipDataset, max_clips: int = 1000) -> tuple[float, float]:
@@ -884,6 +886,9 @@ BUILTIN_VERSION = "v1"
 BUILTIN_SEED = 0
 # Clip indices of each split; the held-out split never shares a clip with train.
 BUILTIN_SPLITS = {"train": range(0, 1000), "test": range(1000, 1250)}
+# Stage 2.1 refines on a smaller "target domain" of the training clips: the
+# first 300 clips with two or three events (longer, ordered captions).
+BUILTIN_REFINE_CLIPS = 300
 
 
 def builtin_cache_dir() -> Path:
@@ -892,13 +897,25 @@ def builtin_cache_dir() -> Path:
     return root / f"builtin-{BUILTIN_VERSION}"
 
 
+def builtin_clip_indices(split: str) -> list[int]:
+    """Clip indices of "train", "test" or "refine" (a subset of train)."""
+    if split == "refine":
+        multi = [i for i in BUILTIN_SPLITS["train"] if len(describe_clip(i, BUILTIN_SEED)[0]) >= 2]
+        return multi[:BUILTIN_REFINE_CLIPS]
+    if split not in BUILTIN_SPLITS:
+        raise ValueError(f"unknown built-in split {split!r}; choose train, test or refine")
+    return list(BUILTIN_SPLITS[split])
+
+
 def builtin_rows(split: str) -> list[dict]:
     """Caption rows (file_name, caption, label) of a built-in split, from the generator."""
     rows = []
-    for index in BUILTIN_SPLITS[split]:
+    audio_split = "train" if split == "refine" else split
+    for index in builtin_clip_indices(split):
         events, captions = describe_clip(index, BUILTIN_SEED)
         label = ";".join(class_labels(events))
-        rows += [{"file_name": f"{split}/{index:05d}.flac", "caption": c, "label": label} for c in captions]
+        rows += [{"file_name": f"{audio_split}/{index:05d}.flac", "caption": c, "label": label}
+                 for c in captions]
     return rows
 
 
@@ -912,8 +929,6 @@ def builtin_dataset(split: str = "train") -> tuple[Path, Path]:
     The CSV and its sentence embeddings are committed; the audio is rendered
     once into the cache (about 1 s per 100 clips) and reused.
     """
-    if split not in BUILTIN_SPLITS:
-        raise ValueError(f"unknown built-in split {split!r}; choose one of {list(BUILTIN_SPLITS)}")
     csv_path = builtin_csv(split)
     committed, _ = text_embed.read_captions_csv(csv_path)
     expected = [row["file_name"] for row in builtin_rows(split)]
@@ -921,9 +936,10 @@ def builtin_dataset(split: str = "train") -> tuple[Path, Path]:
         raise RuntimeError(f"{csv_path} does not match the built-in generator; rewrite it and its "
                            "embeddings with 'python data.py builtin-captions'.")
     root = builtin_cache_dir()
-    done = root / f".{split}-complete"
+    audio_split = "train" if split == "refine" else split
+    done = root / f".{audio_split}-complete"
     if not done.exists():
-        render_builtin_split(split, root)
+        render_builtin_split(audio_split, root)
         done.touch()
     return csv_path, root
 
@@ -945,7 +961,7 @@ def render_builtin_split(split: str, root: Path):
 def write_builtin_captions(model_name: str = text_embed.DEFAULT_MODEL):
     """Rewrite assets/builtin_{split}.csv and their sentence embeddings (.npy)."""
     ASSETS_DIR.mkdir(exist_ok=True)
-    for split in BUILTIN_SPLITS:
+    for split in (*BUILTIN_SPLITS, "refine"):
         csv_path = builtin_csv(split)
         with open(csv_path, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=["file_name", "caption", "label"])

@@ -13,6 +13,7 @@ Reading order follows the data:
          fed with the masked patches only                        [B, Nm, D]
       -> audio_proj on the online patch features  -> CLAP audio  [B, D]
       -> text_proj on sentence embeddings         -> CLAP text   [B, D]
+         (stages 2 and 2.1: a trainable text_encoder on tokens, then text_proj)
 
 The losses live in losses.py; the training loop in train.py.
 Submodule names give the state-dict keys of the released M2D / M2D-CLAP
@@ -270,9 +271,16 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 class M2DCLAP(nn.Module):
-    """Audio encoder trained by M2D and CLAP together (stage 1 of M2D-CLAP)."""
+    """The M2D-CLAP audio encoder with its M2D training parts and CLAP heads.
 
-    def __init__(self, config: M2DConfig, norm_stats: tuple[float, float] = (-7.1, 4.2)):
+    text_encoder (stages 2 and 2.1) is any module called as
+    text_encoder(input_ids=..., attention_mask=...) whose first output is the
+    token features [B, L, text_dim], such as a Hugging Face BertModel; without
+    it, the text input is a precomputed sentence embedding [B, text_dim].
+    """
+
+    def __init__(self, config: M2DConfig, norm_stats: tuple[float, float] = (-7.1, 4.2),
+                 text_encoder: nn.Module | None = None):
         super().__init__()
         self.config = config
         D, Dp = config.embed_dim, config.predictor_dim
@@ -318,6 +326,8 @@ class M2DCLAP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
         self.initialize_weights()
+        # Attached after initialisation: a pretrained text encoder keeps its weights.
+        self.text_encoder = text_encoder
         for p in self.target_parameters():
             p.requires_grad_(False)
 
@@ -414,8 +424,7 @@ class M2DCLAP(nn.Module):
             return prediction, target, None, None
         # In stage 1 the audio projector reads the online encoder's visible patches.
         audio_embed = self.audio_proj(online[:, 1:])                        # [B, D]
-        text_embed = self.text_proj(text)                                   # [B, D]
-        return prediction, target, audio_embed, text_embed
+        return prediction, target, audio_embed, self.text_features(text)
 
     # --- inference ------------------------------------------------------------
 
@@ -426,9 +435,24 @@ class M2DCLAP(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def encode_clap_audio(self, x: torch.Tensor) -> torch.Tensor:
-        """CLAP audio embedding of unmasked input: [B, 1, F, T] -> [B, D] (not normalised)."""
-        return self.audio_proj(self.encode(x)[:, 1:])
+    def text_features(self, text) -> torch.Tensor:
+        """CLAP text features [B, D] before L2 normalisation.
+
+        text: sentence embeddings [B, text_dim], or, with a text encoder, a dict
+        of token tensors with input_ids and attention_mask [B, L].
+        """
+        if self.text_encoder is None:
+            return self.text_proj(text)
+        tokens = self.text_encoder(input_ids=text["input_ids"], attention_mask=text["attention_mask"])[0]
+        return self.text_proj(mean_pool(tokens, text["attention_mask"]))  # [B, L, H] -> [B, D]
+
+    def encode_audio(self, x: torch.Tensor) -> torch.Tensor:
+        """CLAP audio embedding in the shared space: [B, 1, F, T] log-mel -> [B, D], unit length."""
+        return F.normalize(self.audio_proj(self.encode(x)[:, 1:]), dim=-1)
+
+    def encode_text(self, text) -> torch.Tensor:
+        """CLAP text embedding in the shared space: -> [B, D], unit length (see text_features)."""
+        return F.normalize(self.text_features(text), dim=-1)
 
     # --- EMA target -----------------------------------------------------------
 
@@ -443,6 +467,26 @@ class M2DCLAP(nn.Module):
         """target <- decay * target + (1 - decay) * online, as one fused foreach op."""
         torch._foreach_lerp_(self.target_parameters(), self.online_parameters(), 1.0 - decay)
 
+    # --- stages 2 and 2.1: the CLAP parts train on the frozen encoder ---------
+
+    def clap_modules(self) -> list[nn.Module]:
+        """The parts that stages 2 and 2.1 train (the logit scale trains too)."""
+        return [m for m in (self.audio_proj, self.text_proj, self.text_encoder) if m is not None]
+
+    def freeze_encoder(self):
+        """Freeze everything but the CLAP parts: the audio encoder, target and predictor."""
+        self.requires_grad_(False)
+        for module in self.clap_modules():
+            module.requires_grad_(True)
+        self.logit_scale.requires_grad_(True)
+
+    def train_clap(self):
+        """Training mode for the CLAP parts only; the frozen encoder stays in eval mode."""
+        self.eval()
+        for module in self.clap_modules():
+            module.train()
+        return self
+
     # --- optimiser ------------------------------------------------------------
 
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -455,6 +499,12 @@ class M2DCLAP(nn.Module):
             (no_decay if p.ndim < 2 or name in no_decay_names else decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
+
+
+def mean_pool(tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average of the token features [B, L, H] over the real (unpadded) tokens -> [B, H]."""
+    mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # [B, L, 1]
+    return (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
 def ema_decay_at(step: int, total_steps: int, start: float = 0.99995, end: float = 0.99999) -> float:

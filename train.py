@@ -1,19 +1,27 @@
 """Stage-wise training of M2D-CLAP.
 
-Stage 1 learns general-purpose audio features and CLAP features together:
-    L = L_M2D + lambda * L_CLAP
+Stage 1 learns general-purpose audio features and CLAP features together,
+    L = L_M2D + lambda * L_CLAP,
 with the online/target M2D networks and frozen precomputed sentence
 embeddings on the text side (a trainable text projector maps them to the
 audio width).
+Stage 2 freezes that audio encoder and trains the CLAP parts on it: the audio
+projector and the text side, either a pretrained Transformer text encoder
+(--text-side encoder, the paper) or the precomputed sentence embeddings with a
+projector (--text-side embeddings, no text model needed).
+Stage 2.1 continues stage 2 on a smaller target-domain caption set with a
+lower learning rate.
 
-    python train.py --stage 1                      # tiny preset, built-in data, CPU friendly
+    python train.py --stage 1        # tiny preset, built-in data, CPU friendly
+    python train.py --stage 2        # from runs/stage1/last.pt
+    python train.py --stage 2.1      # from runs/stage2/last.pt
     python train.py --stage 1 --preset base --data captions.csv --audio-root /audio
-                                                    # the paper's ViT-Base recipe
+                                     # the paper's ViT-Base recipe
 
-Outputs in --out-dir (default runs/stage1): last.pt (checkpoint, loadable with
-torch.load(weights_only=True)) and log.jsonl (one JSON object per logged step).
-This file is the only place that knows about AMP, torch.compile, schedules and
-checkpoints.
+Outputs in --out-dir (default runs/stage<STAGE>): last.pt (a checkpoint that
+loads with torch.load(weights_only=True)) and log.jsonl (one JSON object per
+logged step). This file is the only place that knows about AMP,
+torch.compile, schedules and checkpoints.
 """
 
 from __future__ import annotations
@@ -38,34 +46,53 @@ import model as m2d
 import text_embed
 from losses import ClapLoss, m2d_loss
 
+STAGES = ("1", "2", "2.1")
+PREVIOUS_STAGE = {"2": "1", "2.1": "2"}
+
 
 # -----------------------------------------------------------------------------
-# Recipes: training hyperparameters, one named instance per preset
+# Recipes: training hyperparameters, one named instance per (stage, preset)
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Stage-1 hyperparameters. The defaults are the paper's (SPEC 7)."""
+    """Training hyperparameters. The defaults are the paper's stage 1 (SPEC 7).
+
+    ema_decay and clap_weight matter in stage 1 only.
+    """
 
     batch_size: int = 2048            # total clips per optimiser step (all GPUs, all micro-batches)
     base_lr: float = 3e-4             # learning rate = base_lr * batch_size / 256
-    epochs: int = 300
+    epochs: float = 300
     warmup_epochs: float = 20
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad_norm: float = 3.0
     ema_decay: tuple[float, float] = (0.99995, 0.99999)  # linear from start to end over training
-    clap_weight: float = 0.01        # lambda
+    clap_weight: float = 0.01         # lambda
 
 
-RECIPES: dict[str, Recipe] = {
+# Stages 2 and 2.1 of the paper recipe are not specified in the method
+# description; these are our choices: fine-tuning-sized learning rates for the
+# pretrained text encoder, and a short refinement at a quarter of stage 2's.
+PAPER_STAGE2 = Recipe(batch_size=256, base_lr=5e-5, epochs=20, warmup_epochs=1, betas=(0.9, 0.999))
+PAPER_STAGE21 = Recipe(batch_size=256, base_lr=1.25e-5, epochs=10, warmup_epochs=0.5, betas=(0.9, 0.999))
+
+RECIPES: dict[tuple[str, str], Recipe] = {
     # A few hundred steps on the built-in data: a larger learning rate and a
     # faster-moving EMA target, since the paper's 0.99995 would leave the target
     # at its random initialisation for a run this short.
-    "tiny": Recipe(batch_size=64, base_lr=2e-3, epochs=40, warmup_epochs=2,
-                   ema_decay=(0.995, 0.999)),
-    "base": Recipe(),
-    "large": Recipe(),
+    ("1", "tiny"): Recipe(batch_size=64, base_lr=2e-3, epochs=40, warmup_epochs=2, ema_decay=(0.995, 0.999)),
+    ("1", "base"): Recipe(),
+    ("1", "large"): Recipe(),
+    # Stage 2 on the built-in data fine-tunes all-MiniLM-L6-v2 at 1e-4 for 8
+    # epochs; stage 2.1 refines on the built-in "refine" subset at 2.5e-5.
+    ("2", "tiny"): Recipe(batch_size=64, base_lr=4e-4, epochs=8, warmup_epochs=0.5, betas=(0.9, 0.999)),
+    ("2", "base"): PAPER_STAGE2,
+    ("2", "large"): PAPER_STAGE2,
+    ("2.1", "tiny"): Recipe(batch_size=64, base_lr=1e-4, epochs=6, warmup_epochs=0.5, betas=(0.9, 0.999)),
+    ("2.1", "base"): PAPER_STAGE21,
+    ("2.1", "large"): PAPER_STAGE21,
 }
 
 
@@ -100,11 +127,36 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def build_model_from_checkpoint(ckpt: dict) -> m2d.M2DCLAP:
+def build_model(ckpt: dict) -> tuple[m2d.M2DCLAP, object | None]:
+    """The model of a checkpoint and, if it has a text encoder, its tokenizer.
+
+    A checkpoint is self-contained: model weights (text encoder included),
+    shapes, normalisation statistics, and the text encoder's architecture with
+    a reference to its tokenizer.
+    """
     config = m2d.M2DConfig(**ckpt["model_config"])
-    model = m2d.M2DCLAP(config)
+    text_encoder = tokenizer = None
+    if ckpt.get("text_encoder"):
+        text_encoder, tokenizer = text_embed.text_encoder_from_config(
+            ckpt["text_encoder"]["config"], ckpt["text_encoder"]["name"])
+    model = m2d.M2DCLAP(config, tuple(ckpt["norm_stats"]), text_encoder)
     model.load_state_dict(ckpt["model"])
-    return model
+    return model, tokenizer
+
+
+def load_previous_stage(stage: str, path: Path | None) -> dict:
+    """The checkpoint a stage starts from, checked to be of the stage before it."""
+    previous = PREVIOUS_STAGE[stage]
+    path = path or Path("runs") / f"stage{previous}" / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no stage-{previous} checkpoint to start stage {stage} from. "
+                                f"Run 'python train.py --stage {previous}' first, or pass --init PATH.")
+    ckpt = load_checkpoint(path)
+    if ckpt.get("stage") != previous:
+        raise ValueError(f"{path}: is a stage-{ckpt.get('stage')} checkpoint, but stage {stage} starts "
+                         f"from stage {previous}. Run 'python train.py --stage {previous}' first, or pass "
+                         f"--init with a stage-{previous} checkpoint.")
+    return ckpt
 
 
 # -----------------------------------------------------------------------------
@@ -120,16 +172,30 @@ def positive_int(text: str) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", required=True, choices=["1"], help="training stage")
-    p.add_argument("--preset", default="tiny", choices=sorted(m2d.PRESETS),
-                   help="model size and its recipe: tiny (CPU, built-in data), base (the paper), large")
+    p.add_argument("--stage", required=True, choices=STAGES, help="training stage")
+    p.add_argument("--preset", default=None, choices=sorted(m2d.PRESETS),
+                   help="stage 1: model size and recipe, tiny (CPU, built-in data, the default), "
+                        "base (the paper) or large; stages 2 and 2.1 take the size from --init and "
+                        "use this preset's recipe")
     p.add_argument("--data", type=Path, default=None,
-                   help="captions CSV (columns file_name, caption; see text_embed.py). "
-                        "Default: the built-in synthetic training set")
+                   help="captions CSV (columns file_name, caption; see text_embed.py). Default: the "
+                        "built-in synthetic training set (stage 2.1: its refinement subset)")
     p.add_argument("--embeddings", type=Path, default=None,
                    help="caption embeddings .npy, row-aligned with --data (default: --data with .npy)")
+    p.add_argument("--embedding-model", default=None,
+                   help="name or path of the sentence model that made --embeddings, recorded in the "
+                        "checkpoint so that new text (zero-shot prompts) can be embedded the same way")
     p.add_argument("--audio-root", type=Path, default=None,
                    help="folder the CSV's file_name paths are relative to (default: the CSV's folder)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="stages 2 and 2.1: checkpoint to start from (default: runs/stage1/last.pt, "
+                        "runs/stage2/last.pt)")
+    p.add_argument("--text-side", choices=["encoder", "embeddings"], default="encoder",
+                   help="stage 2: train a pretrained text encoder on caption text (encoder, needs the "
+                        "transformers extra), or a projector on the precomputed sentence embeddings")
+    p.add_argument("--text-encoder", default=text_embed.DEFAULT_MODEL,
+                   help="stage 2: local Hugging Face folder of the text encoder, e.g. bert-base-uncased "
+                        f"(default: the bundled {text_embed.DEFAULT_MODEL})")
     p.add_argument("--out-dir", type=Path, default=None, help="run folder (default: runs/stage<STAGE>)")
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimiser steps; schedules span them (default: the recipe's epochs)")
@@ -138,17 +204,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--accum-steps", type=positive_int, default=1,
                    help="split each step's batch into this many micro-batches (gradient accumulation)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: base_lr * batch / 256)")
-    p.add_argument("--clap-weight", type=float, default=None, help="lambda, the weight of the CLAP loss")
-    p.add_argument("--mask-ratio", type=float, default=None, help="share of masked patches (default 0.7)")
+    p.add_argument("--clap-weight", type=float, default=None, help="stage 1: lambda, the weight of the CLAP loss")
+    p.add_argument("--mask-ratio", type=float, default=None, help="stage 1: share of masked patches (default 0.7)")
     p.add_argument("--ema-decay", type=float, nargs=2, default=None, metavar=("START", "END"),
-                   help="EMA decay of the target, linear from START to END over training")
+                   help="stage 1: EMA decay of the target, linear from START to END over training")
     p.add_argument("--norm-stats", type=float, nargs=2, default=None, metavar=("MEAN", "STD"),
-                   help="log-mel normalisation statistics (default: measured on the training clips)")
+                   help="stage 1: log-mel normalisation statistics (default: measured on the training clips)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="autocast precision (default: bf16 on CUDA, fp32 on CPU); fp16 uses a GradScaler")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA, off for CPU)")
+                   help="torch.compile the audio model (default: on for CUDA, off for CPU)")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes (default: 8 on CUDA, 0 on CPU)")
     p.add_argument("--preload", action=argparse.BooleanOptionalAction, default=None,
@@ -159,7 +225,66 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.data is None and (args.embeddings or args.audio_root):
         p.error("--embeddings and --audio-root describe your own data; pass --data CSV with them")
+    if args.stage == "1" and args.init:
+        p.error("--init is for stages 2 and 2.1; stage 1 starts from scratch")
     return args
+
+
+# -----------------------------------------------------------------------------
+# The models of each stage
+
+
+def stage1_model(args, text_dim: int, norm_stats) -> m2d.M2DCLAP:
+    overrides = {"text_dim": text_dim}
+    if args.mask_ratio is not None:
+        overrides["mask_ratio"] = args.mask_ratio
+    return m2d.M2DCLAP(m2d.preset(args.preset or "tiny", **overrides), norm_stats)
+
+
+def stage2_model(args, ckpt: dict) -> tuple[m2d.M2DCLAP, object | None]:
+    """The stage-1 model with the text side of stage 2, and its tokenizer (or None).
+
+    With a text encoder, a projector is added only when its width differs from
+    the audio width. When the encoder is as wide as stage 1's sentence
+    embeddings, stage 1's projector is kept: on the built-in data stage 1's
+    embeddings come from the very model stage 2 fine-tunes (mean-pooled
+    all-MiniLM-L6-v2), so stage 2 starts from stage 1's alignment.
+    """
+    model, _ = build_model(ckpt)
+    if args.text_side == "embeddings":
+        return model, None
+    encoder, tokenizer = text_embed.load_text_encoder(args.text_encoder)
+    width = encoder.config.hidden_size
+    config = replace(model.config, text_dim=width,
+                     text_proj="none" if width == model.config.embed_dim else "linear")
+    keep_proj = config.text_dim == model.config.text_dim and config.text_proj == model.config.text_proj
+    state = {k: v for k, v in model.state_dict().items() if keep_proj or not k.startswith("text_proj.")}
+    model = m2d.M2DCLAP(config, tuple(ckpt["norm_stats"]), encoder)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith(("text_encoder.", "text_proj.")) for k in missing)
+    print(f"text side: {args.text_encoder} ({width}-d), "
+          f"{'stage-1 projector kept' if keep_proj else f'new {config.text_proj} projector'}")
+    return model, tokenizer
+
+
+# -----------------------------------------------------------------------------
+# One step's losses
+
+
+def stage1_losses(forward, model, mel, text, clap_loss, clap_weight):
+    """L = L_M2D + lambda * L_CLAP; the CLAP audio side reads the visible patches."""
+    prediction, target, audio_emb, text_emb = forward(mel, text)
+    loss_m2d = m2d_loss(prediction, target)
+    loss_clap = clap_loss(audio_emb, text_emb, model.logit_scale)
+    return loss_m2d + clap_weight * loss_clap, {"loss_m2d": loss_m2d, "loss_clap": loss_clap}
+
+
+def stage2_losses(encode, model, mel, text, clap_loss):
+    """Contrastive loss only, on the frozen encoder's unmasked patch features."""
+    with torch.no_grad():
+        patches = encode(mel)[:, 1:]  # [B, N, D], CLS dropped
+    loss_clap = clap_loss(model.audio_proj(patches), model.text_features(text), model.logit_scale)
+    return loss_clap, {"loss_clap": loss_clap}
 
 
 # -----------------------------------------------------------------------------
@@ -171,51 +296,92 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
-    except (ValueError, FileNotFoundError) as e:  # AudioError and CaptionFileError included
+    except (ValueError, FileNotFoundError, ImportError) as e:  # AudioError and CaptionFileError included
         sys.exit(f"error: {e}")
 
 
 def train(args: argparse.Namespace):
-    recipe = RECIPES[args.preset]
-    recipe = replace(recipe, **{k: v for k, v in dict(
-        batch_size=args.batch_size, clap_weight=args.clap_weight, epochs=args.epochs,
-        ema_decay=tuple(args.ema_decay) if args.ema_decay else None).items() if v is not None})
-    out_dir = args.out_dir or Path("runs") / f"stage{args.stage}"
+    stage = args.stage
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     precision = args.precision or ("bf16" if cuda else "fp32")
     use_compile = cuda if args.compile is None else args.compile
     workers = args.workers if args.workers is not None else (8 if cuda else 0)
-    if recipe.batch_size % args.accum_steps:
-        raise ValueError(f"--batch-size {recipe.batch_size} is not divisible by --accum-steps {args.accum_steps}")
-    micro_batch = recipe.batch_size // args.accum_steps
+    out_dir = args.out_dir or Path("runs") / f"stage{stage}"
 
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
+    # --- where a stage starts: scratch or the previous stage --------------------
+    init = None if stage == "1" else load_previous_stage(stage, args.init)
+    if init is not None and args.preset is None:
+        args.preset = init["args"]["preset"]
+    recipe = RECIPES[(stage, args.preset or "tiny")]
+    recipe = replace(recipe, **{k: v for k, v in dict(
+        batch_size=args.batch_size, clap_weight=args.clap_weight, epochs=args.epochs,
+        ema_decay=tuple(args.ema_decay) if args.ema_decay else None).items() if v is not None})
+    if recipe.batch_size % args.accum_steps:
+        raise ValueError(f"--batch-size {recipe.batch_size} is not divisible by --accum-steps {args.accum_steps}")
+    micro_batch = recipe.batch_size // args.accum_steps
+    if stage == "1":
+        text_side, text_encoder_name = "embeddings", None
+    elif stage == "2":
+        text_side, text_encoder_name = args.text_side, args.text_encoder
+    else:  # stage 2.1 keeps the text side of its stage-2 checkpoint
+        text_side = init["text_side"]
+        text_encoder_name = init["text_encoder"]["name"] if init["text_encoder"] else None
+
     # --- data ------------------------------------------------------------------
     if args.data is None:
-        csv_path, audio_root = data.builtin_dataset("train")
+        csv_path, audio_root = data.builtin_dataset("refine" if stage == "2.1" else "train")
         npy_path, preload = None, True if args.preload is None else args.preload
     else:
         csv_path, npy_path = args.data, args.embeddings
         audio_root = args.audio_root or args.data.parent
         preload = bool(args.preload)
-    table = text_embed.load_caption_embeddings(csv_path, npy_path)
-    overrides = {"text_dim": table.dim}
-    if args.mask_ratio is not None:
-        overrides["mask_ratio"] = args.mask_ratio
-    config = m2d.preset(args.preset, **overrides)
-    dataset = data.ClipDataset(table, audio_root, config.crop_frames, preload=preload)
-    norm_stats = tuple(args.norm_stats) if args.norm_stats else data.compute_norm_stats(dataset)
+    # The sentence model behind the embeddings, kept for embedding new text later.
+    if args.embedding_model or args.data is None:
+        embedding_model = args.embedding_model or text_embed.DEFAULT_MODEL
+    else:
+        embedding_model = init.get("embedding_model") if init else None
+    table = (text_embed.load_captions(csv_path) if text_side == "encoder"
+             else text_embed.load_caption_embeddings(csv_path, npy_path))
+
+    # --- model -----------------------------------------------------------------
+    tokenizer = None
+    if stage == "1":
+        crop_frames = m2d.preset(args.preset or "tiny").crop_frames
+    else:
+        crop_frames = init["model_config"]["crop_frames"]
+    dataset = data.ClipDataset(table, audio_root, crop_frames, preload=preload)
     if len(dataset) < micro_batch:
         raise ValueError(f"{csv_path} has {len(dataset)} clips, fewer than one batch of {micro_batch}; "
                          "lower --batch-size")
+    if stage == "1":
+        norm_stats = tuple(args.norm_stats) if args.norm_stats else data.compute_norm_stats(dataset)
+        model = stage1_model(args, table.dim, norm_stats)
+    elif stage == "2":
+        model, tokenizer = stage2_model(args, init)
+        model.freeze_encoder()
+    else:
+        model, tokenizer = build_model(init)
+        model.freeze_encoder()
+    if text_side == "embeddings":
+        text_embed.check_dim(table, model.config.text_dim)
+    norm_stats = tuple(model.norm_stats.tolist())
+    model.to(device)
+
     loader = DataLoader(dataset, batch_size=micro_batch, shuffle=True, drop_last=True,
                         num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(args.seed))
@@ -224,29 +390,38 @@ def train(args: argparse.Namespace):
     warmup_steps = max(1, round(total_steps * recipe.warmup_epochs / recipe.epochs))
     peak_lr = args.lr or recipe.base_lr * recipe.batch_size / 256
 
-    # --- model -----------------------------------------------------------------
-    model = m2d.M2DCLAP(config, norm_stats=norm_stats).to(device)
     clap_loss = ClapLoss()
     optimizer = torch.optim.AdamW(model.param_groups(recipe.weight_decay), lr=peak_lr,
                                   betas=recipe.betas, fused=True)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else contextlib.nullcontext())
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    forward = torch.compile(model) if use_compile else model
+    if stage == "1":
+        forward = torch.compile(model) if use_compile else model
+        step_losses = lambda mel, text: stage1_losses(forward, model, mel, text, clap_loss, recipe.clap_weight)
+        model.train()
+    else:
+        encode = torch.compile(model.encode) if use_compile else model.encode
+        step_losses = lambda mel, text: stage2_losses(encode, model, mel, text, clap_loss)
+        model.train_clap()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = open(out_dir / "log.jsonl", "w")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"stage {args.stage} | preset {args.preset} ({n_params / 1e6:.1f}M trainable parameters) | "
+    print(f"stage {stage} | preset {args.preset or 'tiny'} ({n_params / 1e6:.1f}M trainable parameters) | "
           f"{len(dataset)} clips from {csv_path} | norm stats {norm_stats[0]:.4f} {norm_stats[1]:.4f}")
     print(f"{total_steps} steps ({steps_per_epoch} per epoch) | batch {recipe.batch_size} "
           f"({args.accum_steps} x {micro_batch}) | peak lr {peak_lr:.2e} | {device} {precision}"
           f"{' compiled' if use_compile else ''} | writing {out_dir}")
 
     def checkpoint(step: int):
-        save_checkpoint(out_dir / "last.pt", stage=args.stage, step=step, model=model.state_dict(),
-                        model_config=asdict(config), recipe=asdict(recipe), norm_stats=list(norm_stats),
-                        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+        text_encoder = None
+        if model.text_encoder is not None:
+            text_encoder = {"name": text_encoder_name, "config": model.text_encoder.config.to_dict()}
+        save_checkpoint(out_dir / "last.pt", stage=stage, step=step, model=model.state_dict(),
+                        model_config=asdict(model.config), norm_stats=list(norm_stats),
+                        text_side=text_side, text_encoder=text_encoder, embedding_model=embedding_model,
+                        recipe=asdict(recipe), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                         args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
 
     def batches():
@@ -254,7 +429,6 @@ def train(args: argparse.Namespace):
             yield from loader
 
     batch_iter = batches()
-    model.train()
     t_start = t_log = time.perf_counter()
     logged_step, records = 0, []
     for step in range(total_steps):
@@ -263,35 +437,35 @@ def train(args: argparse.Namespace):
             group["lr"] = lr
         ema_decay = m2d.ema_decay_at(step, total_steps, *recipe.ema_decay)
 
-        step_losses = torch.zeros(2, device=device)  # M2D, CLAP: summed over micro-batches, no sync
+        sums = {}  # each loss summed over micro-batches on the device: no sync per step
         for _ in range(args.accum_steps):
             mel, text = next(batch_iter)
-            mel = mel.to(device, non_blocking=True)
-            text = text.to(device, non_blocking=True)
+            if tokenizer is not None:
+                text = text_embed.tokenize(tokenizer, text)
             with autocast:
-                prediction, target, audio_emb, text_emb = forward(mel, text)
-                loss_m2d = m2d_loss(prediction, target)
-                loss_clap = clap_loss(audio_emb, text_emb, model.logit_scale)
-                loss = loss_m2d + recipe.clap_weight * loss_clap
+                loss, parts = step_losses(to_device(mel, device), to_device(text, device))
             scaler.scale(loss / args.accum_steps).backward()
-            step_losses += torch.stack([loss_m2d, loss_clap]).detach() / args.accum_steps
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0) + value.detach() / args.accum_steps
 
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], recipe.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        model.ema_update(ema_decay)
+        if stage == "1":
+            model.ema_update(ema_decay)
 
         done = step + 1
         if done % args.log_every == 0 or done == total_steps or done == 1:
             now = time.perf_counter()
             clips_per_s = (done - logged_step) * recipe.batch_size / (now - t_log)
             t_log, logged_step = now, done
-            m2d_value, clap_value = step_losses.tolist()
-            record = dict(step=done, epoch=round(done / steps_per_epoch, 3),
-                          loss=m2d_value + recipe.clap_weight * clap_value, loss_m2d=m2d_value,
-                          loss_clap=clap_value, lr=lr, ema_decay=ema_decay,
+            values = {key: value.item() for key, value in sums.items()}
+            loss_value = values.get("loss_m2d", 0.0) + (recipe.clap_weight if stage == "1" else 1.0) * values["loss_clap"]
+            record = dict(step=done, epoch=round(done / steps_per_epoch, 3), loss=loss_value, **values, lr=lr,
+                          **({"ema_decay": ema_decay} if stage == "1" else {}),
                           logit_scale=model.logit_scale.clamp(0, ClapLoss.max_logit_scale).exp().item(),
                           grad_norm=grad_norm.item(), clips_per_s=round(clips_per_s, 1),
                           elapsed_s=round(now - t_start, 2))
@@ -299,8 +473,9 @@ def train(args: argparse.Namespace):
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             eta = (now - t_start) / done * (total_steps - done)
-            print(f"step {done:>6}/{total_steps} | loss {record['loss']:.4f} | m2d {record['loss_m2d']:.4f} | "
-                  f"clap {record['loss_clap']:.4f} | lr {lr:.2e} | ema {ema_decay:.5f} | "
+            losses = " | ".join(f"{key.removeprefix('loss_')} {value:.4f}" for key, value in values.items())
+            ema = f" | ema {ema_decay:.5f}" if stage == "1" else ""
+            print(f"step {done:>6}/{total_steps} | loss {loss_value:.4f} | {losses} | lr {lr:.2e}{ema} | "
                   f"{clips_per_s:.0f} clips/s | ETA {format_duration(eta)}", flush=True)
         if done % args.save_every == 0 and done < total_steps:
             checkpoint(done)
@@ -311,7 +486,7 @@ def train(args: argparse.Namespace):
     last = records[-10:]
     print(f"losses, step 1 -> mean of the last {len(last)} logged steps: "
           + ", ".join(f"{key} {records[0][key]:.3f} -> {sum(r[key] for r in last) / len(last):.3f}"
-                      for key in ("loss_m2d", "loss_clap")))
+                      for key in records[0] if key.startswith("loss_")))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def test_short_stage1_run_learns(short_run):
 def test_checkpoint_round_trip(short_run):
     ckpt = torch.load(short_run / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["stage"] == "1" and ckpt["step"] == 80
-    model = train.build_model_from_checkpoint(ckpt)
+    model, tokenizer = train.build_model(ckpt)
+    assert tokenizer is None
     assert model.config == m2d.preset("tiny", text_dim=384)
     for key, value in model.state_dict().items():
         assert torch.equal(value, ckpt["model"][key]), key
