@@ -35,11 +35,18 @@ import train
 # Loading
 
 
-def load_model(path: str | Path, device: str = "cpu"):
-    """(model in eval mode, tokenizer or None, checkpoint dict) of one of our checkpoints."""
+def load_model(path: str | Path, device: str = "cpu", tokenizer: str | None = None):
+    """(model in eval mode, tokenizer or None, checkpoint dict) of our checkpoint or a released one.
+
+    A released stage-2 file holds its text encoder but not its tokenizer: pass
+    the tokenizer's local folder (e.g. bert-base-uncased) to encode text.
+    """
     ckpt = train.load_checkpoint(path)
-    model, tokenizer = train.build_model(ckpt)
-    return model.to(device).eval(), tokenizer, ckpt
+    if "model_config" in ckpt:
+        model, tok = train.build_model(ckpt)
+    else:
+        model, tok, ckpt = train.load_released(path, tokenizer)
+    return model.to(device).eval(), tok, ckpt
 
 
 def newest_run(root: Path = Path("runs")) -> Path:
@@ -127,6 +134,8 @@ def clap_text_embeddings(model, tokenizer, ckpt: dict, captions: list[str],
     pass them, or they are computed with the checkpoint's embedding_model.
     """
     device = model.norm_stats.device
+    if model.text_encoder is not None and tokenizer is None:
+        raise ValueError("the checkpoint's text encoder needs its tokenizer: pass --tokenizer PATH")
     if tokenizer is None and sentence_embeddings is None:
         name = ckpt.get("embedding_model")
         if not name:
@@ -414,7 +423,7 @@ def text_side_embeddings(model, tokenizer, ckpt, texts, precomputed=None):
     """CLAP text embeddings, or the reason they cannot be had (returned as a string)."""
     try:
         return clap_text_embeddings(model, tokenizer, ckpt, texts, precomputed)
-    except (ImportError, ValueError) as e:
+    except (ImportError, ValueError, OSError) as e:  # OSError: a sentence model that is not on this machine
         return f"no text side for new text: {e}"
 
 
@@ -447,6 +456,11 @@ def evaluate_model(model, tokenizer, ckpt, eval_set: EvalSet, mels, tasks, promp
     if "rankme" in tasks:
         results["rankme"] = {"clip_features": effective_rank(features[test])}
 
+    no_heads = [part for part in ("audio_proj", "logit_scale") if part in ckpt.get("missing_parts", [])]
+    if not ckpt.get("text_side") or no_heads:
+        for task in {"zero_shot", "retrieval"} & set(tasks):
+            skipped[task] = "the checkpoint has no CLAP audio projector or text side (an encoder-only file)"
+        tasks = [t for t in tasks if t not in skipped]
     need_audio = {"zero_shot", "retrieval"} & set(tasks)
     audio = clap_audio_embeddings(model, [mels[i] for i in test]) if need_audio else None
     if "zero_shot" in tasks:
@@ -508,6 +522,8 @@ def parse_args(argv=None):
     p.add_argument("--audio-root", type=Path, default=None, help="folder of the manifest's files (default: its folder)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="protocols to run (default: all)")
     p.add_argument("--prompt", default="The sound of {label}.", help="zero-shot prompt template")
+    p.add_argument("--tokenizer", default=None,
+                   help="local tokenizer folder for a released stage-2 file's text encoder (e.g. bert-base-uncased)")
     p.add_argument("--no-baseline", action="store_true", help="skip the random-init encoder baseline")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
@@ -521,7 +537,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         path = args.checkpoint or newest_run()
-        model, tokenizer, ckpt = load_model(path, args.device)
+        model, tokenizer, ckpt = load_model(path, args.device, args.tokenizer)
         eval_set = builtin_eval_set() if args.data is None else read_manifest(args.data, args.audio_root)
         mels = log_mels_from_files([eval_set.audio_root / f for f in eval_set.files])
     except (ValueError, FileNotFoundError) as e:  # ManifestError and AudioError included

@@ -206,17 +206,25 @@ def load_text_encoder(name_or_path: str = DEFAULT_MODEL):
         raise FileNotFoundError(f"{path}: text encoder folder not found. Pass --text-encoder with a local "
                                 "Hugging Face model folder (config.json, weights, tokenizer files).")
     model = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
-    return model, transformers.AutoTokenizer.from_pretrained(path)
+    return model, load_tokenizer(path)
 
 
-def text_encoder_from_config(config: dict, name_or_path: str):
-    """The same architecture as a saved text encoder, for loading its trained weights."""
+def text_encoder_from_config(config: dict):
+    """An untrained text encoder of a saved architecture, to load trained weights into."""
+    transformers = _transformers()
+    model_config = transformers.AutoConfig.for_model(**config)
+    return transformers.AutoModel.from_config(model_config, add_pooling_layer=False)
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a local text-encoder folder (or the bundled all-MiniLM-L6-v2)."""
     transformers = _transformers()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model_config = transformers.AutoConfig.for_model(**config)
-    model = transformers.AutoModel.from_config(model_config, add_pooling_layer=False)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
-    return model, tokenizer
+    path = resolve_model_path(name_or_path)
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: tokenizer folder not found. Pass a local Hugging Face model folder "
+                                "that holds the text encoder's tokenizer files.")
+    return transformers.AutoTokenizer.from_pretrained(path)
 
 
 def tokenize(tokenizer, captions: list[str], max_tokens: int = 64) -> dict:

@@ -31,7 +31,9 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -119,12 +121,29 @@ def save_checkpoint(path: Path, **state):
     os.replace(tmp, path)
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that would have to run code from the file to be loaded."""
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint of ours without unpickling arbitrary objects."""
+    """Load a checkpoint (ours or a released one) without unpickling arbitrary objects.
+
+    torch.load(weights_only=True) rebuilds tensors and plain containers only;
+    argparse.Namespace, which the released files keep their 'args' in, is the
+    one class allowed besides. Anything else is refused, never constructed.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UnsafeCheckpointError(
+            f"{path}: refused. The file holds a pickled object other than tensors, plain containers and "
+            f"argparse.Namespace, and loading it would run code from the file ({reason}). If you trust "
+            "its source, re-save just its state dict: torch.save({'model': ckpt['model']}, new_path).") from e
 
 
 def build_model(ckpt: dict) -> tuple[m2d.M2DCLAP, object | None]:
@@ -137,8 +156,8 @@ def build_model(ckpt: dict) -> tuple[m2d.M2DCLAP, object | None]:
     config = m2d.M2DConfig(**ckpt["model_config"])
     text_encoder = tokenizer = None
     if ckpt.get("text_encoder"):
-        text_encoder, tokenizer = text_embed.text_encoder_from_config(
-            ckpt["text_encoder"]["config"], ckpt["text_encoder"]["name"])
+        text_encoder = text_embed.text_encoder_from_config(ckpt["text_encoder"]["config"])
+        tokenizer = text_embed.load_tokenizer(ckpt["text_encoder"]["name"])
     model = m2d.M2DCLAP(config, tuple(ckpt["norm_stats"]), text_encoder)
     model.load_state_dict(ckpt["model"])
     return model, tokenizer
@@ -157,6 +176,195 @@ def load_previous_stage(stage: str, path: Path | None) -> dict:
                          f"from stage {previous}. Run 'python train.py --stage {previous}' first, or pass "
                          f"--init with a stage-{previous} checkpoint.")
     return ckpt
+
+
+# -----------------------------------------------------------------------------
+# Released M2D / M2D-CLAP checkpoints
+#
+# The released files keep a state dict under 'model' (often beside an
+# argparse.Namespace under 'args'), with our key names behind an optional
+# wrapper prefix. This table is all the renaming there is.
+
+RELEASED_PREFIXES = ("module.ar.runtime.backbone.", "backbone.", "module.")
+# Keys of released files that our model has no place for, and why they can go.
+RELEASED_IGNORED = {
+    "text_encoder.pooler.": "BERT's pooler: our text side mean-pools the token features",
+    "text_encoder.embeddings.position_ids": "a constant buffer that older transformers versions saved",
+}
+ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "norm_stats")
+DEFAULT_NORM_STATS = (-7.1, 4.2)  # the 2022 M2D models
+# The text-side letter of a folder name: the sentence model behind a stage-1
+# text projector, or the text encoder of a stage-2 model.
+TEXT_KINDS = {"A": "thenlper/gte-base", "N": "nvidia/NV-Embed-v2", "B": "bert-base-uncased"}
+FOLDER_NAME = re.compile(r"(\d+)x(\d+)p(\d+)x(\d+)(?:p(\d+)k)?(?:p([A-Z]))?(?:p(TI))?")
+
+
+def strip_released_keys(state: dict) -> dict:
+    """Drop the wrapper prefixes and the keys in RELEASED_IGNORED."""
+    out = {}
+    for key, value in state.items():
+        for prefix in RELEASED_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        if not key.startswith(tuple(RELEASED_IGNORED)):
+            out[key] = value
+    return out
+
+
+def parse_folder_name(name: str) -> dict:
+    """Setup facts from a released folder name, e.g. m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025."""
+    match = FOLDER_NAME.search(name)
+    if not match:
+        return {}
+    n_mels, frames, patch_f, patch_t, sr_khz, text_kind, _ = match.groups()
+    facts = {"n_mels": int(n_mels), "crop_frames": int(frames), "patch_size": (int(patch_f), int(patch_t))}
+    if sr_khz:
+        facts["sample_rate"] = int(sr_khz) * 1000
+    if text_kind:
+        facts["text_kind"] = text_kind
+    return facts
+
+
+def released_config(state: dict, args, folder: str) -> m2d.M2DConfig:
+    """Model shape from the tensors, with input size from 'args' or the folder name."""
+    facts = parse_folder_name(folder)
+    if args is not None:  # the training arguments say it best, when present
+        if getattr(args, "input_size", None):
+            facts["n_mels"], facts["crop_frames"] = (int(v) for v in args.input_size)
+        if getattr(args, "sr", None):
+            facts["sample_rate"] = int(str(args.sr).rstrip("k")) * 1000
+    patch_size = state["patch_embed.proj.weight"].shape[-1]
+    if facts.get("patch_size", (patch_size, patch_size)) != (patch_size, patch_size):
+        raise ValueError(f"{folder}: patches {facts['patch_size']} are not square; only square patches are supported")
+    if facts.get("sample_rate", data.SAMPLE_RATE) != data.SAMPLE_RATE:
+        raise ValueError(f"{folder}: a {facts['sample_rate']} Hz model; this front end is 16 kHz only")
+    dim = state["cls_token"].shape[-1]
+    n_patches = state["pos_embed"].shape[1] - 1
+    n_mels = facts.get("n_mels", 80)
+    crop_frames = facts.get("crop_frames", n_patches // (n_mels // patch_size) * patch_size)
+
+    def count(prefix):
+        return len({k.split(".")[1] for k in state if k.startswith(prefix)})
+
+    config = dict(n_mels=n_mels, crop_frames=crop_frames, patch_size=patch_size, embed_dim=dim,
+                  depth=count("blocks."), num_heads=dim // 64,
+                  mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim)
+    if "decoder_embed.weight" in state:
+        config.update(predictor_dim=state["decoder_embed.weight"].shape[0], predictor_depth=count("decoder_blocks."))
+    if "audio_proj.0.weight" in state:
+        config["audio_proj"] = "mlp"
+    if "text_proj.weight" in state:
+        config.update(text_proj="linear", text_dim=state["text_proj.weight"].shape[1])
+    elif "text_proj.0.weight" in state:
+        config.update(text_proj="mlp", text_dim=state["text_proj.0.weight"].shape[1])
+    elif any(k.startswith("text_encoder.") for k in state):
+        config.update(text_proj="none", text_dim=dim)
+    return m2d.M2DConfig(**config)
+
+
+def released_text_encoder_config(state: dict) -> dict:
+    """A BERT config that fits the text_encoder.* tensors of a stage-2 file."""
+    hidden = state["text_encoder.embeddings.word_embeddings.weight"].shape[1]
+    layers = {k.split(".")[3] for k in state if k.startswith("text_encoder.encoder.layer.")}
+    return {"model_type": "bert", "hidden_size": hidden, "num_hidden_layers": len(layers),
+            "num_attention_heads": hidden // 64,
+            "intermediate_size": state["text_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
+            "vocab_size": state["text_encoder.embeddings.word_embeddings.weight"].shape[0],
+            "max_position_embeddings": state["text_encoder.embeddings.position_embeddings.weight"].shape[0],
+            "type_vocab_size": state["text_encoder.embeddings.token_type_embeddings.weight"].shape[0]}
+
+
+def load_released(path: str | Path, tokenizer: str | None = None):
+    """Load a released M2D / M2D-CLAP file: (model, tokenizer or None, checkpoint-like dict).
+
+    Encoder-only files, full training files and stage-2 files with
+    text_encoder.* all load; parts a file does not have keep their
+    initialisation and are listed under ckpt["missing_parts"]. Every encoder
+    tensor must be present, and no key may be left over.
+    """
+    path = Path(path)
+    raw = load_checkpoint(path)
+    args = raw.get("args") if isinstance(raw, dict) else None
+    state = raw["model"] if isinstance(raw, dict) and "model" in raw else raw
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict (a dict of tensors, possibly under 'model')")
+    state = strip_released_keys(state)
+    folder = path.parent.name
+    config = released_config(state, args, folder)
+    norm_stats = tuple(state.pop("norm_stats").tolist()) if "norm_stats" in state else DEFAULT_NORM_STATS
+    text_kind = parse_folder_name(folder).get("text_kind")
+
+    text_encoder = tok = None
+    text_encoder_info = None
+    if any(k.startswith("text_encoder.") for k in state):
+        name = tokenizer or TEXT_KINDS.get(text_kind, "bert-base-uncased")
+        enc_config = released_text_encoder_config(state)
+        text_encoder = text_embed.text_encoder_from_config(enc_config)
+        tok = text_embed.load_tokenizer(name) if tokenizer else None
+        text_encoder_info = {"name": name, "config": enc_config}
+    model = m2d.M2DCLAP(config, norm_stats, text_encoder)
+    model_keys = set(model.state_dict())
+    unexpected = sorted(set(state) - model_keys)
+    if unexpected:
+        raise ValueError(f"{path}: keys our model has no place for: {unexpected[:5]}"
+                         f"{' ...' if len(unexpected) > 5 else ''}")
+    missing = sorted(model_keys - set(state) - {"norm_stats"})
+    missing_encoder = [k for k in missing if k.startswith(ENCODER_KEYS)]
+    if missing_encoder:
+        raise ValueError(f"{path}: encoder tensors missing: {missing_encoder[:5]}")
+    model.load_state_dict(state, strict=False)
+    parts = {"target": "target_", "predictor": ("decoder_", "mask_token"), "audio_proj": "audio_proj.",
+             "text_proj": "text_proj.", "logit_scale": "logit_scale"}
+    missing_parts = [part for part, prefix in parts.items() if any(k.startswith(prefix) for k in missing)]
+    has_text_side = "text_proj" not in missing_parts or text_encoder is not None
+    ckpt = {"stage": "released", "model_config": asdict(config), "norm_stats": list(norm_stats),
+            "text_encoder": text_encoder_info, "missing_parts": missing_parts,
+            "text_side": ("encoder" if text_encoder is not None else "embeddings" if has_text_side else None),
+            "embedding_model": TEXT_KINDS.get(text_kind) if text_encoder is None and has_text_side else None}
+    return model, tok, ckpt
+
+
+def export_released(ckpt_path: Path, out_path: Path, training_parts: bool = False) -> dict:
+    """Write one of our checkpoints as a released-layout file: {'model': state dict}.
+
+    The state dict has the released key names and norm_stats: the encoder and
+    the CLAP heads (text encoder included), plus the target network and
+    predictor with training_parts=True.
+    """
+    ckpt = load_checkpoint(ckpt_path)
+    if "model_config" not in ckpt:
+        raise ValueError(f"{ckpt_path}: not a checkpoint written by train.py")
+    training = ("target_", "decoder_", "mask_token")
+    state = {k: v for k, v in ckpt["model"].items() if training_parts or not k.startswith(training)}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out_path, model=state)
+    return state
+
+
+def conventional_folder_name(config: m2d.M2DConfig, text_encoder: bool) -> str:
+    """The released folder naming, e.g. m2d_clap_vit_base-80x1001p16x16p16k, so tools infer the setup."""
+    size = {768: "base", 1024: "large"}.get(config.embed_dim, f"d{config.embed_dim}")
+    p = config.patch_size
+    return f"m2d_clap_vit_{size}-{config.n_mels}x{config.crop_frames}p{p}x{p}p16k{'pTI' if text_encoder else ''}"
+
+
+def export_main(argv):
+    p = argparse.ArgumentParser(prog="train.py export",
+                                description="Write a checkpoint of ours in the released M2D-CLAP layout.")
+    p.add_argument("checkpoint", type=Path, help="a last.pt written by train.py")
+    p.add_argument("out", type=Path, help="output .pth")
+    p.add_argument("--training-parts", action="store_true", help="also write the target network and predictor")
+    args = p.parse_args(argv)
+    try:
+        state = export_released(args.checkpoint, args.out, args.training_parts)
+        config = m2d.M2DConfig(**load_checkpoint(args.checkpoint)["model_config"])
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    has_text_encoder = any(k.startswith("text_encoder.") for k in state)
+    print(f"wrote {args.out}: {len(state)} tensors with the released key names. Tools that read the setup "
+          f"from the folder name expect it in a folder named like "
+          f"{conventional_folder_name(config, has_text_encoder)}/")
 
 
 # -----------------------------------------------------------------------------
@@ -303,6 +511,9 @@ def to_device(batch, device):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
     args = parse_args(argv)
     try:
         train(args)

@@ -1,0 +1,231 @@
+"""Interoperability with the released M2D / M2D-CLAP checkpoints (SPEC 9), loaded safely.
+
+The released layouts are written out here by hand from the specification,
+independently of model.py, filled with random values, saved, and loaded
+through the public loader.
+"""
+
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evaluate
+import train
+
+
+def vit_base_encoder_state(n_time_patches: int, seed: int = 0) -> dict:
+    """The released ViT-Base encoder keys and shapes (80 mel bins, 16x16 patches)."""
+    g = torch.Generator().manual_seed(seed)
+    D, n = 768, 5 * n_time_patches
+
+    def r(*shape, scale=0.02):
+        return torch.randn(*shape, generator=g) * scale
+
+    state = {"cls_token": r(1, 1, D), "pos_embed": r(1, 1 + n, D), "patch_embed.proj.weight": r(D, 1, 16, 16),
+             "patch_embed.proj.bias": r(D), "norm.weight": 1 + r(D), "norm.bias": r(D),
+             "norm_stats": torch.tensor([-7.2618, 4.3512])}
+    for i in range(12):
+        b = f"blocks.{i}."
+        state.update({b + "norm1.weight": 1 + r(D), b + "norm1.bias": r(D),
+                      b + "attn.qkv.weight": r(3 * D, D), b + "attn.qkv.bias": r(3 * D),
+                      b + "attn.proj.weight": r(D, D), b + "attn.proj.bias": r(D),
+                      b + "norm2.weight": 1 + r(D), b + "norm2.bias": r(D),
+                      b + "mlp.fc1.weight": r(4 * D, D), b + "mlp.fc1.bias": r(4 * D),
+                      b + "mlp.fc2.weight": r(D, 4 * D), b + "mlp.fc2.bias": r(D)})
+    return state
+
+
+def training_parts_state(n_time_patches: int, audio_proj: str, text_proj: str, text_dim: int = 4096) -> dict:
+    """Target, predictor and CLAP heads of a released training file (ViT-Base)."""
+    g = torch.Generator().manual_seed(1)
+    D, P, n = 768, 512, 5 * n_time_patches
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.02
+
+    def block(prefix, dim, hidden):
+        return {prefix + "norm1.weight": 1 + r(dim), prefix + "norm1.bias": r(dim),
+                prefix + "attn.qkv.weight": r(3 * dim, dim), prefix + "attn.qkv.bias": r(3 * dim),
+                prefix + "attn.proj.weight": r(dim, dim), prefix + "attn.proj.bias": r(dim),
+                prefix + "norm2.weight": 1 + r(dim), prefix + "norm2.bias": r(dim),
+                prefix + "mlp.fc1.weight": r(hidden, dim), prefix + "mlp.fc1.bias": r(hidden),
+                prefix + "mlp.fc2.weight": r(dim, hidden), prefix + "mlp.fc2.bias": r(dim)}
+
+    state = {"target_norm.weight": 1 + r(D), "target_norm.bias": r(D),
+             "decoder_embed.weight": r(P, D), "decoder_embed.bias": r(P), "mask_token": r(1, 1, P),
+             "decoder_pos_embed": r(1, 1 + n, P), "decoder_norm.weight": 1 + r(P), "decoder_norm.bias": r(P),
+             "decoder_pred.weight": r(D, P), "decoder_pred.bias": r(D), "logit_scale": torch.tensor(2.5)}
+    for i in range(12):
+        state.update(block(f"target_blocks.{i}.", D, 4 * D))
+    for i in range(8):
+        state.update(block(f"decoder_blocks.{i}.", P, 4 * P))
+    if audio_proj == "semantic":
+        state.update({"audio_proj.sem_token": r(1, 1, D), "audio_proj.norm.weight": 1 + r(D),
+                      "audio_proj.norm.bias": r(D), **block("audio_proj.sem_blocks.0.", D, D)})
+    else:
+        state.update({"audio_proj.0.weight": r(D, D), "audio_proj.0.bias": r(D),
+                      "audio_proj.2.weight": r(D, D), "audio_proj.2.bias": r(D)})
+    if text_proj == "linear":
+        state["text_proj.weight"] = r(D, text_dim)
+    else:
+        state.update({"text_proj.0.weight": r(D, text_dim), "text_proj.0.bias": r(D),
+                      "text_proj.2.weight": r(D, D), "text_proj.2.bias": r(D)})
+    return state
+
+
+def save_released(tmp_path, folder, state, prefix="", args=None):
+    path = tmp_path / folder / "weights_ep300it0.pth"
+    path.parent.mkdir(parents=True)
+    payload = {"model": {prefix + k: v for k, v in state.items()}}
+    if args is not None:
+        payload["args"] = args
+    torch.save(payload, path)
+    return path
+
+
+def assert_all_landed(model, state):
+    ours = model.state_dict()
+    for key, value in state.items():
+        assert torch.equal(ours[key], value), key
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frames,folder,prefix", [
+    (608, "m2d_vit_base-80x608p16x16-221006-mr7", "module.ar.runtime.backbone."),
+    (1001, "m2d_clap_vit_base-80x1001p16x16p16k-2025", "backbone."),
+])
+def test_vit_base_encoder_loads_with_no_missing_or_unexpected_keys(tmp_path, frames, folder, prefix):
+    state = vit_base_encoder_state(frames // 16)
+    model, tokenizer, ckpt = train.load_released(save_released(tmp_path, folder, state, prefix))
+    assert (model.config.n_mels, model.config.crop_frames, model.config.embed_dim, model.config.depth,
+            model.config.num_heads) == (80, frames, 768, 12, 12)
+    assert_all_landed(model, state)
+    assert tokenizer is None and ckpt["text_side"] is None
+    assert set(ckpt["missing_parts"]) == {"target", "predictor", "audio_proj", "text_proj", "logit_scale"}
+
+
+def reference_encoder(state: dict, log_mel: torch.Tensor) -> torch.Tensor:
+    """ViT forward written directly on the released tensors: [F, T] log-mel -> [1 + N, D]."""
+    x = (log_mel - state["norm_stats"][0]) / state["norm_stats"][1]
+    x = F.conv2d(x[None, None], state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=16)
+    x = x.flatten(2).transpose(1, 2)[0] + state["pos_embed"][0, 1:]               # [N, D]
+    x = torch.cat([state["cls_token"][0] + state["pos_embed"][0, :1], x])          # [1 + N, D]
+    heads, D = 12, x.shape[1]
+    for i in range(12):
+        p = lambda name: state[f"blocks.{i}.{name}"]
+        h = F.layer_norm(x, (D,), p("norm1.weight"), p("norm1.bias"), eps=1e-6)
+        q, k, v = (h @ p("attn.qkv.weight").T + p("attn.qkv.bias")).reshape(-1, 3, heads, D // heads).unbind(1)
+        attn = torch.softmax(torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(D // heads), dim=-1)
+        out = torch.einsum("hij,jhd->ihd", attn, v).reshape(-1, D)
+        x = x + out @ p("attn.proj.weight").T + p("attn.proj.bias")
+        h = F.layer_norm(x, (D,), p("norm2.weight"), p("norm2.bias"), eps=1e-6)
+        h = F.gelu(h @ p("mlp.fc1.weight").T + p("mlp.fc1.bias"))
+        x = x + h @ p("mlp.fc2.weight").T + p("mlp.fc2.bias")
+    return F.layer_norm(x, (D,), state["norm.weight"], state["norm.bias"], eps=1e-6)
+
+
+def test_features_of_released_weights_equal_a_direct_computation(tmp_path):
+    state = vit_base_encoder_state(38, seed=3)
+    model, _, _ = evaluate.load_model(save_released(tmp_path, "m2d_vit_base-80x608p16x16-220930", state))
+    log_mel = torch.randn(80, 608, generator=torch.Generator().manual_seed(0)) * 4 - 7
+    with torch.no_grad():
+        expected = reference_encoder(state, log_mel)[1:]                              # [5 * 38, D]
+    frames = evaluate.frame_features(model, [log_mel])[0]                             # [38, 5 * D]
+    by_hand = expected.reshape(5, 38, 768).permute(1, 0, 2).reshape(38, 5 * 768)
+    torch.testing.assert_close(frames, by_hand, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("audio_proj,text_proj", [("semantic", "linear"), ("mlp", "mlp")])
+def test_full_training_files_load_every_part(tmp_path, audio_proj, text_proj):
+    state = {**vit_base_encoder_state(38), **training_parts_state(38, audio_proj, text_proj)}
+    args = argparse.Namespace(input_size=[80, 608], patch_size=16, sr="16k", model="m2d_clap_vit_base")
+    model, _, ckpt = train.load_released(save_released(tmp_path, "run", state, args=args))
+    assert model.config.audio_proj == audio_proj and model.config.text_proj == text_proj
+    assert model.config.text_dim == 4096 and model.config.predictor_depth == 8
+    assert_all_landed(model, state)
+    assert ckpt["missing_parts"] == [] and ckpt["text_side"] == "embeddings"
+
+
+def test_stage2_file_with_a_text_encoder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    bert = transformers.BertModel(transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=128, vocab_size=100))
+    text_state = {"text_encoder." + k: v for k, v in bert.state_dict().items()}
+    assert any(k.startswith("text_encoder.pooler.") for k in text_state)  # released BERTs carry a pooler
+    state = {**vit_base_encoder_state(62), **training_parts_state(62, "semantic", "linear")}
+    del state["text_proj.weight"]  # BERT-base output is used directly in the paper's model
+    state.update(text_state)
+    model, _, ckpt = train.load_released(save_released(
+        tmp_path, "m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025", state))
+    assert model.config.text_proj == "none" and ckpt["text_side"] == "encoder"
+    assert ckpt["text_encoder"]["config"]["hidden_size"] == 64
+    assert_all_landed(model, {k: v for k, v in state.items() if not k.startswith("text_encoder.pooler.")})
+
+
+def test_norm_stats_default_to_the_2022_values_when_absent(tmp_path):
+    state = vit_base_encoder_state(38)
+    del state["norm_stats"]
+    model, _, ckpt = train.load_released(save_released(tmp_path, "m2d_vit_base-80x608p16x16-220930", state))
+    assert ckpt["norm_stats"] == pytest.approx([-7.1, 4.2])
+    assert model.norm_stats.tolist() == pytest.approx([-7.1, 4.2])
+
+
+def test_folder_names_give_the_setup():
+    assert train.parse_folder_name("m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025") == {
+        "n_mels": 80, "crop_frames": 1001, "patch_size": (16, 16), "sample_rate": 16000, "text_kind": "B"}
+    assert train.parse_folder_name("m2d_vit_base-80x608p16x16-221006") == {
+        "n_mels": 80, "crop_frames": 608, "patch_size": (16, 16)}
+
+
+# --- safety ------------------------------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_holding_an_arbitrary_object_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": vit_base_encoder_state(38), "extra": Payload(marker)}, path)
+    with pytest.raises(train.UnsafeCheckpointError, match=r"evil.pth: refused.*would run code"):
+        train.load_checkpoint(path)
+    with pytest.raises(SystemExit, match=r"evil.pth: refused"):
+        evaluate.main(["--checkpoint", str(path)])
+    assert not marker.exists()
+
+
+def test_the_released_args_namespace_is_allowed(tmp_path):
+    path = save_released(tmp_path, "x", {"a": torch.zeros(1)}, args=argparse.Namespace(input_size=[80, 608]))
+    assert train.load_checkpoint(path)["args"].input_size == [80, 608]
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def test_export_then_import_gives_bit_identical_parameters(tmp_path):
+    train.main(["--stage", "1", "--max-steps", "2", "--out-dir", str(tmp_path / "run")])
+    out = tmp_path / "m2d_clap_vit_d192-80x192p16x16p16k" / "weights.pth"
+    train.main(["export", str(tmp_path / "run" / "last.pt"), str(out)])
+    exported = torch.load(out, weights_only=True)["model"]
+    assert not any(k.startswith(("target_", "decoder_", "mask_token")) for k in exported)
+    assert "norm_stats" in exported and "audio_proj.sem_token" in exported and "text_proj.weight" in exported
+    ours = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    model, _, ckpt = train.load_released(out)
+    loaded = model.state_dict()
+    for key, value in exported.items():
+        assert torch.equal(value, ours[key]) and torch.equal(loaded[key], value), key
+    assert model.config.crop_frames == 192 and ckpt["missing_parts"] == ["target", "predictor"]
