@@ -11,17 +11,23 @@ Commands:
     python data.py builtin           # generate the built-in dataset's audio cache
     python data.py builtin-captions  # rewrite assets/builtin_*.csv and their embeddings
                                      # (needs the optional sentence-transformers extra)
+    python data.py prepare AUDIO_DIR OUT_DIR   # a corpus -> float16 log-mel shards + index
+    python data.py stats OUT_DIR               # normalisation statistics of the shards
+    python data.py bench-loader OUT_DIR        # loader clips/s: shards vs one .npy per clip
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
 import sys
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +37,7 @@ import soundfile as sf
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 import text_embed
 
@@ -196,6 +202,29 @@ def crop_or_pad(mel: torch.Tensor, crop_frames: int, generator: torch.Generator 
     return F.pad(mel, (0, crop_frames - frames))
 
 
+class AudioFolder:
+    """Log-mels decoded on demand from the audio files under a root folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def missing(self, names: list[str]) -> list[str]:
+        return [n for n in names if not (self.root / n).is_file()]
+
+    def where(self) -> str:
+        return f"under {self.root}; fix the file_name column or pass the right --audio-root"
+
+    def log_mel(self, name: str) -> torch.Tensor:
+        """Full-length log-mel [n_mels, frames] of one file."""
+        path = self.root / name
+        mel = log_mel(load_audio(path))
+        if mel.shape[-1] < MIN_FRAMES:
+            raise AudioError(f"{path}: only {mel.shape[-1] * HOP_SAMPLES / SAMPLE_RATE:.3f} s long; clips "
+                             f"need at least {MIN_FRAMES} frames ({MIN_FRAMES * HOP_SAMPLES / SAMPLE_RATE:.2f} s). "
+                             "Remove it from the caption CSV.")
+        return mel
+
+
 class ClipDataset(Dataset):
     """Clips of a captions CSV, each with one of its captions drawn at random.
 
@@ -203,14 +232,15 @@ class ClipDataset(Dataset):
     model normalises it with its stored statistics) and the caption's sentence
     embedding [dim], or its text when the table holds no embeddings (for a
     trainable text encoder). A clip with several caption rows gets one of them
-    at random on every access. With preload=True every clip is decoded once,
-    up front (small corpora).
+    at random on every access. Log-mels come from an audio folder (decoded on
+    demand) or from the shards of 'python data.py prepare' (source=ShardStore).
+    With preload=True every clip is read once, up front (small corpora).
     """
 
-    def __init__(self, table: text_embed.CaptionTable, audio_root: str | Path, crop_frames: int,
+    def __init__(self, table: text_embed.CaptionTable, source: str | Path | ShardStore, crop_frames: int,
                  preload: bool = False):
         self.table = table
-        self.audio_root = Path(audio_root)
+        self.source = source if isinstance(source, ShardStore) else AudioFolder(source)
         self.crop_frames = crop_frames
         rows_of = defaultdict(list)
         for row, name in enumerate(table.file_names):
@@ -218,28 +248,18 @@ class ClipDataset(Dataset):
         self.files = list(rows_of)
         self.caption_rows = [torch.tensor(rows_of[name]) for name in self.files]
         self.embeddings = torch.from_numpy(table.embeddings) if table.embeddings is not None else None
-        missing = [n for n in self.files if not (self.audio_root / n).is_file()]
+        missing = self.source.missing(self.files)
         if missing:
             raise AudioError(f"{table.csv_path}: {len(missing)} of {len(self.files)} audio file(s) listed "
-                             f"there do not exist under {self.audio_root}, e.g. {missing[:3]}. Fix the "
-                             "file_name column or pass the right --audio-root.")
-        self._mels = [self._decode(i) for i in range(len(self.files))] if preload else None
+                             f"there, e.g. {missing[:3]}, are not found {self.source.where()}.")
+        self._mels = [self.source.log_mel(name) for name in self.files] if preload else None
 
     def __len__(self) -> int:
         return len(self.files)
 
     def full_log_mel(self, index: int) -> torch.Tensor:
         """Full-length log-mel [n_mels, frames] of clip `index`, uncropped."""
-        return self._mels[index] if self._mels is not None else self._decode(index)
-
-    def _decode(self, index: int) -> torch.Tensor:
-        path = self.audio_root / self.files[index]
-        mel = log_mel(load_audio(path))
-        if mel.shape[-1] < MIN_FRAMES:
-            raise AudioError(f"{path}: only {mel.shape[-1] * HOP_SAMPLES / SAMPLE_RATE:.3f} s long; clips "
-                             f"need at least {MIN_FRAMES} frames ({MIN_FRAMES * HOP_SAMPLES / SAMPLE_RATE:.2f} s). "
-                             "Remove it from the caption CSV.")
-        return mel
+        return self._mels[index] if self._mels is not None else self.source.log_mel(self.files[index])
 
     def __getitem__(self, index: int):
         mel = crop_or_pad(self.full_log_mel(index), self.crop_frames)[None]  # [1, F, crop_frames]
@@ -265,6 +285,183 @@ def compute_norm_stats(dataset: ClipDataset, max_clips: int = 1000) -> tuple[flo
     mean = total / count
     std = math.sqrt(max(total_sq / count - mean**2, 0.0))
     return mean, std
+
+
+# -----------------------------------------------------------------------------
+# Corpus shards: log-mels of millions of clips in a few large float16 files
+#
+# OUT_DIR/shard_00000.f16 ...  raw little-endian float16; each clip a C-order
+#                              [n_mels, frames] block, one after another
+# OUT_DIR/index.csv            file_name, shard, offset (in values), frames
+# OUT_DIR/report.csv           file_name, error: every file that could not be read
+# OUT_DIR/norm_stats.json      {"mean": ..., "std": ...} from 'python data.py stats'
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+SHARD_DTYPE = np.dtype("<f2")
+
+
+class ShardStore:
+    """Read-only access to the shards that 'python data.py prepare' wrote."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / "index.csv"
+        if not index.is_file():
+            raise FileNotFoundError(f"{index}: no shard index. Run 'python data.py prepare AUDIO_DIR {self.folder}'.")
+        with open(index, newline="", encoding="utf-8") as f:
+            self.entries = {r["file_name"]: (int(r["shard"]), int(r["offset"]), int(r["frames"]))
+                            for r in csv.DictReader(f)}
+        stats = self.folder / "norm_stats.json"
+        self.norm_stats = tuple(json.loads(stats.read_text()).values()) if stats.is_file() else None
+        self._maps: dict[int, np.memmap] = {}
+
+    def missing(self, names: list[str]) -> list[str]:
+        return [n for n in names if n not in self.entries]
+
+    def where(self) -> str:
+        return f"in the shard index {self.folder / 'index.csv'}; prepare those files or fix the file names"
+
+    def log_mel(self, name: str) -> torch.Tensor:
+        shard, offset, frames = self.entries[name]
+        if shard not in self._maps:  # opened lazily, so each DataLoader worker maps its own
+            self._maps[shard] = np.memmap(self.folder / f"shard_{shard:05d}.f16", dtype=SHARD_DTYPE, mode="r")
+        block = self._maps[shard][offset:offset + N_MELS * frames]
+        return torch.from_numpy(block.astype(np.float32).reshape(N_MELS, frames))
+
+
+def _prepare_one(job: tuple[Path, str]) -> tuple[str, np.ndarray | str]:
+    """Worker: (root, name) -> (name, float16 log-mel [n_mels, frames] or the error message)."""
+    root, name = job
+    try:
+        return name, AudioFolder(root).log_mel(name).numpy().astype(SHARD_DTYPE)
+    except Exception as e:  # every failure is reported, none is fatal for the corpus
+        return name, f"{type(e).__name__}: {e}"
+
+
+def prepare(audio_dir: Path, out_dir: Path, workers: int = os.cpu_count() or 1,
+            shard_mb: int = 1024) -> tuple[int, int]:
+    """Convert every wav/flac/ogg under audio_dir into shards; returns (clips written, files failed).
+
+    Resumable: files already in the index are skipped, and a killed run goes on
+    where it stopped. Each clip is appended to its shard before its index row,
+    so the index never points at bytes that were not written.
+    """
+    audio_dir, out_dir = Path(audio_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.relative_to(audio_dir).as_posix() for p in audio_dir.rglob("*")
+                   if p.suffix.lower() in AUDIO_SUFFIXES)
+    index_path = out_dir / "index.csv"
+    done = set(ShardStore(out_dir).entries) if index_path.is_file() else set()
+    todo = [n for n in names if n not in done]
+    shards = sorted(out_dir.glob("shard_*.f16"))
+    shard = int(shards[-1].stem.split("_")[1]) if shards else 0
+    new_index = not index_path.is_file()
+    index = open(index_path, "a", newline="", encoding="utf-8")
+    writer = csv.writer(index)
+    if new_index:
+        writer.writerow(["file_name", "shard", "offset", "frames"])
+    failures = []
+    print(f"{len(names)} audio files under {audio_dir}: {len(done)} already prepared, {len(todo)} to go "
+          f"({workers} workers)", flush=True)
+    t0 = t_print = time.perf_counter()
+    out = open(out_dir / f"shard_{shard:05d}.f16", "ab")
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for k, (name, result) in enumerate(pool.imap_unordered(_prepare_one, [(audio_dir, n) for n in todo],
+                                                                chunksize=16), start=1):
+            if isinstance(result, str):
+                failures.append((name, result))
+            else:
+                if out.tell() + result.nbytes > shard_mb * 2**20 and out.tell() > 0:
+                    out.close()
+                    shard += 1
+                    out = open(out_dir / f"shard_{shard:05d}.f16", "ab")
+                offset = out.tell() // SHARD_DTYPE.itemsize
+                out.write(result.tobytes())
+                out.flush()
+                writer.writerow([name, shard, offset, result.shape[1]])
+                index.flush()
+            now = time.perf_counter()
+            if now - t_print > 1 or k == len(todo):
+                t_print = now
+                print(f"\r{k}/{len(todo)} files, {k / (now - t0):.0f} files/s, {len(failures)} unreadable",
+                      end="", flush=True)
+    out.close()
+    index.close()
+    print(flush=True)
+    with open(out_dir / "report.csv", "w", newline="", encoding="utf-8") as f:
+        report = csv.writer(f)
+        report.writerow(["file_name", "error"])
+        report.writerows(sorted(failures))
+    if failures:
+        print(f"{len(failures)} file(s) could not be read and are not in the shards; see {out_dir / 'report.csv'}")
+    return len(todo) - len(failures), len(failures)
+
+
+def shard_stats(out_dir: Path, max_clips: int = 10000) -> tuple[float, float]:
+    """Normalisation statistics of up to max_clips prepared clips; also written to norm_stats.json."""
+    store = ShardStore(out_dir)
+    names = list(store.entries)
+    if not names:
+        raise ValueError(f"{out_dir}: the shard index is empty")
+    picks = np.linspace(0, len(names) - 1, min(len(names), max_clips)).round().astype(int)
+    total = total_sq = count = 0.0
+    for i in picks:
+        mel = store.log_mel(names[i]).double()
+        total += mel.sum().item()
+        total_sq += mel.square().sum().item()
+        count += mel.numel()
+    mean = total / count
+    std = math.sqrt(max(total_sq / count - mean**2, 0.0))
+    (Path(out_dir) / "norm_stats.json").write_text(json.dumps({"mean": mean, "std": std}))
+    return mean, std
+
+
+class _CropDataset(Dataset):
+    """Random crops of a list of clips from one source (for the loader benchmark)."""
+
+    def __init__(self, read, names, crop_frames):
+        self.read, self.names, self.crop_frames = read, names, crop_frames
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        return crop_or_pad(self.read(self.names[i]), self.crop_frames)[None]
+
+
+def _read_npy(path: str) -> torch.Tensor:
+    return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
+
+
+def bench_loader(shard_dir: Path, crop_frames: int = 1001, batch_size: int = 64, workers: int = 4,
+                 seconds: float = 15.0) -> dict:
+    """Clips/s of a DataLoader (workers, pinned memory) from shards and from one .npy per clip."""
+    store = ShardStore(shard_dir)
+    names = list(store.entries)
+    npy_dir = Path(shard_dir) / "bench_npy"
+    npy_dir.mkdir(exist_ok=True)
+    npy_paths = []
+    for k, name in enumerate(names):  # the same clips as per-file float16 .npy, written once
+        path = npy_dir / f"{k:07d}.npy"
+        if not path.exists():
+            np.save(path, store.log_mel(name).numpy().astype(np.float16))
+        npy_paths.append(str(path))
+    results = {}
+    for label, dataset in (("shards", _CropDataset(store.log_mel, names, crop_frames)),
+                           ("npy_files", _CropDataset(_read_npy, npy_paths, crop_frames))):
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                            pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=workers > 0)
+        clips, t0 = 0, None
+        while t0 is None or time.perf_counter() - t0 < seconds:
+            for batch in loader:
+                if t0 is None:  # start timing after the workers are up
+                    t0 = time.perf_counter()
+                    continue
+                clips += batch.shape[0]
+                if time.perf_counter() - t0 >= seconds:
+                    break
+        results[label] = clips / (time.perf_counter() - t0)
+    return results
 
 
 # -----------------------------------------------------------------------------
@@ -978,13 +1175,38 @@ def main(argv=None):
     captions = commands.add_parser("builtin-captions",
                                    help="rewrite assets/builtin_*.csv and their caption embeddings")
     captions.add_argument("--model", default=text_embed.DEFAULT_MODEL, help="sentence model name or path")
+    prep = commands.add_parser("prepare", help="convert a folder of audio into log-mel shards (resumable)")
+    prep.add_argument("audio_dir", type=Path)
+    prep.add_argument("out_dir", type=Path)
+    prep.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
+    prep.add_argument("--shard-mb", type=int, default=1024, help="size of one shard file in MiB")
+    stats = commands.add_parser("stats", help="normalisation statistics of prepared shards")
+    stats.add_argument("out_dir", type=Path)
+    stats.add_argument("--max-clips", type=int, default=10000)
+    bench = commands.add_parser("bench-loader", help="DataLoader clips/s from shards and from per-file .npy")
+    bench.add_argument("out_dir", type=Path)
+    bench.add_argument("--crop-frames", type=int, default=1001)
+    bench.add_argument("--batch-size", type=int, default=64)
+    bench.add_argument("--workers", type=int, default=4)
+    bench.add_argument("--seconds", type=float, default=15.0, help="timed seconds per source")
     args = p.parse_args(argv)
     if args.command == "builtin":
         for split in BUILTIN_SPLITS:
             csv_path, root = builtin_dataset(split)
             print(f"{split}: {csv_path} with audio under {root}")
-    else:
+    elif args.command == "builtin-captions":
         write_builtin_captions(args.model)
+    elif args.command == "prepare":
+        written, failed = prepare(args.audio_dir, args.out_dir, args.workers, args.shard_mb)
+        print(f"prepared {written} clips into {args.out_dir}; {failed} unreadable")
+    elif args.command == "stats":
+        mean, std = shard_stats(args.out_dir, args.max_clips)
+        print(f"norm stats: mean {mean:.4f} std {std:.4f} (written to {args.out_dir / 'norm_stats.json'}; "
+              f"train.py --shards reads them)")
+    else:
+        rates = bench_loader(args.out_dir, args.crop_frames, args.batch_size, args.workers, args.seconds)
+        print(f"DataLoader, batch {args.batch_size}, {args.workers} workers, {args.crop_frames}-frame crops: "
+              + ", ".join(f"{k} {v:.0f} clips/s" for k, v in rates.items()))
 
 
 if __name__ == "__main__":

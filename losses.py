@@ -35,22 +35,43 @@ def m2d_loss(prediction: torch.Tensor, target: torch.Tensor, standardize_target:
     return (2 - 2 * cos).mean()
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by `factor`."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
 def gather_features(audio: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate [B, E] features from every data-parallel rank -> [W*B, E].
 
     all_gather returns tensors without gradient, so the local rank's own slot is
     replaced by its local tensors: gradients then flow to this rank's features,
-    and the other ranks' features act as extra negatives. Without an initialised
-    process group (one process) this is the identity.
+    and the other ranks' features act as extra negatives. Every rank computes
+    the loss of the whole gathered batch but back-propagates only into its own
+    features, and DistributedDataParallel then averages the W ranks' gradients;
+    so the local features' gradient is scaled by W, and the averaged gradient
+    equals that of the global-batch loss in one process. Without an
+    initialised process group (one process) this is the identity.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return audio, text
     world, rank = dist.get_world_size(), dist.get_rank()
     gathered = []
     for local in (audio, text):
         parts = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(parts, local.detach().contiguous())
-        parts[rank] = local
+        parts[rank] = _ScaleGrad.apply(local, float(world))
         gathered.append(torch.cat(parts, dim=0))
     return gathered[0], gathered[1]
 
@@ -60,7 +81,8 @@ class ClapLoss(nn.Module):
 
     logits = exp(s) * a @ t^T with L2-normalised a and t, s the model's learned
     logit_scale clamped to [0, log 100]; the loss is the mean of the
-    audio->text and text->audio cross-entropies.
+    audio->text and text->audio cross-entropies, over the batch gathered from
+    all data-parallel ranks (see gather_features).
     """
 
     max_logit_scale = math.log(100.0)

@@ -406,14 +406,23 @@ class M2DCLAP(nn.Module):
         x = self.decoder_pred(self.decoder_norm(x))                         # [B, 1+N, D]
         return gather_tokens(x[:, 1:], ids_masked)                          # [B, Nm, D]
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, text=None, frozen_encoder: bool = False,
                 generator: torch.Generator | None = None):
-        """One stage-1 forward pass.
+        """One training forward pass.
 
         x: [B, 1, F_bins, T_frames] log-mel (normalised here with norm_stats);
-        text: [B, text_dim] sentence embeddings or None. Returns (prediction,
-        target, audio_embed, text_embed); the last two are None without text.
+        text: sentence embeddings [B, text_dim], tokens for a text encoder (see
+        text_features), or None. Returns (prediction, target, audio_embed,
+        text_embed); the CLAP pair is None without text.
+        Stage 1: M2D on the masked input, CLAP audio from the visible patches.
+        Stages 2 and 2.1 (frozen_encoder=True): no masking, no target and no
+        predictor; the encoder runs without autograd on the whole input and
+        only the CLAP parts see gradients; prediction and target are None.
         """
+        if frozen_encoder:
+            with torch.no_grad():
+                patches = self.encode(x)[:, 1:]                             # [B, N, D], CLS dropped
+            return None, None, self.audio_proj(patches), self.text_features(text)
         patches = self.embed_patches(self.normalize(x))                     # [B, N, D]
         ids_visible, ids_masked, ids_restore = random_masking(
             patches.shape[0], patches.shape[1], self.config.mask_ratio, patches.device, generator)

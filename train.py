@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -41,7 +42,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
 import data
 import model as m2d
@@ -395,6 +398,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "checkpoint so that new text (zero-shot prompts) can be embedded the same way")
     p.add_argument("--audio-root", type=Path, default=None,
                    help="folder the CSV's file_name paths are relative to (default: the CSV's folder)")
+    p.add_argument("--shards", type=Path, default=None,
+                   help="read log-mels from the shards 'python data.py prepare' wrote, instead of decoding audio")
     p.add_argument("--init", type=Path, default=None,
                    help="stages 2 and 2.1: checkpoint to start from (default: runs/stage1/last.pt, "
                         "runs/stage2/last.pt)")
@@ -422,7 +427,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="autocast precision (default: bf16 on CUDA, fp32 on CPU); fp16 uses a GradScaler")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the audio model (default: on for CUDA, off for CPU)")
+                   help="torch.compile the model (default: on for stage 1 on CUDA, off otherwise)")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes (default: 8 on CUDA, 0 on CPU)")
     p.add_argument("--preload", action=argparse.BooleanOptionalAction, default=None,
@@ -479,20 +484,14 @@ def stage2_model(args, ckpt: dict) -> tuple[m2d.M2DCLAP, object | None]:
 # One step's losses
 
 
-def stage1_losses(forward, model, mel, text, clap_loss, clap_weight):
-    """L = L_M2D + lambda * L_CLAP; the CLAP audio side reads the visible patches."""
-    prediction, target, audio_emb, text_emb = forward(mel, text)
+def step_losses(outputs, logit_scale, clap_loss, clap_weight: float):
+    """Stage 1: L = L_M2D + lambda * L_CLAP. Stages 2 and 2.1 (no prediction): L = L_CLAP."""
+    prediction, target, audio_emb, text_emb = outputs
+    loss_clap = clap_loss(audio_emb, text_emb, logit_scale)
+    if prediction is None:
+        return loss_clap, {"loss_clap": loss_clap}
     loss_m2d = m2d_loss(prediction, target)
-    loss_clap = clap_loss(audio_emb, text_emb, model.logit_scale)
     return loss_m2d + clap_weight * loss_clap, {"loss_m2d": loss_m2d, "loss_clap": loss_clap}
-
-
-def stage2_losses(encode, model, mel, text, clap_loss):
-    """Contrastive loss only, on the frozen encoder's unmasked patch features."""
-    with torch.no_grad():
-        patches = encode(mel)[:, 1:]  # [B, N, D], CLS dropped
-    loss_clap = clap_loss(model.audio_proj(patches), model.text_features(text), model.logit_scale)
-    return loss_clap, {"loss_clap": loss_clap}
 
 
 # -----------------------------------------------------------------------------
@@ -521,18 +520,55 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
 
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (a single process: rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_type: str) -> Distributed:
+    """Join the process group torchrun describes in the environment: NCCL on GPUs, Gloo on CPUs."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return Distributed()
+    ddp = Distributed(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), world_size)
+    if device_type == "cuda":
+        torch.cuda.set_device(ddp.local_rank)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return ddp
+
+
+def parameter_checksums(model: torch.nn.Module) -> list[float]:
+    """One float64 sum per parameter tensor: equal lists mean equal replicas, to rounding."""
+    return [p.detach().double().sum().item() for p in model.parameters()]
+
+
 def train(args: argparse.Namespace):
     stage = args.stage
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    ddp = setup_distributed(device.type)
+    if cuda and ddp.world_size > 1:
+        device = torch.device("cuda", ddp.local_rank)
+    log = print if ddp.main else (lambda *a, **k: None)
     precision = args.precision or ("bf16" if cuda else "fp32")
-    use_compile = cuda if args.compile is None else args.compile
+    # Compiled by default for the stage-1 step on CUDA; a text encoder's varying token counts would recompile.
+    use_compile = (cuda and stage == "1") if args.compile is None else args.compile
     workers = args.workers if args.workers is not None else (8 if cuda else 0)
     out_dir = args.out_dir or Path("runs") / f"stage{stage}"
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    # Every rank draws its own masks and crops; the weights start equal because
+    # DistributedDataParallel copies rank 0's to the others.
+    random.seed(args.seed + ddp.rank)
+    np.random.seed(args.seed + ddp.rank)
+    torch.manual_seed(args.seed + ddp.rank)
 
     # --- where a stage starts: scratch or the previous stage --------------------
     init = None if stage == "1" else load_previous_stage(stage, args.init)
@@ -542,9 +578,10 @@ def train(args: argparse.Namespace):
     recipe = replace(recipe, **{k: v for k, v in dict(
         batch_size=args.batch_size, clap_weight=args.clap_weight, epochs=args.epochs,
         ema_decay=tuple(args.ema_decay) if args.ema_decay else None).items() if v is not None})
-    if recipe.batch_size % args.accum_steps:
-        raise ValueError(f"--batch-size {recipe.batch_size} is not divisible by --accum-steps {args.accum_steps}")
-    micro_batch = recipe.batch_size // args.accum_steps
+    if recipe.batch_size % (args.accum_steps * ddp.world_size):
+        raise ValueError(f"--batch-size {recipe.batch_size} is not divisible by {args.accum_steps} accumulation "
+                         f"steps x {ddp.world_size} processes")
+    micro_batch = recipe.batch_size // (args.accum_steps * ddp.world_size)
     if stage == "1":
         text_side, text_encoder_name = "embeddings", None
     elif stage == "2":
@@ -555,7 +592,12 @@ def train(args: argparse.Namespace):
 
     # --- data ------------------------------------------------------------------
     if args.data is None:
-        csv_path, audio_root = data.builtin_dataset("refine" if stage == "2.1" else "train")
+        split = "refine" if stage == "2.1" else "train"
+        if ddp.main:
+            data.builtin_dataset(split)  # renders the audio cache once, before the other ranks read it
+        if ddp.world_size > 1:
+            dist.barrier()
+        csv_path, audio_root = data.builtin_dataset(split)
         npy_path, preload = None, True if args.preload is None else args.preload
     else:
         csv_path, npy_path = args.data, args.embeddings
@@ -568,19 +610,23 @@ def train(args: argparse.Namespace):
         embedding_model = init.get("embedding_model") if init else None
     table = (text_embed.load_captions(csv_path) if text_side == "encoder"
              else text_embed.load_caption_embeddings(csv_path, npy_path))
+    crop_frames = (m2d.preset(args.preset or "tiny").crop_frames if stage == "1"
+                   else init["model_config"]["crop_frames"])
+    source = data.ShardStore(args.shards) if args.shards else audio_root
+    dataset = data.ClipDataset(table, source, crop_frames, preload=preload)
+    if len(dataset) < micro_batch * ddp.world_size:
+        raise ValueError(f"{csv_path} has {len(dataset)} clips, fewer than one batch of "
+                         f"{micro_batch * ddp.world_size}; lower --batch-size")
 
     # --- model -----------------------------------------------------------------
     tokenizer = None
     if stage == "1":
-        crop_frames = m2d.preset(args.preset or "tiny").crop_frames
-    else:
-        crop_frames = init["model_config"]["crop_frames"]
-    dataset = data.ClipDataset(table, audio_root, crop_frames, preload=preload)
-    if len(dataset) < micro_batch:
-        raise ValueError(f"{csv_path} has {len(dataset)} clips, fewer than one batch of {micro_batch}; "
-                         "lower --batch-size")
-    if stage == "1":
-        norm_stats = tuple(args.norm_stats) if args.norm_stats else data.compute_norm_stats(dataset)
+        if args.norm_stats:
+            norm_stats = tuple(args.norm_stats)
+        elif args.shards and data.ShardStore(args.shards).norm_stats:
+            norm_stats = data.ShardStore(args.shards).norm_stats
+        else:
+            norm_stats = data.compute_norm_stats(dataset)
         model = stage1_model(args, table.dim, norm_stats)
     elif stage == "2":
         model, tokenizer = stage2_model(args, init)
@@ -592,9 +638,20 @@ def train(args: argparse.Namespace):
         text_embed.check_dim(table, model.config.text_dim)
     norm_stats = tuple(model.norm_stats.tolist())
     model.to(device)
+    frozen_encoder = stage != "1"
+    if frozen_encoder:
+        model.train_clap()
+    else:
+        model.train()
+    net = model
+    if ddp.world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[ddp.local_rank] if cuda else None)
+    forward = torch.compile(net) if use_compile else net
 
-    loader = DataLoader(dataset, batch_size=micro_batch, shuffle=True, drop_last=True,
-                        num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
+    sampler = (DistributedSampler(dataset, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed, drop_last=True)
+               if ddp.world_size > 1 else None)
+    loader = DataLoader(dataset, batch_size=micro_batch, shuffle=sampler is None, sampler=sampler,
+                        drop_last=True, num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(args.seed))
     steps_per_epoch = len(loader) // args.accum_steps
     total_steps = args.max_steps or max(1, round(recipe.epochs * steps_per_epoch))
@@ -607,25 +664,22 @@ def train(args: argparse.Namespace):
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else contextlib.nullcontext())
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    if stage == "1":
-        forward = torch.compile(model) if use_compile else model
-        step_losses = lambda mel, text: stage1_losses(forward, model, mel, text, clap_loss, recipe.clap_weight)
-        model.train()
-    else:
-        encode = torch.compile(model.encode) if use_compile else model.encode
-        step_losses = lambda mel, text: stage2_losses(encode, model, mel, text, clap_loss)
-        model.train_clap()
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_file = open(out_dir / "log.jsonl", "w")
+    if ddp.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_file = open(out_dir / "log.jsonl", "w")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"stage {stage} | preset {args.preset or 'tiny'} ({n_params / 1e6:.1f}M trainable parameters) | "
-          f"{len(dataset)} clips from {csv_path} | norm stats {norm_stats[0]:.4f} {norm_stats[1]:.4f}")
-    print(f"{total_steps} steps ({steps_per_epoch} per epoch) | batch {recipe.batch_size} "
-          f"({args.accum_steps} x {micro_batch}) | peak lr {peak_lr:.2e} | {device} {precision}"
-          f"{' compiled' if use_compile else ''} | writing {out_dir}")
+    log(f"stage {stage} | preset {args.preset or 'tiny'} ({n_params / 1e6:.1f}M trainable parameters) | "
+        f"{len(dataset)} clips from {csv_path} | norm stats {norm_stats[0]:.4f} {norm_stats[1]:.4f}")
+    log(f"{total_steps} steps ({steps_per_epoch} per epoch) | global batch {recipe.batch_size} = "
+        f"{ddp.world_size} processes x {args.accum_steps} accumulation steps x {micro_batch} clips | "
+        f"peak lr {peak_lr:.2e} = {recipe.base_lr:.2e} x {recipe.batch_size} / 256"
+        f"{'' if args.lr is None else ' (overridden by --lr)'} | {device} {precision}"
+        f"{' compiled' if use_compile else ''} | writing {out_dir}")
 
     def checkpoint(step: int):
+        if not ddp.main:
+            return
         text_encoder = None
         if model.text_encoder is not None:
             text_encoder = {"name": text_encoder_name, "config": model.text_encoder.config.to_dict()}
@@ -636,7 +690,9 @@ def train(args: argparse.Namespace):
                         args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
 
     def batches():
-        while True:
+        for epoch in itertools.count():
+            if sampler is not None:
+                sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
             yield from loader
 
     batch_iter = batches()
@@ -649,13 +705,18 @@ def train(args: argparse.Namespace):
         ema_decay = m2d.ema_decay_at(step, total_steps, *recipe.ema_decay)
 
         sums = {}  # each loss summed over micro-batches on the device: no sync per step
-        for _ in range(args.accum_steps):
+        for micro in range(args.accum_steps):
             mel, text = next(batch_iter)
             if tokenizer is not None:
                 text = text_embed.tokenize(tokenizer, text)
-            with autocast:
-                loss, parts = step_losses(to_device(mel, device), to_device(text, device))
-            scaler.scale(loss / args.accum_steps).backward()
+            # Gradients are averaged across ranks only on the last micro-batch.
+            sync = micro == args.accum_steps - 1 or ddp.world_size == 1
+            with contextlib.nullcontext() if sync else net.no_sync():
+                with autocast:
+                    outputs = forward(to_device(mel, device), to_device(text, device),
+                                      frozen_encoder=frozen_encoder)
+                    loss, parts = step_losses(outputs, model.logit_scale, clap_loss, recipe.clap_weight)
+                scaler.scale(loss / args.accum_steps).backward()
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0) + value.detach() / args.accum_steps
 
@@ -666,14 +727,18 @@ def train(args: argparse.Namespace):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if stage == "1":
-            model.ema_update(ema_decay)
+            model.ema_update(ema_decay)  # every rank holds the same online weights, so the same target
 
         done = step + 1
         if done % args.log_every == 0 or done == total_steps or done == 1:
+            stacked = torch.stack(list(sums.values()))
+            if ddp.world_size > 1:
+                dist.all_reduce(stacked)  # the M2D loss is a per-rank mean: log the global one
+                stacked /= ddp.world_size
+            values = dict(zip(sums, stacked.tolist()))
             now = time.perf_counter()
             clips_per_s = (done - logged_step) * recipe.batch_size / (now - t_log)
             t_log, logged_step = now, done
-            values = {key: value.item() for key, value in sums.items()}
             loss_value = values.get("loss_m2d", 0.0) + (recipe.clap_weight if stage == "1" else 1.0) * values["loss_clap"]
             record = dict(step=done, epoch=round(done / steps_per_epoch, 3), loss=loss_value, **values, lr=lr,
                           **({"ema_decay": ema_decay} if stage == "1" else {}),
@@ -681,23 +746,34 @@ def train(args: argparse.Namespace):
                           grad_norm=grad_norm.item(), clips_per_s=round(clips_per_s, 1),
                           elapsed_s=round(now - t_start, 2))
             records.append(record)
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            if ddp.main:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
             eta = (now - t_start) / done * (total_steps - done)
             losses = " | ".join(f"{key.removeprefix('loss_')} {value:.4f}" for key, value in values.items())
             ema = f" | ema {ema_decay:.5f}" if stage == "1" else ""
-            print(f"step {done:>6}/{total_steps} | loss {loss_value:.4f} | {losses} | lr {lr:.2e}{ema} | "
-                  f"{clips_per_s:.0f} clips/s | ETA {format_duration(eta)}", flush=True)
+            log(f"step {done:>6}/{total_steps} | loss {loss_value:.4f} | {losses} | lr {lr:.2e}{ema} | "
+                f"{clips_per_s:.0f} clips/s | ETA {format_duration(eta)}", flush=True)
         if done % args.save_every == 0 and done < total_steps:
             checkpoint(done)
 
+    if ddp.world_size > 1:
+        # The replicas must agree, EMA target included: check before saving.
+        gathered = [None] * ddp.world_size
+        dist.all_gather_object(gathered, parameter_checksums(model))
+        if any(g != gathered[0] for g in gathered):
+            raise RuntimeError("the ranks' parameters diverged; this is a bug, please report it")
+        log(f"parameters identical on all {ddp.world_size} ranks")
     checkpoint(total_steps)
-    log_file.close()
-    print(f"done in {format_duration(time.perf_counter() - t_start)}; checkpoint {out_dir / 'last.pt'}")
+    if ddp.main:
+        log_file.close()
+    log(f"done in {format_duration(time.perf_counter() - t_start)}; checkpoint {out_dir / 'last.pt'}")
     last = records[-10:]
-    print(f"losses, step 1 -> mean of the last {len(last)} logged steps: "
-          + ", ".join(f"{key} {records[0][key]:.3f} -> {sum(r[key] for r in last) / len(last):.3f}"
-                      for key in records[0] if key.startswith("loss_")))
+    log(f"losses, step 1 -> mean of the last {len(last)} logged steps: "
+        + ", ".join(f"{key} {records[0][key]:.3f} -> {sum(r[key] for r in last) / len(last):.3f}"
+                    for key in records[0] if key.startswith("loss_")))
+    if ddp.world_size > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
