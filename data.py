@@ -338,6 +338,43 @@ def _prepare_one(job: tuple[Path, str]) -> tuple[str, np.ndarray | str]:
         return name, f"{type(e).__name__}: {e}"
 
 
+class ShardWriter:
+    """Appends clips to the shards and index of a folder, resuming where they end.
+
+    Each clip's bytes are written and flushed before its index row, so the
+    index never points at bytes that were not written.
+    """
+
+    def __init__(self, out_dir: Path, shard_mb: int = 1024):
+        self.out_dir, self.shard_bytes = Path(out_dir), shard_mb * 2**20
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        index_path = self.out_dir / "index.csv"
+        new_index = not index_path.is_file()
+        self.index = open(index_path, "a", newline="", encoding="utf-8")
+        self.writer = csv.writer(self.index)
+        if new_index:
+            self.writer.writerow(["file_name", "shard", "offset", "frames"])
+        shards = sorted(self.out_dir.glob("shard_*.f16"))
+        self.shard = int(shards[-1].stem.split("_")[1]) if shards else 0
+        self.file = open(self.out_dir / f"shard_{self.shard:05d}.f16", "ab")
+
+    def add(self, name: str, mel: np.ndarray):
+        """Append one float16 log-mel [n_mels, frames]."""
+        if self.file.tell() + mel.nbytes > self.shard_bytes and self.file.tell() > 0:
+            self.file.close()
+            self.shard += 1
+            self.file = open(self.out_dir / f"shard_{self.shard:05d}.f16", "ab")
+        offset = self.file.tell() // SHARD_DTYPE.itemsize
+        self.file.write(np.ascontiguousarray(mel, dtype=SHARD_DTYPE).tobytes())
+        self.file.flush()
+        self.writer.writerow([name, self.shard, offset, mel.shape[1]])
+        self.index.flush()
+
+    def close(self):
+        self.file.close()
+        self.index.close()
+
+
 def prepare(audio_dir: Path, out_dir: Path, workers: int = os.cpu_count() or 1,
             shard_mb: int = 1024) -> tuple[int, int]:
     """Convert every wav/flac/ogg under audio_dir into shards; returns (clips written, files failed).
@@ -350,43 +387,26 @@ def prepare(audio_dir: Path, out_dir: Path, workers: int = os.cpu_count() or 1,
     out_dir.mkdir(parents=True, exist_ok=True)
     names = sorted(p.relative_to(audio_dir).as_posix() for p in audio_dir.rglob("*")
                    if p.suffix.lower() in AUDIO_SUFFIXES)
-    index_path = out_dir / "index.csv"
-    done = set(ShardStore(out_dir).entries) if index_path.is_file() else set()
+    done = set(ShardStore(out_dir).entries) if (out_dir / "index.csv").is_file() else set()
     todo = [n for n in names if n not in done]
-    shards = sorted(out_dir.glob("shard_*.f16"))
-    shard = int(shards[-1].stem.split("_")[1]) if shards else 0
-    new_index = not index_path.is_file()
-    index = open(index_path, "a", newline="", encoding="utf-8")
-    writer = csv.writer(index)
-    if new_index:
-        writer.writerow(["file_name", "shard", "offset", "frames"])
+    shards = ShardWriter(out_dir, shard_mb)
     failures = []
     print(f"{len(names)} audio files under {audio_dir}: {len(done)} already prepared, {len(todo)} to go "
           f"({workers} workers)", flush=True)
     t0 = t_print = time.perf_counter()
-    out = open(out_dir / f"shard_{shard:05d}.f16", "ab")
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         for k, (name, result) in enumerate(pool.imap_unordered(_prepare_one, [(audio_dir, n) for n in todo],
                                                                 chunksize=16), start=1):
             if isinstance(result, str):
                 failures.append((name, result))
             else:
-                if out.tell() + result.nbytes > shard_mb * 2**20 and out.tell() > 0:
-                    out.close()
-                    shard += 1
-                    out = open(out_dir / f"shard_{shard:05d}.f16", "ab")
-                offset = out.tell() // SHARD_DTYPE.itemsize
-                out.write(result.tobytes())
-                out.flush()
-                writer.writerow([name, shard, offset, result.shape[1]])
-                index.flush()
+                shards.add(name, result)
             now = time.perf_counter()
             if now - t_print > 1 or k == len(todo):
                 t_print = now
                 print(f"\r{k}/{len(todo)} files, {k / (now - t0):.0f} files/s, {len(failures)} unreadable",
                       end="", flush=True)
-    out.close()
-    index.close()
+    shards.close()
     print(flush=True)
     with open(out_dir / "report.csv", "w", newline="", encoding="utf-8") as f:
         report = csv.writer(f)
@@ -431,6 +451,15 @@ class _CropDataset(Dataset):
 
 def _read_npy(path: str) -> torch.Tensor:
     return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
+
+
+def write_synthetic_shards(out_dir: Path, n_clips: int, frames: int, seed: int = 0):
+    """Random log-mels of AudioSet's size (10 s = 1001 frames) for timing the loader."""
+    rng = np.random.default_rng(seed)
+    writer = ShardWriter(out_dir)
+    for k in range(n_clips):
+        writer.add(f"synthetic/{k:07d}", (rng.standard_normal((N_MELS, frames)) * 4 - 7).astype(SHARD_DTYPE))
+    writer.close()
 
 
 def bench_loader(shard_dir: Path, crop_frames: int = 1001, batch_size: int = 64, workers: int = 4,
@@ -1189,6 +1218,8 @@ def main(argv=None):
     bench.add_argument("--batch-size", type=int, default=64)
     bench.add_argument("--workers", type=int, default=4)
     bench.add_argument("--seconds", type=float, default=15.0, help="timed seconds per source")
+    bench.add_argument("--synthetic-clips", type=int, default=0,
+                       help="first fill an empty OUT_DIR with this many random 10 s (1001-frame) clips")
     args = p.parse_args(argv)
     if args.command == "builtin":
         for split in BUILTIN_SPLITS:
@@ -1204,6 +1235,8 @@ def main(argv=None):
         print(f"norm stats: mean {mean:.4f} std {std:.4f} (written to {args.out_dir / 'norm_stats.json'}; "
               f"train.py --shards reads them)")
     else:
+        if args.synthetic_clips and not (args.out_dir / "index.csv").exists():
+            write_synthetic_shards(args.out_dir, args.synthetic_clips, 1001)
         rates = bench_loader(args.out_dir, args.crop_frames, args.batch_size, args.workers, args.seconds)
         print(f"DataLoader, batch {args.batch_size}, {args.workers} workers, {args.crop_frames}-frame crops: "
               + ", ".join(f"{k} {v:.0f} clips/s" for k, v in rates.items()))

@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,16 +166,42 @@ def embed_texts(texts: list[str], model, batch_size: int = 256, prompt: str | No
 
 def embed_captions_csv(csv_path: str | Path, out_path: str | Path | None = None,
                        model_name: str = DEFAULT_MODEL, batch_size: int = 256, device: str | None = None,
-                       dtype: str = "float16", prompt: str | None = None,
-                       trust_remote_code: bool = False) -> Path:
-    """Compute the embedding .npy for a captions CSV; returns its path."""
+                       dtype: str = "float16", prompt: str | None = None, trust_remote_code: bool = False,
+                       chunk_rows: int = 100_000) -> Path:
+    """Compute the embedding .npy for a captions CSV; returns its path.
+
+    Millions of captions are embedded in chunks of chunk_rows, each saved to
+    OUT.parts/ as soon as it is done: an interrupted run, started again, skips
+    the finished chunks. The chunks are then joined into OUT through a
+    memory-mapped file, and the parts removed.
+    """
     _, captions = read_captions_csv(csv_path)
     out_path = Path(out_path) if out_path else default_npy_path(csv_path)
-    model = load_sentence_model(model_name, device, trust_remote_code)
-    emb = embed_texts(captions, model, batch_size, prompt).astype(dtype)
+    parts = out_path.with_name(out_path.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    n_chunks = -(-len(captions) // chunk_rows)
+    model = None
+    t0 = time.perf_counter()
+    for k in range(n_chunks):
+        part = parts / f"part_{k:05d}_{chunk_rows}.npy"
+        if part.exists():
+            continue
+        model = model or load_sentence_model(model_name, device, trust_remote_code)
+        rows = captions[k * chunk_rows:(k + 1) * chunk_rows]
+        emb = embed_texts(rows, model, batch_size, prompt, progress=n_chunks == 1).astype(dtype)
+        np.save(part.with_suffix(".tmp.npy"), emb, allow_pickle=False)
+        os.replace(part.with_suffix(".tmp.npy"), part)
+        print(f"chunk {k + 1}/{n_chunks}: {len(rows)} captions ({time.perf_counter() - t0:.0f} s so far)",
+              flush=True)
+    first = np.load(parts / f"part_{0:05d}_{chunk_rows}.npy", mmap_mode="r")
     tmp = out_path.with_suffix(".tmp.npy")
-    np.save(tmp, emb, allow_pickle=False)
+    joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=(len(captions), first.shape[1]))
+    for k in range(n_chunks):
+        joined[k * chunk_rows:(k + 1) * chunk_rows] = np.load(parts / f"part_{k:05d}_{chunk_rows}.npy", mmap_mode="r")
+    joined.flush()
+    del joined
     os.replace(tmp, out_path)  # never leave a half-written embedding file behind
+    shutil.rmtree(parts)
     return out_path
 
 
@@ -248,10 +276,12 @@ def main(argv=None):
     p.add_argument("--prompt", default=None, help="text prepended to every caption (instruction models)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model folder's own code to run (NV-Embed-v2 needs it)")
+    p.add_argument("--chunk-rows", type=int, default=100_000,
+                   help="captions per saved chunk; a restarted run skips finished chunks")
     args = p.parse_args(argv)
     try:
         out = embed_captions_csv(args.csv, args.out, args.model, args.batch_size, args.device,
-                                 args.dtype, args.prompt, args.trust_remote_code)
+                                 args.dtype, args.prompt, args.trust_remote_code, args.chunk_rows)
     except (CaptionFileError, ImportError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}")

@@ -251,3 +251,62 @@ def test_builtin_dataset_renders_once_into_the_cache(tmp_path, monkeypatch):
     wave = data.load_audio(files[3])
     expected = torch.from_numpy(data.make_clip(1003)[0])
     assert (wave - expected).abs().max() < 1e-4  # 16-bit FLAC
+
+
+# --- corpus shards ---------------------------------------------------------------------------
+
+
+def mixed_corpus(root):
+    """44.1 kHz stereo FLAC, 8 kHz mono WAV (in a subfolder), and one corrupt file."""
+    t = np.arange(int(44100 * 1.5)) / 44100
+    sf.write(root / "stereo.flac", np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.1 * np.sin(2 * np.pi * 880 * t)], 1), 44100)
+    (root / "sub").mkdir()
+    t8 = np.arange(8000 * 2) / 8000
+    sf.write(root / "sub" / "mono8k.wav", 0.2 * np.sin(2 * np.pi * 300 * t8), 8000)
+    (root / "broken.ogg").write_bytes(b"OggS this is not a real ogg stream")
+    (root / "notes.txt").write_text("not audio, not listed")
+    return ["stereo.flac", "sub/mono8k.wav"]
+
+
+def test_prepare_writes_shards_an_index_and_a_report_and_resumes(tmp_path, capsys):
+    audio, out = tmp_path / "audio", tmp_path / "shards"
+    audio.mkdir()
+    good = mixed_corpus(audio)
+    written, failed = data.prepare(audio, out, workers=2, shard_mb=1)
+    assert (written, failed) == (2, 1)
+    store = data.ShardStore(out)
+    assert sorted(store.entries) == sorted(good)
+    for name in good:
+        expected = data.log_mel(data.load_audio(audio / name))
+        stored = store.log_mel(name)
+        assert stored.shape == expected.shape
+        torch.testing.assert_close(stored, expected, atol=0.02, rtol=2e-3)  # float16 storage
+    report = (out / "report.csv").read_text()
+    assert "broken.ogg" in report and "stereo.flac" not in report
+    assert "1 file(s) could not be read" in capsys.readouterr().out
+    # Resuming skips what is done; a newly added file is appended.
+    sf.write(audio / "late.wav", 0.1 * np.ones(16000), 16000)
+    assert data.prepare(audio, out, workers=1) == (1, 1)
+    assert sorted(data.ShardStore(out).entries) == sorted(good + ["late.wav"])
+    mean, std = data.shard_stats(out)
+    assert data.ShardStore(out).norm_stats == pytest.approx((mean, std))
+
+
+def test_training_reads_the_shards(tmp_path):
+    import train
+    audio, out = tmp_path / "audio", tmp_path / "shards"
+    audio.mkdir()
+    names = mixed_corpus(audio)
+    data.prepare(audio, out, workers=1)
+    (audio / "stereo.flac").unlink()  # from now on only the shards hold the audio
+    rows = [f"{n},caption {k} of {n}" for n in names for k in range(2)]
+    (tmp_path / "captions.csv").write_text("file_name,caption\n" + "\n".join(rows) + "\n")
+    np.save(tmp_path / "captions.npy", np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32))
+    train.main(["--stage", "1", "--data", str(tmp_path / "captions.csv"), "--shards", str(out),
+                "--batch-size", "2", "--max-steps", "2", "--out-dir", str(tmp_path / "run")])
+    assert (tmp_path / "run" / "last.pt").is_file()
+    (tmp_path / "captions.csv").write_text("file_name,caption\nbroken.ogg,never prepared\n")
+    np.save(tmp_path / "captions.npy", np.zeros((1, 8), np.float32))
+    with pytest.raises(SystemExit, match=r"broken.ogg.*not found in the shard index"):
+        train.main(["--stage", "1", "--data", str(tmp_path / "captions.csv"), "--shards", str(out),
+                    "--batch-size", "1", "--max-steps", "1", "--out-dir", str(tmp_path / "run")])

