@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -53,6 +54,7 @@ class M2DConfig:
     audio_proj: str = "semantic"  # "semantic" (2025) or "mlp" (2024)
     text_dim: int = 4096          # width of the precomputed sentence embeddings (NV-Embed-v2)
     text_proj: str = "linear"     # "linear", "mlp" or "none" (text already D wide)
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory (Large)
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -369,12 +371,19 @@ class M2DCLAP(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1)  # [B, 1+K, D]
 
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        """Blocks in turn; with grad_checkpointing, activations are recomputed in backward."""
+        for block in blocks:
+            if self.config.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
     def forward_online(self, patches: torch.Tensor, ids_visible: torch.Tensor) -> torch.Tensor:
         """Online encoder on the visible patches: [B, N, D] -> [B, 1+Nv, D] (CLS first)."""
         x = self._with_cls(gather_tokens(patches, ids_visible))
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return self.norm(self._run_blocks(self.blocks, x))
 
     @torch.no_grad()
     def forward_target(self, patches: torch.Tensor, ids_masked: torch.Tensor) -> torch.Tensor:
@@ -401,9 +410,7 @@ class M2DCLAP(nn.Module):
         grid_f, grid_t = self.config.grid_size
         pos = crop_pos_table(self.decoder_pos_embed, grid_f, grid_t, N // grid_f)
         x = torch.cat([cls, x], dim=1) + pos                                # [B, 1+N, Dp]
-        for block in self.decoder_blocks:
-            x = block(x)
-        x = self.decoder_pred(self.decoder_norm(x))                         # [B, 1+N, D]
+        x = self.decoder_pred(self.decoder_norm(self._run_blocks(self.decoder_blocks, x)))  # [B, 1+N, D]
         return gather_tokens(x[:, 1:], ids_masked)                          # [B, Nm, D]
 
     def forward(self, x: torch.Tensor, text=None, frozen_encoder: bool = False,

@@ -432,6 +432,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DataLoader worker processes (default: 8 on CUDA, 0 on CPU)")
     p.add_argument("--preload", action=argparse.BooleanOptionalAction, default=None,
                    help="decode every clip into memory once (default: on for the built-in data)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="stage 1: recompute block activations in the backward pass, trading time for memory "
+                        "(fits the large preset at batch 64 per 80 GB GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=positive_int, default=10, help="steps between progress lines and log records")
     p.add_argument("--save-every", type=positive_int, default=1000, help="steps between checkpoint saves")
@@ -448,7 +451,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def stage1_model(args, text_dim: int, norm_stats) -> m2d.M2DCLAP:
-    overrides = {"text_dim": text_dim}
+    overrides = {"text_dim": text_dim, "grad_checkpointing": args.grad_checkpointing}
     if args.mask_ratio is not None:
         overrides["mask_ratio"] = args.mask_ratio
     return m2d.M2DCLAP(m2d.preset(args.preset or "tiny", **overrides), norm_stats)
@@ -492,6 +495,44 @@ def step_losses(outputs, logit_scale, clap_loss, clap_weight: float):
         return loss_clap, {"loss_clap": loss_clap}
     loss_m2d = m2d_loss(prediction, target)
     return loss_m2d + clap_weight * loss_clap, {"loss_m2d": loss_m2d, "loss_clap": loss_clap}
+
+
+def compiled(module: torch.nn.Module):
+    """torch.compile, keeping eager's random numbers so that masks do not depend on compilation."""
+    import torch._inductor.config
+    torch._inductor.config.fallback_random = True
+    return torch.compile(module)
+
+
+def train_step(model, net, forward, optimizer, scaler, autocast, clap_loss, micro_batches, clap_weight: float,
+               clip_grad_norm: float, ema_decay: float | None):
+    """One optimiser step over the micro-batches [(log_mel, text), ...] already on the device.
+
+    net is the model or its DistributedDataParallel wrapper, forward the same
+    possibly compiled; gradients are averaged across ranks only on the last
+    micro-batch. Stage 1 (ema_decay given) updates the EMA target after the
+    step. Returns each loss averaged over micro-batches, and the gradient norm,
+    as device tensors: nothing here waits for the device.
+    """
+    sums = {}
+    frozen_encoder = ema_decay is None
+    for k, (mel, text) in enumerate(micro_batches):
+        last = k == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or net is model else net.no_sync():
+            with autocast:
+                outputs = forward(mel, text, frozen_encoder=frozen_encoder)
+                loss, parts = step_losses(outputs, model.logit_scale, clap_loss, clap_weight)
+            scaler.scale(loss / len(micro_batches)).backward()
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0) + value.detach() / len(micro_batches)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if ema_decay is not None:
+        model.ema_update(ema_decay)  # every rank holds the same online weights, so the same target
+    return sums, grad_norm
 
 
 # -----------------------------------------------------------------------------
@@ -646,7 +687,7 @@ def train(args: argparse.Namespace):
     net = model
     if ddp.world_size > 1:
         net = DistributedDataParallel(model, device_ids=[ddp.local_rank] if cuda else None)
-    forward = torch.compile(net) if use_compile else net
+    forward = compiled(net) if use_compile else net
 
     sampler = (DistributedSampler(dataset, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed, drop_last=True)
                if ddp.world_size > 1 else None)
@@ -704,30 +745,15 @@ def train(args: argparse.Namespace):
             group["lr"] = lr
         ema_decay = m2d.ema_decay_at(step, total_steps, *recipe.ema_decay)
 
-        sums = {}  # each loss summed over micro-batches on the device: no sync per step
-        for micro in range(args.accum_steps):
+        micro_batches = []
+        for _ in range(args.accum_steps):
             mel, text = next(batch_iter)
             if tokenizer is not None:
                 text = text_embed.tokenize(tokenizer, text)
-            # Gradients are averaged across ranks only on the last micro-batch.
-            sync = micro == args.accum_steps - 1 or ddp.world_size == 1
-            with contextlib.nullcontext() if sync else net.no_sync():
-                with autocast:
-                    outputs = forward(to_device(mel, device), to_device(text, device),
-                                      frozen_encoder=frozen_encoder)
-                    loss, parts = step_losses(outputs, model.logit_scale, clap_loss, recipe.clap_weight)
-                scaler.scale(loss / args.accum_steps).backward()
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0) + value.detach() / args.accum_steps
-
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], recipe.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if stage == "1":
-            model.ema_update(ema_decay)  # every rank holds the same online weights, so the same target
+            micro_batches.append((to_device(mel, device), to_device(text, device)))
+        sums, grad_norm = train_step(model, net, forward, optimizer, scaler, autocast, clap_loss, micro_batches,
+                                     recipe.clap_weight, recipe.clip_grad_norm,
+                                     ema_decay if stage == "1" else None)
 
         done = step + 1
         if done % args.log_every == 0 or done == total_steps or done == 1:

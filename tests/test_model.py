@@ -202,3 +202,18 @@ def test_predictor_output_follows_the_masked_order(tiny_model):
         seq = block(seq)
     expected = tiny_model.decoder_pred(tiny_model.decoder_norm(seq))[0, 1:][masked[0]]
     torch.testing.assert_close(pred[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    plain = m2d.M2DCLAP(TINY)
+    checkpointed = m2d.M2DCLAP(m2d.preset("tiny", text_dim=32, grad_checkpointing=True))
+    checkpointed.load_state_dict(plain.state_dict())
+    x, t = torch.randn(2, 1, 80, TINY.crop_frames), torch.randn(2, 32)
+    grads = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(5)
+        prediction, target, audio, text = model(x, t)
+        ((prediction - target) ** 2).mean().add(audio.sum() * 0).backward()
+        grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
