@@ -17,11 +17,16 @@ lower learning rate.
     python train.py --stage 2.1      # from runs/stage2/last.pt
     python train.py --stage 1 --preset base --data captions.csv --audio-root /audio
                                      # the paper's ViT-Base recipe
+    torchrun --nproc_per_node=4 train.py --stage 1 --preset base --data captions.csv --shards shards/
+                                     # data parallel on 4 GPUs, log-mels from 'data.py prepare'
+    python train.py export runs/stage2/last.pt out.pth
+                                     # our weights in the released M2D-CLAP layout
 
 Outputs in --out-dir (default runs/stage<STAGE>): last.pt (a checkpoint that
 loads with torch.load(weights_only=True)) and log.jsonl (one JSON object per
 logged step). This file is the only place that knows about AMP,
-torch.compile, schedules and checkpoints.
+torch.compile, data parallelism, schedules and checkpoints, ours and the
+released ones.
 """
 
 from __future__ import annotations
@@ -653,8 +658,8 @@ def train(args: argparse.Namespace):
              else text_embed.load_caption_embeddings(csv_path, npy_path))
     crop_frames = (m2d.preset(args.preset or "tiny").crop_frames if stage == "1"
                    else init["model_config"]["crop_frames"])
-    source = data.ShardStore(args.shards) if args.shards else audio_root
-    dataset = data.ClipDataset(table, source, crop_frames, preload=preload)
+    shards = data.ShardStore(args.shards) if args.shards else None
+    dataset = data.ClipDataset(table, shards or audio_root, crop_frames, preload=preload)
     if len(dataset) < micro_batch * ddp.world_size:
         raise ValueError(f"{csv_path} has {len(dataset)} clips, fewer than one batch of "
                          f"{micro_batch * ddp.world_size}; lower --batch-size")
@@ -664,8 +669,8 @@ def train(args: argparse.Namespace):
     if stage == "1":
         if args.norm_stats:
             norm_stats = tuple(args.norm_stats)
-        elif args.shards and data.ShardStore(args.shards).norm_stats:
-            norm_stats = data.ShardStore(args.shards).norm_stats
+        elif shards is not None and shards.norm_stats:  # from 'python data.py stats'
+            norm_stats = shards.norm_stats
         else:
             norm_stats = data.compute_norm_stats(dataset)
         model = stage1_model(args, table.dim, norm_stats)
@@ -799,6 +804,8 @@ def train(args: argparse.Namespace):
         + ", ".join(f"{key} {records[0][key]:.3f} -> {sum(r[key] for r in last) / len(last):.3f}"
                     for key in records[0] if key.startswith("loss_")))
     if ddp.world_size > 1:
+        dist.barrier()  # let rank 0 finish saving before any rank leaves the group
+        del forward, net  # DistributedDataParallel must go before its process group does
         dist.destroy_process_group()
 
 

@@ -43,9 +43,9 @@ def global_batch():
     return torch.randn(GLOBAL_BATCH, N_PATCHES, DIM, generator=g), torch.randn(GLOBAL_BATCH, TEXT_DIM, generator=g)
 
 
-def clap_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def clap_worker(rank, world, store_file, out):
+    # A file store needs no server process that could leave before the other rank does.
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     heads = ClapHeads()
     net = torch.nn.parallel.DistributedDataParallel(heads)
     patches, text = global_batch()
@@ -54,12 +54,14 @@ def clap_worker(rank, world, port, out):
     loss.backward()  # DDP averages the gradients of the two ranks
     if rank == 0:
         torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in heads.named_parameters()}}, out)
+    dist.barrier()  # leave the group together
+    del net  # DistributedDataParallel must go before its process group does
     dist.destroy_process_group()
 
 
 def test_distributed_clap_loss_and_gradients_equal_one_process_on_the_global_batch(tmp_path):
     out = tmp_path / "rank0.pt"
-    mp.spawn(clap_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    mp.spawn(clap_worker, args=(2, tmp_path / "store", out), nprocs=2, join=True)
     distributed = torch.load(out, weights_only=True)
 
     heads = ClapHeads()
