@@ -26,7 +26,6 @@ import multiprocessing
 import os
 import random
 import shutil
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass

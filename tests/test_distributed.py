@@ -6,7 +6,6 @@ import os
 import socket
 
 import numpy as np
-import pytest
 import soundfile as sf
 import torch
 import torch.distributed as dist

@@ -8,7 +8,6 @@ through the public loader.
 import argparse
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 
-import model as m2d
 import train
 
 pytest.importorskip("transformers")
