@@ -122,15 +122,46 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> flo
 # Checkpoints
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written (a full disk, say)."""
+
+
 def save_checkpoint(path: Path, **state):
-    """Write atomically: a crash mid-save never leaves a truncated file at `path`."""
+    """Write atomically and durably: a crash or a full disk mid-save never harms `path`.
+
+    The state goes to a temporary file in the same folder, is flushed and
+    fsynced, and only then renamed over `path`, so `path` always holds either
+    the previous complete checkpoint or the new one.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"{path}: could not write the checkpoint ({e}); the previous checkpoint there, "
+                                   "if any, is unchanged. Free some disk space or pass another --out-dir.") from e
+    folder = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 class UnsafeCheckpointError(ValueError):
     """A checkpoint that would have to run code from the file to be loaded."""
+
+
+def keep_periodic(out_dir: Path, step: int, keep: int):
+    """Keep last.pt of this step as step_<N>.pt (a hard link, no copy) and only the newest `keep` of them."""
+    periodic = out_dir / f"step_{step:08d}.pt"
+    periodic.unlink(missing_ok=True)
+    os.link(out_dir / "last.pt", periodic)
+    for old in sorted(out_dir.glob("step_*.pt"))[:-keep]:
+        old.unlink()
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -367,7 +398,7 @@ def export_main(argv):
     try:
         state = export_released(args.checkpoint, args.out, args.training_parts)
         config = m2d.M2DConfig(**load_checkpoint(args.checkpoint)["model_config"])
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointWriteError) as e:
         sys.exit(f"error: {e}")
     has_text_encoder = any(k.startswith("text_encoder.") for k in state)
     print(f"wrote {args.out}: {len(state)} tensors with the released key names. Tools that read the setup "
@@ -442,7 +473,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(fits the large preset at batch 64 per 80 GB GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=positive_int, default=10, help="steps between progress lines and log records")
-    p.add_argument("--save-every", type=positive_int, default=1000, help="steps between checkpoint saves")
+    p.add_argument("--save-every", type=positive_int, default=1000,
+                   help="steps between checkpoint saves (last.pt is replaced atomically each time)")
+    p.add_argument("--keep", type=int, default=2,
+                   help="also keep the last K periodic checkpoints as step_<N>.pt (0: only last.pt)")
     args = p.parse_args(argv)
     if args.data is None and (args.embeddings or args.audio_root):
         p.error("--embeddings and --audio-root describe your own data; pass --data CSV with them")
@@ -562,7 +596,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # AudioError and CaptionFileError included
+    except (ValueError, FileNotFoundError, ImportError, CheckpointWriteError) as e:  # AudioError, CaptionFileError
         sys.exit(f"error: {e}")
 
 
@@ -787,6 +821,8 @@ def train(args: argparse.Namespace):
                 f"{clips_per_s:.0f} clips/s | ETA {format_duration(eta)}", flush=True)
         if done % args.save_every == 0 and done < total_steps:
             checkpoint(done)
+            if ddp.main and args.keep > 0:
+                keep_periodic(out_dir, done, args.keep)
 
     if ddp.world_size > 1:
         # The replicas must agree, EMA target included: check before saving.

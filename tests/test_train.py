@@ -101,3 +101,34 @@ def test_mismatched_embedding_file_stops_with_the_file_name(tmp_path):
     np.save(tmp_path / "captions.npy", np.zeros((4, 16, 2), np.float32))
     with pytest.raises(SystemExit, match=r"captions.npy: expected a 2-D float array"):
         train.main(run_user_data(tmp_path))
+
+
+def test_periodic_checkpoints_keep_only_the_newest(tmp_path):
+    write_user_data(tmp_path)
+    train.main(run_user_data(tmp_path)[:-4] + ["--max-steps", "7", "--save-every", "2", "--keep", "2",
+                                               "--out-dir", str(tmp_path / "run")])
+    names = sorted(p.name for p in (tmp_path / "run").glob("*.pt"))
+    assert names == ["last.pt", "step_00000004.pt", "step_00000006.pt"]
+    assert torch.load(tmp_path / "run" / "step_00000006.pt", weights_only=True)["step"] == 6
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 7
+
+
+def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    write_user_data(tmp_path)
+    real_save, saves = torch.save, []
+
+    def save_until_the_disk_fills(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) > 1:
+            f.write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    with pytest.raises(SystemExit, match=r"last.pt: could not write the checkpoint.*No space left on device.*"
+                                         r"previous checkpoint there, if any, is unchanged"):
+        train.main(run_user_data(tmp_path)[:-4] + ["--max-steps", "4", "--save-every", "2", "--keep", "0",
+                                                   "--out-dir", str(tmp_path / "run")])
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2
+    assert not (tmp_path / "run" / "last.pt.tmp").exists()
