@@ -267,23 +267,27 @@ class ClipDataset(Dataset):
         return mel, self.table.captions[row] if self.embeddings is None else self.embeddings[row]
 
 
-def compute_norm_stats(dataset: ClipDataset, max_clips: int = 1000) -> tuple[float, float]:
-    """Mean and standard deviation of the log-mel values of up to max_clips clips.
+def log_mel_stats(read, n_clips: int, max_clips: int) -> tuple[float, float]:
+    """Mean and standard deviation of the values of up to max_clips full log-mels.
 
-    Clips are taken at evenly spaced indices (deterministic), at full length and
-    unpadded, so padding never biases the statistics.
+    read(i) gives clip i's full-length, unpadded log-mel, so padding never
+    biases the statistics; clips are taken at evenly spaced indices
+    (deterministic) and summed in float64.
     """
-    n = min(len(dataset), max_clips)
-    indices = np.linspace(0, len(dataset) - 1, n).round().astype(int)
+    indices = np.linspace(0, n_clips - 1, min(n_clips, max_clips)).round().astype(int)
     total, total_sq, count = 0.0, 0.0, 0
     for i in indices:
-        mel = dataset.full_log_mel(int(i)).double()
+        mel = read(int(i)).double()
         total += mel.sum().item()
         total_sq += mel.square().sum().item()
         count += mel.numel()
     mean = total / count
-    std = math.sqrt(max(total_sq / count - mean**2, 0.0))
-    return mean, std
+    return mean, math.sqrt(max(total_sq / count - mean**2, 0.0))
+
+
+def compute_norm_stats(dataset: ClipDataset, max_clips: int = 1000) -> tuple[float, float]:
+    """Normalisation statistics of up to max_clips clips of a dataset."""
+    return log_mel_stats(dataset.full_log_mel, len(dataset), max_clips)
 
 
 # -----------------------------------------------------------------------------
@@ -422,15 +426,7 @@ def shard_stats(out_dir: Path, max_clips: int = 10000) -> tuple[float, float]:
     names = list(store.entries)
     if not names:
         raise ValueError(f"{out_dir}: the shard index is empty")
-    picks = np.linspace(0, len(names) - 1, min(len(names), max_clips)).round().astype(int)
-    total = total_sq = count = 0.0
-    for i in picks:
-        mel = store.log_mel(names[i]).double()
-        total += mel.sum().item()
-        total_sq += mel.square().sum().item()
-        count += mel.numel()
-    mean = total / count
-    std = math.sqrt(max(total_sq / count - mean**2, 0.0))
+    mean, std = log_mel_stats(lambda i: store.log_mel(names[i]), len(names), max_clips)
     (Path(out_dir) / "norm_stats.json").write_text(json.dumps({"mean": mean, "std": std}))
     return mean, std
 
