@@ -369,24 +369,19 @@ def check_splits(eval_set: EvalSet):
 
 def builtin_eval_set() -> EvalSet:
     """The built-in data: probe trained on the train split, everything tested on the held-out split."""
-    files, labels, split = [], [], []
-    eval_set = None
+    eval_set = EvalSet("built-in held-out split", data.builtin_cache_dir(), [], [], [])
     for part in ("train", "test"):
-        csv_path, root = data.builtin_dataset(part)
-        rows = data.builtin_rows(part)
-        first_row = {}
-        for r, row in enumerate(rows):
-            first_row.setdefault(row["file_name"], r)
-        for name, r in first_row.items():
-            files.append(name)
-            labels.append(rows[r]["label"].split(";"))
-            split.append(part)
-        if part == "test":
-            table = text_embed.load_caption_embeddings(csv_path)
-            offset = len(files) - len(first_row)
-            clip_of = {name: offset + k for k, name in enumerate(first_row)}
-            eval_set = EvalSet("built-in held-out split", root, files, labels, split, None, table.captions,
-                               [clip_of[n] for n in table.file_names], table.embeddings)
+        data.builtin_dataset(part)  # renders the audio on first use
+        for row in data.builtin_rows(part):
+            if row["file_name"] not in eval_set.files[-1:]:  # a clip's caption rows are consecutive
+                eval_set.files.append(row["file_name"])
+                eval_set.labels.append(row["label"].split(";"))
+                eval_set.split.append(part)
+    test = text_embed.load_caption_embeddings(data.builtin_csv("test"))
+    clip_of = {name: k for k, name in enumerate(eval_set.files)}
+    eval_set.captions = test.captions
+    eval_set.caption_clip = [clip_of[n] for n in test.file_names]
+    eval_set.caption_embeddings = test.embeddings
     return eval_set
 
 
