@@ -7,8 +7,8 @@ In one process, on the same inputs and from the same weights, it times
     a per-tensor AdamW, the EMA as a Python loop over tensors, and the loss
     read back (.item()) every step;
 (b) our step: train.train_step exactly as train.py runs it (no autograd in the
-    target, fused AdamW, one fused EMA op, no host sync, bf16 and
-    torch.compile by default on CUDA).
+    target, fused AdamW, one fused EMA op, one host sync to skip non-finite
+    steps, bf16 and torch.compile by default on CUDA).
 
     python bench.py --preset tiny --device cpu --json bench.json
     python bench.py --device cuda --preset base --quick     # the prepared GPU run, under 5 min on one H100
@@ -237,8 +237,8 @@ def _optimized_variant(args, fresh, mel, text, clap_loss, ema_decay, recipe, dev
     forward = train.compiled(model) if use_compile else model
 
     def ours():
-        sums, _ = train.train_step(model, model, forward, optimizer, scaler, autocast, clap_loss, [(mel, text)],
-                                   0.01, 3.0, ema_decay)
+        sums, _, _ = train.train_step(model, model, forward, optimizer, scaler, autocast, clap_loss,
+                                      [(mel, text)], 0.01, 3.0, ema_decay)
         return sums.get("loss_m2d", 0) + (0.01 if args.stage == "1" else 1.0) * sums["loss_clap"]
 
     return ours, {"precision": precision, "compiled": use_compile}

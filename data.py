@@ -36,7 +36,7 @@ import soundfile as sf
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 import text_embed
 
@@ -165,25 +165,61 @@ def resample(wave: torch.Tensor, orig_sr: int, new_sr: int, zero_crossings: int 
 # Reading audio
 
 
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+def _truncated_wav(path: Path) -> str | None:
+    """Why a RIFF/WAVE file is truncated (its data chunk runs past the end of the file), or None.
+
+    libsndfile quietly returns the samples a truncated WAV still holds; a file
+    cut short by a failed copy or download should be found, not trained on.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = f.read(12)
+        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+            return None
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return None
+            chunk_id, chunk_size = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if chunk_id == b"data":
+                if chunk_size in (0, 0xFFFFFFFF):  # streaming writers leave the size unknown
+                    return None
+                held = size - f.tell()
+                return (f"truncated: its header declares {chunk_size} bytes of audio but the file holds "
+                        f"{held}" if held < chunk_size else None)
+            f.seek(chunk_size + chunk_size % 2, os.SEEK_CUR)
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, convert: bool = True) -> torch.Tensor:
     """Read an audio file as a mono float32 waveform [samples] at sample_rate.
 
-    Multichannel audio is averaged to mono; other rates are resampled.
-    Unreadable, empty or non-finite audio raises AudioError naming the file.
+    With convert=True (the front end of SPEC), multichannel audio is averaged
+    to mono and other rates are resampled. With convert=False, a file that is
+    not already mono at sample_rate is refused: training reads each file every
+    epoch, so a corpus in another format should be converted once, up front.
+    Unreadable, truncated, empty or non-finite audio raises AudioError naming
+    the file.
     """
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: audio file not found. Check the file_name column and --audio-root.")
     try:
+        truncated = _truncated_wav(path)
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # [samples, channels]
     except Exception as e:  # libsndfile reports format errors in several exception types
-        raise AudioError(f"{path}: cannot be decoded as audio ({e}). Re-encode it as WAV or FLAC, "
-                         "or remove it from the caption CSV.") from e
+        raise AudioError(f"{path}: cannot be decoded as audio ({type(e).__name__}: {e}). Re-encode it as "
+                         "WAV or FLAC, or remove it from the caption CSV.") from e
+    if truncated:
+        raise AudioError(f"{path}: {truncated}. Copy or download it again, or remove it from the caption CSV.")
     if data.shape[0] == 0:
         raise AudioError(f"{path}: has no samples. Remove it from the caption CSV.")
     if not np.isfinite(data).all():
         raise AudioError(f"{path}: contains NaN or inf samples. Re-export the file, or remove it "
                          "from the caption CSV.")
+    if not convert and (sr != sample_rate or data.shape[1] != 1):
+        raise AudioError(f"{path}: {sr} Hz with {data.shape[1]} channel(s); training reads {sample_rate} Hz mono. "
+                         "Convert the corpus once with 'python data.py prepare AUDIO_DIR SHARDS' and train "
+                         "with --shards SHARDS, or pass --convert-audio to downmix and resample while loading.")
     wave = torch.from_numpy(data.mean(axis=1))
     return resample(wave, sr, sample_rate)
 
@@ -202,10 +238,14 @@ def crop_or_pad(mel: torch.Tensor, crop_frames: int, generator: torch.Generator 
 
 
 class AudioFolder:
-    """Log-mels decoded on demand from the audio files under a root folder."""
+    """Log-mels decoded on demand from the audio files under a root folder.
 
-    def __init__(self, root: str | Path):
+    convert: downmix and resample files that are not 16 kHz mono (see load_audio).
+    """
+
+    def __init__(self, root: str | Path, convert: bool = True):
         self.root = Path(root)
+        self.convert = convert
 
     def missing(self, names: list[str]) -> list[str]:
         return [n for n in names if not (self.root / n).is_file()]
@@ -215,13 +255,47 @@ class AudioFolder:
 
     def log_mel(self, name: str) -> torch.Tensor:
         """Full-length log-mel [n_mels, frames] of one file."""
-        path = self.root / name
-        mel = log_mel(load_audio(path))
-        if mel.shape[-1] < MIN_FRAMES:
-            raise AudioError(f"{path}: only {mel.shape[-1] * HOP_SAMPLES / SAMPLE_RATE:.3f} s long; clips "
-                             f"need at least {MIN_FRAMES} frames ({MIN_FRAMES * HOP_SAMPLES / SAMPLE_RATE:.2f} s). "
-                             "Remove it from the caption CSV.")
-        return mel
+        return read_log_mel(self.root / name, self.convert)
+
+
+def read_log_mel(path: str | Path, convert: bool = True) -> torch.Tensor:
+    """Full-length log-mel [n_mels, frames] of an audio file of at least one patch (MIN_FRAMES frames)."""
+    wave = load_audio(path, convert=convert)
+    min_samples = (MIN_FRAMES - 1) * HOP_SAMPLES  # centred frames: 1 + samples // hop
+    if len(wave) < min_samples:
+        raise AudioError(f"{path}: only {len(wave) / SAMPLE_RATE:.3f} s long; clips need at least {MIN_FRAMES} "
+                         f"frames, one patch ({min_samples / SAMPLE_RATE:.2f} s). Remove it from the caption CSV.")
+    return log_mel(wave)
+
+
+class BadClipReport:
+    """A CSV (file_name, error) of the clips a --skip-bad run could not read.
+
+    Any process may add to it, DataLoader workers included: each row is one
+    small append to the file. A file is written once per process; names()
+    reads back the distinct names.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._written: set[str] = set()
+
+    def add(self, name: str, error: str):
+        if name in self._written:
+            return
+        self._written.add(name)
+        new = not self.path.is_file()
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["file_name", "error"])
+            writer.writerow([name, error])
+
+    def names(self) -> set[str]:
+        if not self.path.is_file():
+            return set()
+        with open(self.path, newline="", encoding="utf-8") as f:
+            return {row["file_name"] for row in csv.DictReader(f)}
 
 
 class ClipDataset(Dataset):
@@ -232,39 +306,135 @@ class ClipDataset(Dataset):
     embedding [dim], or its text when the table holds no embeddings (for a
     trainable text encoder). A clip with several caption rows gets one of them
     at random on every access. Log-mels come from an audio folder (decoded on
-    demand) or from the shards of 'python data.py prepare' (source=ShardStore).
-    With preload=True every clip is read once, up front (small corpora).
+    demand; a path means AudioFolder(path)) or from the shards of
+    'python data.py prepare' (source=ShardStore). With preload=True every clip
+    is read once, up front (small corpora).
+
+    An item is dataset[i], drawing its crop and caption from the global torch
+    RNG, or dataset[(i, seed)] (what ClipOrder yields), drawing them from its
+    own seed: the same item whichever worker process reads it, and again after
+    a resume.
+
+    A clip that cannot be read (missing, undecodable, too short, ...) raises
+    AudioError naming the file. With a BadClipReport it is written there
+    instead: dropped when found up front (missing files; every file when
+    preloading), replaced by the next readable clip when found while training.
     """
 
-    def __init__(self, table: text_embed.CaptionTable, source: str | Path | ShardStore, crop_frames: int,
-                 preload: bool = False):
+    def __init__(self, table: text_embed.CaptionTable, source: str | Path | AudioFolder | ShardStore,
+                 crop_frames: int, preload: bool = False, skip_bad: BadClipReport | None = None):
         self.table = table
-        self.source = source if isinstance(source, ShardStore) else AudioFolder(source)
+        self.source = source if isinstance(source, (AudioFolder, ShardStore)) else AudioFolder(source)
         self.crop_frames = crop_frames
+        self.skip_bad = skip_bad
         rows_of = defaultdict(list)
+        spelled = {}
         for row, name in enumerate(table.file_names):
+            same = spelled.setdefault(os.path.normpath(name), name)
+            if same != name:
+                raise AudioError(f"{table.csv_path}, line {row + 2}: {name!r} and {same!r} name the same audio "
+                                 "file. Spell every file the same way on all of its caption rows.")
             rows_of[name].append(row)
+        missing = self.source.missing(list(rows_of))
+        if missing and skip_bad is None:
+            raise AudioError(f"{table.csv_path}: {len(missing)} of {len(rows_of)} audio file(s) listed "
+                             f"there, e.g. {missing[:3]}, are not found {self.source.where()}. "
+                             "Pass --skip-bad to train without them.")
+        for name in missing:
+            skip_bad.add(name, f"not found {self.source.where()}")
+            del rows_of[name]
+        mels = {}
+        if preload:
+            for name in list(rows_of):
+                try:
+                    mels[name] = self.source.log_mel(name)
+                except AudioError as e:
+                    if skip_bad is None:
+                        raise
+                    skip_bad.add(name, str(e))
+                    del rows_of[name]
+        if not rows_of:
+            raise AudioError(f"{table.csv_path}: none of its audio files could be read; see {skip_bad.path}")
         self.files = list(rows_of)
         self.caption_rows = [torch.tensor(rows_of[name]) for name in self.files]
         self.embeddings = torch.from_numpy(table.embeddings) if table.embeddings is not None else None
-        missing = self.source.missing(self.files)
-        if missing:
-            raise AudioError(f"{table.csv_path}: {len(missing)} of {len(self.files)} audio file(s) listed "
-                             f"there, e.g. {missing[:3]}, are not found {self.source.where()}.")
-        self._mels = [self.source.log_mel(name) for name in self.files] if preload else None
+        self._mels = [mels[name] for name in self.files] if preload else None
+        self._bad: set[int] = set()  # found unreadable by this process while training
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def full_log_mel(self, index: int) -> torch.Tensor:
-        """Full-length log-mel [n_mels, frames] of clip `index`, uncropped."""
+    def _read(self, index: int) -> torch.Tensor:
         return self._mels[index] if self._mels is not None else self.source.log_mel(self.files[index])
 
-    def __getitem__(self, index: int):
-        mel = crop_or_pad(self.full_log_mel(index), self.crop_frames)[None]  # [1, F, crop_frames]
+    def full_log_mel(self, index: int) -> torch.Tensor:
+        """Full-length log-mel [n_mels, frames] of clip `index` (with skip_bad, maybe a stand-in), uncropped."""
+        return self._readable_log_mel(index)[1]
+
+    def _readable_log_mel(self, index: int) -> tuple[int, torch.Tensor]:
+        """(index, log-mel) of clip `index` or, with skip_bad, of the next readable clip after it."""
+        for k in range(len(self)):
+            i = (index + k) % len(self)
+            if i in self._bad:
+                continue
+            try:
+                return i, self._read(i)
+            except AudioError as e:
+                if self.skip_bad is None:
+                    raise
+                self._bad.add(i)
+                self.skip_bad.add(self.files[i], str(e))
+        raise AudioError(f"{self.table.csv_path}: none of its audio files could be read; see {self.skip_bad.path}")
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        index, mel = self._readable_log_mel(index)
+        mel = crop_or_pad(mel, self.crop_frames, generator)[None]  # [1, F, crop_frames]
         rows = self.caption_rows[index]
-        row = rows[torch.randint(len(rows), (1,))].item()
+        row = rows[torch.randint(len(rows), (1,), generator=generator)].item()
         return mel, self.table.captions[row] if self.embeddings is None else self.embeddings[row]
+
+
+class ClipOrder(Sampler):
+    """The clip order of a run: shuffled per epoch, the same for any number of processes, resumable.
+
+    Epoch e is a permutation of the clips drawn from (seed, e) alone, and
+    global batch b (one optimiser step) is its positions [b*B, (b+1)*B). Of
+    that batch, process `rank` of `world_size` takes micro-batch k of its
+    accum_steps at positions (k*world_size + rank)*mb ... + mb, mb being
+    B / (world_size * accum_steps). Every position also gets a seed for the
+    clip's own randomness (crop, caption). Keys are (clip index, seed) for
+    ClipDataset. set_position(epoch, batch) starts the next pass mid-epoch, so
+    a resumed run reads exactly what the interrupted one would have.
+    """
+
+    def __init__(self, n_clips: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 accum_steps: int = 1):
+        if batch_size % (world_size * accum_steps):
+            raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes x "
+                             f"{accum_steps} accumulation steps")
+        self.n_clips, self.batch_size, self.seed = n_clips, batch_size, seed
+        self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
+        self.micro_batch = batch_size // (world_size * accum_steps)
+        self.batches_per_epoch = n_clips // batch_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_position(self, epoch: int, batch: int = 0):
+        self.epoch, self.start_batch = epoch, batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.accum_steps * self.micro_batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n_clips, generator=g).tolist()
+        seeds = torch.randint(2**62, (self.n_clips,), generator=g).tolist()
+        for b in range(self.start_batch, self.batches_per_epoch):
+            for k in range(self.accum_steps):
+                start = b * self.batch_size + (k * self.world_size + self.rank) * self.micro_batch
+                for pos in range(start, start + self.micro_batch):
+                    yield order[pos], seeds[pos]
 
 
 def log_mel_stats(read, n_clips: int, max_clips: int) -> tuple[float, float]:
@@ -311,9 +481,13 @@ class ShardStore:
         index = self.folder / "index.csv"
         if not index.is_file():
             raise FileNotFoundError(f"{index}: no shard index. Run 'python data.py prepare AUDIO_DIR {self.folder}'.")
+        self.entries = {}
         with open(index, newline="", encoding="utf-8") as f:
-            self.entries = {r["file_name"]: (int(r["shard"]), int(r["offset"]), int(r["frames"]))
-                            for r in csv.DictReader(f)}
+            for line, r in enumerate(csv.DictReader(f), start=2):
+                if r["file_name"] in self.entries:
+                    raise ValueError(f"{index}, line {line}: {r['file_name']} is in the index twice. The index "
+                                     "is damaged: prepare the corpus again into an empty folder.")
+                self.entries[r["file_name"]] = (int(r["shard"]), int(r["offset"]), int(r["frames"]))
         stats = self.folder / "norm_stats.json"
         self.norm_stats = tuple(json.loads(stats.read_text()).values()) if stats.is_file() else None
         self._maps: dict[int, np.memmap] = {}

@@ -387,7 +387,7 @@ def builtin_eval_set() -> EvalSet:
 
 def log_mels_from_files(paths: list[Path]) -> list[torch.Tensor]:
     """Full-length log-mels [n_mels, frames] of audio files (any format, rate and channel count)."""
-    return [data.log_mel(data.load_audio(p)) for p in paths]
+    return [data.read_log_mel(p) for p in paths]
 
 
 def log_mels_from_waves(waves: list, sample_rate: int) -> list[torch.Tensor]:

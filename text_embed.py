@@ -95,8 +95,10 @@ def load_caption_embeddings(csv_path: str | Path, npy_path: str | Path | None = 
         raise CaptionFileError(f"{npy_path}: embedding file not found for {csv_path}. Compute it with "
                                f"'python text_embed.py {csv_path}'.")
     try:
-        embeddings = np.load(npy_path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+        # Memory-mapped first: a header promising more data than the file holds is refused here,
+        # before anything of that size is allocated.
+        embeddings = np.load(npy_path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # a damaged header fails in many ways (ValueError, EOFError, tokenize errors, ...)
         raise CaptionFileError(f"{npy_path}: not a readable .npy array ({e}). Recompute it with "
                                f"'python text_embed.py {csv_path}'.") from e
     if embeddings.ndim != 2 or embeddings.dtype.kind != "f":
@@ -106,7 +108,7 @@ def load_caption_embeddings(csv_path: str | Path, npy_path: str | Path | None = 
         raise CaptionFileError(f"{npy_path}: {embeddings.shape[0]} embedding rows but {csv_path} has "
                                f"{len(captions)} caption rows; they must match row for row. Recompute "
                                f"with 'python text_embed.py {csv_path}'.")
-    embeddings = embeddings.astype(np.float32)
+    embeddings = np.array(embeddings, dtype=np.float32)  # read into memory, detached from the file
     bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
     if bad.size:
         raise CaptionFileError(f"{npy_path}: {bad.size} row(s) hold NaN or inf, first at row {bad[0]} "

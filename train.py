@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 import data
 import model as m2d
@@ -202,10 +202,9 @@ def build_model(ckpt: dict) -> tuple[m2d.M2DCLAP, object | None]:
     return model, tokenizer
 
 
-def load_previous_stage(stage: str, path: Path | None) -> dict:
+def load_previous_stage(stage: str, path: Path) -> dict:
     """The checkpoint a stage starts from, checked to be of the stage before it."""
     previous = PREVIOUS_STAGE[stage]
-    path = path or Path("runs") / f"stage{previous}" / "last.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no stage-{previous} checkpoint to start stage {stage} from. "
                                 f"Run 'python train.py --stage {previous}' first, or pass --init PATH.")
@@ -422,8 +421,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage", required=True, choices=STAGES, help="training stage")
     p.add_argument("--preset", default=None, choices=sorted(m2d.PRESETS),
                    help="stage 1: model size and recipe, tiny (CPU, built-in data, the default), "
-                        "base (the paper) or large; stages 2 and 2.1 take the size from --init and "
-                        "use this preset's recipe")
+                        "base (the paper) or large; stages 2 and 2.1 take it from --init")
     p.add_argument("--data", type=Path, default=None,
                    help="captions CSV (columns file_name, caption; see text_embed.py). Default: the "
                         "built-in synthetic training set (stage 2.1: its refinement subset)")
@@ -477,6 +475,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="steps between checkpoint saves (last.pt is replaced atomically each time)")
     p.add_argument("--keep", type=int, default=2,
                    help="also keep the last K periodic checkpoints as step_<N>.pt (0: only last.pt)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue the run in --out-dir from its last.pt, exactly where it stopped (default: "
+                        "resume when last.pt exists; --no-resume starts over and overwrites the run)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip audio files that cannot be read, listing them in <out-dir>/bad_clips.csv "
+                        "(default: the first one stops the run)")
+    p.add_argument("--convert-audio", action="store_true",
+                   help="downmix and resample files that are not 16 kHz mono while loading (default: such a "
+                        "file stops the run; 'python data.py prepare' converts a corpus once)")
+    p.add_argument("--max-bad-steps", type=positive_int, default=10,
+                   help="stop after this many steps in a row with a non-finite loss or gradient (each is "
+                        "skipped with a warning)")
     args = p.parse_args(argv)
     if args.data is None and (args.embeddings or args.audio_root):
         p.error("--embeddings and --audio-root describe your own data; pass --data CSV with them")
@@ -550,8 +560,12 @@ def train_step(model, net, forward, optimizer, scaler, autocast, clap_loss, micr
     net is the model or its DistributedDataParallel wrapper, forward the same
     possibly compiled; gradients are averaged across ranks only on the last
     micro-batch. Stage 1 (ema_decay given) updates the EMA target after the
-    step. Returns each loss averaged over micro-batches, and the gradient norm,
-    as device tensors: nothing here waits for the device.
+    step. A non-finite loss or gradient norm on any rank skips the step on
+    every rank: no weight, optimiser state or EMA target changes (with fp16
+    the scaler lowers its scale, as it does for its own overflow skips).
+    Returns each loss averaged over micro-batches and the gradient norm, as
+    device tensors, and whether the step was applied: reading that flag is
+    the step's one wait for the device.
     """
     sums = {}
     frozen_encoder = ema_decay is None
@@ -566,12 +580,18 @@ def train_step(model, net, forward, optimizer, scaler, autocast, clap_loss, micr
             sums[key] = sums.get(key, 0) + value.detach() / len(micro_batches)
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_grad_norm)
-    scaler.step(optimizer)
+    finite = torch.isfinite(torch.stack([grad_norm.float(), *(v.float() for v in sums.values())])).all()
+    if net is not model:  # a loss is per rank: skip on all ranks or none
+        finite = finite.int()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    applied = bool(finite)
+    if applied:
+        scaler.step(optimizer)
+        if ema_decay is not None:
+            model.ema_update(ema_decay)  # every rank holds the same online weights, so the same target
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    if ema_decay is not None:
-        model.ema_update(ema_decay)  # every rank holds the same online weights, so the same target
-    return sums, grad_norm
+    return sums, grad_norm, applied
 
 
 # -----------------------------------------------------------------------------
@@ -596,8 +616,12 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
-    except (ValueError, FileNotFoundError, ImportError, CheckpointWriteError) as e:  # AudioError, CaptionFileError
-        sys.exit(f"error: {e}")
+    except (ValueError, FileNotFoundError, ImportError, CheckpointWriteError, NonFiniteError) as e:
+        # AudioError and CaptionFileError are ValueErrors too
+        message = str(e)
+        if message.startswith("Caught ") and "Original Traceback" in message:  # raised in a DataLoader worker
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        sys.exit(f"error: {message}")
 
 
 @dataclass
@@ -630,6 +654,88 @@ def parameter_checksums(model: torch.nn.Module) -> list[float]:
     return [p.detach().double().sum().item() for p in model.parameters()]
 
 
+# -----------------------------------------------------------------------------
+# Resuming: everything a run needs to go on exactly as if it had never stopped
+
+
+class ResumeError(ValueError):
+    """A run folder that cannot be resumed as asked."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row with a non-finite loss or gradient."""
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's Python, NumPy and torch RNG states, in types that load with weights_only=True."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                            "pos": numpy_state["state"]["pos"]}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device):
+    random.setstate(state["python"])
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = {"key": state["numpy"]["state"]["key"].numpy().astype(np.uint32),
+                            "pos": state["numpy"]["state"]["pos"]}
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_rng_states(ddp: Distributed, device: torch.device) -> list[dict]:
+    """Every rank's RNG states, in rank order (every rank must call this)."""
+    if ddp.world_size == 1:
+        return [rng_state(device)]
+    states = [None] * ddp.world_size
+    dist.all_gather_object(states, rng_state(device))
+    return states
+
+
+def find_resume(args, out_dir: Path, stage: str) -> dict | None:
+    """The checkpoint to go on from, or None for a new run: --resume, --no-resume, or last.pt if present."""
+    path = out_dir / "last.pt"
+    if args.resume is False or (args.resume is None and not path.is_file()):
+        return None
+    if not path.is_file():
+        raise ResumeError(f"{path}: not found, so there is nothing to resume. Check --out-dir, or drop "
+                          "--resume to start a new run.")
+    ckpt = load_checkpoint(path)
+    if ckpt.get("stage") != stage:
+        raise ResumeError(f"{path}: a stage-{ckpt.get('stage')} run, so stage {stage} cannot resume it. Pass "
+                          f"another --out-dir, or --no-resume to start over there (it overwrites that run).")
+    if "resume" not in ckpt:
+        raise ResumeError(f"{path}: holds no resume state. Pass --no-resume to start over (it overwrites the "
+                          "run), or another --out-dir.")
+    return ckpt
+
+
+def check_same_run(path: Path, saved: dict, now: dict):
+    """A resume must continue the same run: data, model, batch, seed and schedule length."""
+    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in now.items() if saved.get(key) != value]
+    if changed:
+        raise ResumeError(f"{path}: cannot resume with other settings than the run's ({'; '.join(changed)}). "
+                          "Run the interrupted command again unchanged (--lr may change), or pass "
+                          "--no-resume (starts over, overwriting the run) or another --out-dir.")
+
+
+def read_log(path: Path, last_step: int) -> list[dict]:
+    """The records of log.jsonl up to last_step: what a resumed run keeps of its log."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["step"] <= last_step]
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
 def train(args: argparse.Namespace):
     stage = args.stage
     device = torch.device(args.device)
@@ -644,17 +750,36 @@ def train(args: argparse.Namespace):
     workers = args.workers if args.workers is not None else (8 if cuda else 0)
     out_dir = args.out_dir or Path("runs") / f"stage{stage}"
 
-    # Every rank draws its own masks and crops; the weights start equal because
-    # DistributedDataParallel copies rank 0's to the others.
+    resume = find_resume(args, out_dir, stage)
+    if resume is not None and resume["step"] >= resume["resume"]["run"]["total_steps"]:
+        log(f"{out_dir / 'last.pt'}: this run finished at step {resume['step']}; nothing to resume. Pass "
+            "--no-resume to train it again from scratch (overwrites it), or another --out-dir.")
+        if ddp.world_size > 1:
+            dist.destroy_process_group()
+        return
+
+    # Every rank draws its own masks; the weights start equal because
+    # DistributedDataParallel copies rank 0's to the others. A resumed run
+    # restores each rank's states just before its first step.
     random.seed(args.seed + ddp.rank)
     np.random.seed(args.seed + ddp.rank)
     torch.manual_seed(args.seed + ddp.rank)
 
-    # --- where a stage starts: scratch or the previous stage --------------------
-    init = None if stage == "1" else load_previous_stage(stage, args.init)
-    if init is not None and args.preset is None:
-        args.preset = init["args"]["preset"]
-    recipe = RECIPES[(stage, args.preset or "tiny")]
+    # --- where a stage starts: scratch, the previous stage, or its own last.pt --
+    init_path = init = None
+    if stage != "1" and resume is None:
+        init_path = args.init or Path("runs") / f"stage{PREVIOUS_STAGE[stage]}" / "last.pt"
+        init = load_previous_stage(stage, init_path)
+    start = resume or init  # what a stage-2 run takes its preset, text side and crop length from
+    if start is not None:
+        preset = start["args"].get("preset") or "tiny"
+        if init is not None and args.preset not in (None, preset):
+            raise ValueError(f"{init_path}: a stage-{init['stage']} checkpoint of the {preset} preset, but this "
+                             f"run asks for --preset {args.preset}. Drop --preset (stages 2 and 2.1 take it from "
+                             f"the checkpoint they start from), or pass --init with a {args.preset} checkpoint.")
+        args.preset = args.preset or preset
+    args.preset = args.preset or "tiny"
+    recipe = RECIPES[(stage, args.preset)]
     recipe = replace(recipe, **{k: v for k, v in dict(
         batch_size=args.batch_size, clap_weight=args.clap_weight, epochs=args.epochs,
         ema_decay=tuple(args.ema_decay) if args.ema_decay else None).items() if v is not None})
@@ -664,11 +789,20 @@ def train(args: argparse.Namespace):
     micro_batch = recipe.batch_size // (args.accum_steps * ddp.world_size)
     if stage == "1":
         text_side, text_encoder_name = "embeddings", None
-    elif stage == "2":
+    elif stage == "2" and resume is None:
         text_side, text_encoder_name = args.text_side, args.text_encoder
-    else:  # stage 2.1 keeps the text side of its stage-2 checkpoint
-        text_side = init["text_side"]
-        text_encoder_name = init["text_encoder"]["name"] if init["text_encoder"] else None
+    else:  # stage 2.1 keeps the text side of its stage-2 checkpoint, and a resumed run its own
+        text_side = start["text_side"]
+        text_encoder_name = start["text_encoder"]["name"] if start["text_encoder"] else None
+
+    # --- run folder ------------------------------------------------------------
+    if ddp.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume is None:  # a new run: nothing of an earlier one in this folder may mix in
+            for stale in [*out_dir.glob("step_*.pt"), out_dir / "last.pt.tmp", out_dir / "bad_clips.csv"]:
+                stale.unlink(missing_ok=True)
+    if ddp.world_size > 1:
+        dist.barrier()
 
     # --- data ------------------------------------------------------------------
     if args.data is None:
@@ -679,40 +813,48 @@ def train(args: argparse.Namespace):
             dist.barrier()
         csv_path, audio_root = data.builtin_dataset(split)
         npy_path, preload = None, True if args.preload is None else args.preload
+        data_name = f"built-in {split}"
     else:
         csv_path, npy_path = args.data, args.embeddings
         audio_root = args.audio_root or args.data.parent
         preload = bool(args.preload)
+        data_name = str(args.data)
     # The sentence model behind the embeddings, kept for embedding new text later.
     if args.embedding_model or args.data is None:
         embedding_model = args.embedding_model or text_embed.DEFAULT_MODEL
     else:
-        embedding_model = init.get("embedding_model") if init else None
+        embedding_model = start.get("embedding_model") if start else None
     table = (text_embed.load_captions(csv_path) if text_side == "encoder"
              else text_embed.load_caption_embeddings(csv_path, npy_path))
-    crop_frames = (m2d.preset(args.preset or "tiny").crop_frames if stage == "1"
-                   else init["model_config"]["crop_frames"])
-    shards = data.ShardStore(args.shards) if args.shards else None
-    dataset = data.ClipDataset(table, shards or audio_root, crop_frames, preload=preload)
-    if len(dataset) < micro_batch * ddp.world_size:
-        raise ValueError(f"{csv_path} has {len(dataset)} clips, fewer than one batch of "
-                         f"{micro_batch * ddp.world_size}; lower --batch-size")
+    crop_frames = (m2d.preset(args.preset).crop_frames if stage == "1"
+                   else start["model_config"]["crop_frames"])
+    source = data.ShardStore(args.shards) if args.shards else data.AudioFolder(audio_root, args.convert_audio)
+    bad_clips = data.BadClipReport(out_dir / "bad_clips.csv") if args.skip_bad else None
+    dataset = data.ClipDataset(table, source, crop_frames, preload=preload, skip_bad=bad_clips)
+    # The clip order depends on the seed and the global batch only, and starts mid-epoch on resume.
+    order = data.ClipOrder(len(dataset), recipe.batch_size, args.seed, ddp.rank, ddp.world_size, args.accum_steps)
+    if order.batches_per_epoch == 0:
+        raise ValueError(f"{csv_path} has {len(dataset)} usable clips, fewer than one batch of "
+                         f"{recipe.batch_size}; lower --batch-size")
 
     # --- model -----------------------------------------------------------------
     tokenizer = None
-    if stage == "1":
+    if resume is not None:  # the run's own weights, EMA target and normalisation statistics
+        model, tokenizer = build_model({**resume, "model_config": {
+            **resume["model_config"], "grad_checkpointing": args.grad_checkpointing}})
+    elif stage == "1":
         if args.norm_stats:
             norm_stats = tuple(args.norm_stats)
-        elif shards is not None and shards.norm_stats:  # from 'python data.py stats'
-            norm_stats = shards.norm_stats
+        elif isinstance(source, data.ShardStore) and source.norm_stats:  # from 'python data.py stats'
+            norm_stats = source.norm_stats
         else:
             norm_stats = data.compute_norm_stats(dataset)
         model = stage1_model(args, table.dim, norm_stats)
     elif stage == "2":
         model, tokenizer = stage2_model(args, init)
-        model.freeze_encoder()
     else:
         model, tokenizer = build_model(init)
+    if stage != "1":
         model.freeze_encoder()
     if text_side == "embeddings":
         text_embed.check_dim(table, model.config.text_dim)
@@ -728,12 +870,11 @@ def train(args: argparse.Namespace):
         net = DistributedDataParallel(model, device_ids=[ddp.local_rank] if cuda else None)
     forward = compiled(net) if use_compile else net
 
-    sampler = (DistributedSampler(dataset, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed, drop_last=True)
-               if ddp.world_size > 1 else None)
-    loader = DataLoader(dataset, batch_size=micro_batch, shuffle=sampler is None, sampler=sampler,
-                        drop_last=True, num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
-                        generator=torch.Generator().manual_seed(args.seed))
-    steps_per_epoch = len(loader) // args.accum_steps
+    # The loader gets a generator of its own: starting an epoch must not draw
+    # from the global RNG that the masks come from.
+    loader = DataLoader(dataset, batch_size=micro_batch, sampler=order, num_workers=workers, pin_memory=cuda,
+                        persistent_workers=workers > 0, generator=torch.Generator())
+    steps_per_epoch = order.batches_per_epoch
     total_steps = args.max_steps or max(1, round(recipe.epochs * steps_per_epoch))
     warmup_steps = max(1, round(total_steps * recipe.warmup_epochs / recipe.epochs))
     peak_lr = args.lr or recipe.base_lr * recipe.batch_size / 256
@@ -745,19 +886,43 @@ def train(args: argparse.Namespace):
                 if precision != "fp32" else contextlib.nullcontext())
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
+    # What makes a run this run: a resume must match it (the peak learning rate may change).
+    run = dict(stage=stage, preset=args.preset, data=data_name,
+               embeddings=str(npy_path) if npy_path else None, shards=str(args.shards) if args.shards else None,
+               text_side=text_side, text_encoder=text_encoder_name, clips=len(dataset), seed=args.seed,
+               batch_size=recipe.batch_size, mask_ratio=model.config.mask_ratio if args.mask_ratio is None
+               else args.mask_ratio, total_steps=total_steps, warmup_steps=warmup_steps, recipe=asdict(recipe))
+    start_step, records, last_saved = 0, [], None
+    t_start = time.perf_counter()
+    if resume is not None:
+        check_same_run(out_dir / "last.pt", resume["resume"]["run"], run)
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        start_step = last_saved = resume["step"]
+        t_start -= resume["resume"]["elapsed_s"]
+        records = read_log(out_dir / "log.jsonl", start_step)
     if ddp.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log_file = open(out_dir / "log.jsonl", "w")
+        with open(out_dir / "log.jsonl", "w") as log_file:  # a resumed run drops what came after its checkpoint
+            log_file.writelines(json.dumps(r) + "\n" for r in records)
+        log_file = open(out_dir / "log.jsonl", "a")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"stage {stage} | preset {args.preset or 'tiny'} ({n_params / 1e6:.1f}M trainable parameters) | "
+    log(f"stage {stage} | preset {args.preset} ({n_params / 1e6:.1f}M trainable parameters) | "
         f"{len(dataset)} clips from {csv_path} | norm stats {norm_stats[0]:.4f} {norm_stats[1]:.4f}")
     log(f"{total_steps} steps ({steps_per_epoch} per epoch) | global batch {recipe.batch_size} = "
         f"{ddp.world_size} processes x {args.accum_steps} accumulation steps x {micro_batch} clips | "
         f"peak lr {peak_lr:.2e} = {recipe.base_lr:.2e} x {recipe.batch_size} / 256"
         f"{'' if args.lr is None else ' (overridden by --lr)'} | {device} {precision}"
         f"{' compiled' if use_compile else ''} | writing {out_dir}")
+    if resume is not None:
+        epoch, batch = divmod(start_step, steps_per_epoch)
+        log(f"resuming {out_dir / 'last.pt'} at step {start_step} of {total_steps} (epoch {epoch}, batch {batch} "
+            f"of {steps_per_epoch}): weights, EMA target, optimiser, scaler, schedules, data order and RNG states")
+        if resume["resume"]["peak_lr"] != peak_lr:
+            log(f"peak lr changed on resume: {resume['resume']['peak_lr']:.2e} -> {peak_lr:.2e}")
 
     def checkpoint(step: int):
+        nonlocal last_saved
+        rng = gather_rng_states(ddp, device)  # every rank takes part
         if not ddp.main:
             return
         text_encoder = None
@@ -767,18 +932,29 @@ def train(args: argparse.Namespace):
                         model_config=asdict(model.config), norm_stats=list(norm_stats),
                         text_side=text_side, text_encoder=text_encoder, embedding_model=embedding_model,
                         recipe=asdict(recipe), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                        args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+                        args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                        resume=dict(run=run, peak_lr=peak_lr, rng=rng, elapsed_s=time.perf_counter() - t_start))
+        last_saved = step
 
     def batches():
-        for epoch in itertools.count():
-            if sampler is not None:
-                sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
+        first_epoch, batch = divmod(start_step, steps_per_epoch)
+        for epoch in itertools.count(first_epoch):
+            order.set_position(epoch, batch if epoch == first_epoch else 0)  # a new shuffle every epoch
             yield from loader
 
+    if resume is not None:  # last, so that nothing above draws from them
+        states = resume["resume"]["rng"]
+        if len(states) == ddp.world_size:
+            set_rng_state(states[ddp.rank], device)
+        else:
+            log(f"the run had {len(states)} processes and now has {ddp.world_size}: masks come from new seeds, so "
+                "it is no longer bit-identical to an uninterrupted run")
+            torch.manual_seed(args.seed + ddp.rank + 1_000_003 * start_step)
+
     batch_iter = batches()
-    t_start = t_log = time.perf_counter()
-    logged_step, records = 0, []
-    for step in range(total_steps):
+    t_log, logged_step = time.perf_counter(), start_step
+    bad_streak, skipped_steps, bad_reported = 0, 0, len(bad_clips.names()) if bad_clips else 0
+    for step in range(start_step, total_steps):
         lr = lr_at(step, total_steps, warmup_steps, peak_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -790,11 +966,27 @@ def train(args: argparse.Namespace):
             if tokenizer is not None:
                 text = text_embed.tokenize(tokenizer, text)
             micro_batches.append((to_device(mel, device), to_device(text, device)))
-        sums, grad_norm = train_step(model, net, forward, optimizer, scaler, autocast, clap_loss, micro_batches,
-                                     recipe.clap_weight, recipe.clip_grad_norm,
-                                     ema_decay if stage == "1" else None)
-
+        sums, grad_norm, applied = train_step(model, net, forward, optimizer, scaler, autocast, clap_loss,
+                                              micro_batches, recipe.clap_weight, recipe.clip_grad_norm,
+                                              ema_decay if stage == "1" else None)
         done = step + 1
+        if applied:
+            bad_streak = 0
+        else:
+            bad_streak += 1
+            skipped_steps += 1
+            losses = ", ".join(f"{key.removeprefix('loss_')} {value.item():.4g}" for key, value in sums.items())
+            scale = f"; fp16 loss scale lowered to {scaler.get_scale():g}" if scaler.is_enabled() else ""
+            log(f"warning: step {done}: non-finite loss or gradient ({losses}, grad norm {grad_norm.item():.4g}); "
+                f"step skipped, weights unchanged{scale}", file=sys.stderr, flush=True)
+            if bad_streak >= args.max_bad_steps:
+                kept = (f"the last good checkpoint, {out_dir / 'last.pt'} (step {last_saved}), is intact"
+                        if last_saved else "no checkpoint had been written yet")
+                raise NonFiniteError(
+                    f"{bad_streak} steps in a row ({done - bad_streak + 1} to {done}) had a non-finite loss or "
+                    f"gradient, so the run stopped; {kept}. Lower the learning rate (--lr; a resume may change "
+                    "it), prefer --precision bf16 to fp16, or look for extreme clips or caption embeddings.")
+
         if done % args.log_every == 0 or done == total_steps or done == 1:
             stacked = torch.stack(list(sums.values()))
             if ddp.world_size > 1:
@@ -809,7 +1001,7 @@ def train(args: argparse.Namespace):
                           **({"ema_decay": ema_decay} if stage == "1" else {}),
                           logit_scale=model.logit_scale.clamp(0, ClapLoss.max_logit_scale).exp().item(),
                           grad_norm=grad_norm.item(), clips_per_s=round(clips_per_s, 1),
-                          elapsed_s=round(now - t_start, 2))
+                          elapsed_s=round(now - t_start, 2), skipped_steps=skipped_steps)
             records.append(record)
             if ddp.main:
                 log_file.write(json.dumps(record) + "\n")
@@ -819,7 +1011,10 @@ def train(args: argparse.Namespace):
             ema = f" | ema {ema_decay:.5f}" if stage == "1" else ""
             log(f"step {done:>6}/{total_steps} | loss {loss_value:.4f} | {losses} | lr {lr:.2e}{ema} | "
                 f"{clips_per_s:.0f} clips/s | ETA {format_duration(eta)}", flush=True)
-        if done % args.save_every == 0 and done < total_steps:
+            if bad_clips is not None and len(bad_clips.names()) > bad_reported:
+                bad_reported = len(bad_clips.names())
+                log(f"{bad_reported} unreadable clip(s) skipped so far; listed in {bad_clips.path}", flush=True)
+        if done % args.save_every == 0 and done < total_steps and not bad_streak:  # keep the pre-trouble one
             checkpoint(done)
             if ddp.main and args.keep > 0:
                 keep_periodic(out_dir, done, args.keep)
@@ -835,10 +1030,15 @@ def train(args: argparse.Namespace):
     if ddp.main:
         log_file.close()
     log(f"done in {format_duration(time.perf_counter() - t_start)}; checkpoint {out_dir / 'last.pt'}")
-    last = records[-10:]
-    log(f"losses, step 1 -> mean of the last {len(last)} logged steps: "
-        + ", ".join(f"{key} {records[0][key]:.3f} -> {sum(r[key] for r in last) / len(last):.3f}"
-                    for key in records[0] if key.startswith("loss_")))
+    if records:
+        last = records[-10:]
+        log(f"losses, step {records[0]['step']} -> mean of the last {len(last)} logged steps: "
+            + ", ".join(f"{key} {records[0][key]:.3f} -> {sum(r[key] for r in last) / len(last):.3f}"
+                        for key in records[0] if key.startswith("loss_")))
+    if skipped_steps:
+        log(f"{skipped_steps} step(s) skipped for a non-finite loss or gradient in this session")
+    if bad_clips is not None:
+        log(f"{len(bad_clips.names())} unreadable clip(s) skipped; listed in {bad_clips.path}")
     if ddp.world_size > 1:
         dist.barrier()  # let rank 0 finish saving before any rank leaves the group
         del forward, net  # DistributedDataParallel must go before its process group does

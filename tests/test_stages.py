@@ -92,10 +92,10 @@ def test_stage2_with_the_precomputed_embeddings_as_text_side(runs, tmp_path):
 
 def test_missing_or_wrong_stage_init_says_which_stage_to_run_first(runs, tmp_path):
     with pytest.raises(SystemExit, match=r"nothere.pt: no stage-1 checkpoint .*python train.py --stage 1"):
-        run("--stage", "2", "--init", tmp_path / "nothere.pt")
+        run("--stage", "2", "--init", tmp_path / "nothere.pt", "--out-dir", tmp_path / "s2")
     with pytest.raises(SystemExit, match=r"is a stage-1 checkpoint, but stage 2.1 starts from stage 2.*"
                                          r"python train.py --stage 2"):
-        run("--stage", "2.1", "--init", runs / "s1" / "last.pt")
+        run("--stage", "2.1", "--init", runs / "s1" / "last.pt", "--out-dir", tmp_path / "s21")
 
 
 def test_without_transformers_the_encoder_side_says_how_to_proceed(runs, tmp_path, monkeypatch):
