@@ -23,10 +23,12 @@ lower learning rate.
                                      # our weights in the released M2D-CLAP layout
 
 Outputs in --out-dir (default runs/stage<STAGE>): last.pt (a checkpoint that
-loads with torch.load(weights_only=True)) and log.jsonl (one JSON object per
-logged step). This file is the only place that knows about AMP,
-torch.compile, data parallelism, schedules and checkpoints, ours and the
-released ones.
+loads with torch.load(weights_only=True) and holds all a resume needs),
+log.jsonl (one JSON object per logged step) and, with --skip-bad,
+bad_clips.csv. Running the same command again resumes the run exactly where
+it stopped. This file is the only place that knows about AMP, torch.compile,
+data parallelism, schedules, resuming and checkpoints, ours and the released
+ones.
 """
 
 from __future__ import annotations
@@ -789,9 +791,9 @@ def train(args: argparse.Namespace):
     micro_batch = recipe.batch_size // (args.accum_steps * ddp.world_size)
     if stage == "1":
         text_side, text_encoder_name = "embeddings", None
-    elif stage == "2" and resume is None:
+    elif stage == "2":
         text_side, text_encoder_name = args.text_side, args.text_encoder
-    else:  # stage 2.1 keeps the text side of its stage-2 checkpoint, and a resumed run its own
+    else:  # stage 2.1 keeps the text side of the stage-2 checkpoint it starts from
         text_side = start["text_side"]
         text_encoder_name = start["text_encoder"]["name"] if start["text_encoder"] else None
 
@@ -799,7 +801,8 @@ def train(args: argparse.Namespace):
     if ddp.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume is None:  # a new run: nothing of an earlier one in this folder may mix in
-            for stale in [*out_dir.glob("step_*.pt"), out_dir / "last.pt.tmp", out_dir / "bad_clips.csv"]:
+            for stale in [*out_dir.glob("step_*.pt"), out_dir / "last.pt", out_dir / "last.pt.tmp",
+                          out_dir / "bad_clips.csv"]:
                 stale.unlink(missing_ok=True)
     if ddp.world_size > 1:
         dist.barrier()

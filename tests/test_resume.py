@@ -189,19 +189,41 @@ def test_non_finite_steps_are_skipped_with_a_warning_and_too_many_stop_the_run(t
     write_corpus(tmp_path)
     real_losses, calls = train.step_losses, []
 
-    def losses_going_bad_from(first_bad):
+    def losses_bad_at(bad_calls):
         def step_losses(*args):
             calls.append(1)
             loss, parts = real_losses(*args)
-            return (loss * float("nan"), parts) if len(calls) >= first_bad else (loss, parts)
+            return (loss * float("nan"), parts) if len(calls) in bad_calls else (loss, parts)
         return step_losses
+
+    args = command(tmp_path, tmp_path / "once")[:-2] + ["--workers", "0", "--max-bad-steps", "3"]
+    monkeypatch.setattr(train, "step_losses", losses_bad_at({5, 6}))  # two bad steps, then good ones
+    train.main(args)
+    out = capsys.readouterr()
+    assert "warning: step 5: non-finite" in out.err and "warning: step 6: non-finite" in out.err
+    assert "2 step(s) skipped for a non-finite loss or gradient" in out.out
+    log = [json.loads(line) for line in (tmp_path / "once" / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in log] == [0] * 4 + [1] + [2] * 7
 
     args = command(tmp_path, tmp_path / "run")[:-2] + ["--workers", "0", "--max-bad-steps", "3"]
     calls.clear()
-    monkeypatch.setattr(train, "step_losses", losses_going_bad_from(8))
+    monkeypatch.setattr(train, "step_losses", losses_bad_at(range(8, 100)))
     with pytest.raises(SystemExit, match=r"3 steps in a row \(8 to 10\) had a non-finite loss or gradient.*"
                                          r"last good checkpoint, .*last.pt \(step 6\), is intact.*--lr"):
         train.main(args)
     err = capsys.readouterr().err
     assert "warning: step 8: non-finite loss or gradient" in err and "step skipped, weights unchanged" in err
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 6
+
+
+def test_stage2_resumes_bit_identically_too(uninterrupted, tmp_path):
+    root, _ = uninterrupted
+    args = ["--stage", "2", "--text-side", "embeddings", "--init", str(root / "uninterrupted" / "last.pt"),
+            "--data", str(root / "captions.csv"), "--batch-size", "4", "--max-steps", "6", "--save-every", "2"]
+    train.main([*args, "--out-dir", str(tmp_path / "whole")])
+    (tmp_path / "resumed").mkdir()  # stopped after step 4: its periodic copy as last.pt
+    shutil.copy(tmp_path / "whole" / "step_00000004.pt", tmp_path / "resumed" / "last.pt")
+    train.main([*args, "--out-dir", str(tmp_path / "resumed")])
+    whole, resumed = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("whole", "resumed"))
+    assert whole["step"] == resumed["step"] == 6
+    assert_bit_identical(whole["model"], resumed["model"])
