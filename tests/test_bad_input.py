@@ -2,6 +2,7 @@
 trains around unreadable clips and lists them; the readers survive random bytes."""
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,6 @@ import soundfile as sf
 import torch
 
 import data
-import text_embed
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def test_bad_audio_stops_the_run_naming_the_file_and_the_fix(tmp_path, problem, 
     with pytest.raises(SystemExit) as e:
         train.main(run(tmp_path, "--workers", str(workers)))
     assert "c3.wav" in str(e.value)
-    assert __import__("re").search(message, str(e.value)), str(e.value)
+    assert re.search(message, str(e.value)), str(e.value)
     assert "Traceback" not in str(e.value)  # a DataLoader worker's error reads like the main process's
     assert not (tmp_path / "run" / "last.pt").exists()
 
@@ -157,7 +157,7 @@ def test_stage2_from_a_checkpoint_of_another_preset_names_it_and_the_fix(stage1_
 # --- fuzzing the readers ---------------------------------------------------------------------------
 
 FUZZ = """
-import sys, zlib
+import sys
 import numpy as np
 sys.path.insert(0, {root!r})
 import data, text_embed

@@ -1,8 +1,10 @@
 """Data parallelism on the CPU with Gloo: the distributed CLAP loss equals the
 single-process one, and a 2-process stage-1 run keeps identical replicas."""
 
+import json
 import math
 import os
+import shutil
 import socket
 
 import numpy as np
@@ -85,14 +87,14 @@ def write_corpus(root, n_clips=16, dim=8):
     np.save(root / "captions.npy", np.random.default_rng(0).standard_normal((n_clips, dim)).astype(np.float32))
 
 
-def train_worker(rank, world, port, root):
+def train_worker(rank, world, port, root, run="rank", steps=3):
     import train
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     # Let every rank write its own checkpoint, to compare the replicas from outside.
     train.Distributed.main = property(lambda self: True)
-    train.main(["--stage", "1", "--data", str(root / "captions.csv"), "--batch-size", "8", "--max-steps", "3",
-                "--log-every", "1", "--out-dir", str(root / f"rank{rank}")])
+    train.main(["--stage", "1", "--data", str(root / "captions.csv"), "--batch-size", "8", "--max-steps", str(steps),
+                "--save-every", "2", "--log-every", "1", "--out-dir", str(root / f"{run}{rank}")])
 
 
 def test_two_process_stage1_run_keeps_identical_replicas(tmp_path):
@@ -104,3 +106,18 @@ def test_two_process_stage1_run_keeps_identical_replicas(tmp_path):
     for key, value in rank0["model"].items():
         assert torch.equal(value, rank1["model"][key]), key  # EMA target included
     assert not torch.equal(rank0["model"]["blocks.0.attn.qkv.weight"], fresh.blocks[0].attn.qkv.weight)
+
+
+def test_two_process_run_resumes_bit_identically(tmp_path):
+    write_corpus(tmp_path)  # 2 steps an epoch
+    mp.spawn(train_worker, args=(2, free_port(), tmp_path, "whole", 5), nprocs=2, join=True)
+    for rank in (0, 1):  # both stopped after step 2: rank 0's periodic copy holds every rank's RNG states
+        (tmp_path / f"resumed{rank}").mkdir()
+        shutil.copy(tmp_path / "whole0" / "step_00000002.pt", tmp_path / f"resumed{rank}" / "last.pt")
+    mp.spawn(train_worker, args=(2, free_port(), tmp_path, "resumed", 5), nprocs=2, join=True)
+    whole, resumed = (torch.load(tmp_path / f"{run}0" / "last.pt", weights_only=True) for run in ("whole", "resumed"))
+    assert whole["step"] == resumed["step"] == 5 and len(whole["resume"]["rng"]) == 2
+    logged = [json.loads(line)["step"] for line in (tmp_path / "resumed0" / "log.jsonl").read_text().splitlines()]
+    assert logged == [3, 4, 5]  # it went on from step 2 rather than starting over
+    for key, value in whole["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key

@@ -219,11 +219,14 @@ def test_non_finite_steps_are_skipped_with_a_warning_and_too_many_stop_the_run(t
 def test_stage2_resumes_bit_identically_too(uninterrupted, tmp_path):
     root, _ = uninterrupted
     args = ["--stage", "2", "--text-side", "embeddings", "--init", str(root / "uninterrupted" / "last.pt"),
-            "--data", str(root / "captions.csv"), "--batch-size", "4", "--max-steps", "6", "--save-every", "2"]
+            "--data", str(root / "captions.csv"), "--batch-size", "4", "--max-steps", "6", "--save-every", "2",
+            "--log-every", "1"]
     train.main([*args, "--out-dir", str(tmp_path / "whole")])
     (tmp_path / "resumed").mkdir()  # stopped after step 4: its periodic copy as last.pt
     shutil.copy(tmp_path / "whole" / "step_00000004.pt", tmp_path / "resumed" / "last.pt")
     train.main([*args, "--out-dir", str(tmp_path / "resumed")])
     whole, resumed = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("whole", "resumed"))
     assert whole["step"] == resumed["step"] == 6
+    logged = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert logged == [5, 6]  # it went on from step 4 rather than starting over
     assert_bit_identical(whole["model"], resumed["model"])
