@@ -162,6 +162,13 @@ def test_clip_dataset_crops_pads_and_draws_one_caption_per_clip(tmp_path):
         assert not mel[..., 51:].any()  # 0.5 s = 51 frames, zero-padded after
         seen.add(text[0].item())
     assert seen == {10.0, 11.0}  # both captions of clip 1, never another clip's
+    # A seeded item is the same whenever and wherever it is read, and the global RNG is left alone.
+    state = torch.get_rng_state()
+    first = [dataset[(2, seed)] for seed in range(20)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(first, (dataset[(2, seed)] for seed in range(20))))
+    assert len({(m[0, 0, 0].item(), t[0].item()) for m, t in first}) > 10  # the seed picks crop and caption
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_clip_dataset_names_missing_files(tmp_path):
@@ -310,3 +317,25 @@ def test_training_reads_the_shards(tmp_path):
     with pytest.raises(SystemExit, match=r"broken.ogg.*not found in the shard index"):
         train.main(["--stage", "1", "--data", str(tmp_path / "captions.csv"), "--shards", str(out),
                     "--batch-size", "1", "--max-steps", "1", "--out-dir", str(tmp_path / "run2")])
+
+
+def test_clip_order_is_the_same_global_batches_for_any_split_and_resumes_mid_epoch():
+    def global_batches(world_size, accum_steps, epoch=0, start=0):
+        orders = [data.ClipOrder(50, 8, seed=3, rank=r, world_size=world_size, accum_steps=accum_steps)
+                  for r in range(world_size)]
+        keys = []
+        for order in orders:
+            order.set_position(epoch, start)
+            keys.append(list(order))
+            assert len(keys[-1]) == len(order)
+        per_step = 8 // world_size  # what each rank reads per optimiser step
+        return [sorted(k for rank in keys for k in rank[b * per_step:(b + 1) * per_step])
+                for b in range(len(keys[0]) // per_step)]
+
+    one = global_batches(1, 1)
+    assert len(one) == 6  # 50 // 8 full batches; the last 2 clips wait for another epoch's shuffle
+    assert global_batches(2, 1) == one and global_batches(2, 2) == one and global_batches(4, 2) == one
+    assert global_batches(2, 2, start=4) == one[4:]  # a resume at step 4 reads the rest of the epoch
+    clips = [index for batch in one for index, _ in batch]
+    assert len(set(clips)) == 48 and len({seed for batch in one for _, seed in batch}) == 48
+    assert global_batches(1, 1, epoch=1) != one  # a new shuffle and new seeds every epoch
