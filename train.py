@@ -1014,9 +1014,10 @@ def train(args: argparse.Namespace):
             ema = f" | ema {ema_decay:.5f}" if stage == "1" else ""
             log(f"step {done:>6}/{total_steps} | loss {loss_value:.4f} | {losses} | lr {lr:.2e}{ema} | "
                 f"{clips_per_s:.0f} clips/s | ETA {format_duration(eta)}", flush=True)
-            if bad_clips is not None and len(bad_clips.names()) > bad_reported:
-                bad_reported = len(bad_clips.names())
-                log(f"{bad_reported} unreadable clip(s) skipped so far; listed in {bad_clips.path}", flush=True)
+            n_bad = len(bad_clips.names()) if bad_clips is not None else 0
+            if n_bad > bad_reported:
+                bad_reported = n_bad
+                log(f"{n_bad} unreadable clip(s) skipped so far; listed in {bad_clips.path}", flush=True)
         if done % args.save_every == 0 and done < total_steps and not bad_streak:  # keep the pre-trouble one
             checkpoint(done)
             if ddp.main and args.keep > 0:
