@@ -109,6 +109,7 @@ def baseline_step(model, optimizer, scaler, autocast, mel, text, clap_loss, clap
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad()
+    model.clamp_logit_scale()
     if ema_decay is not None:
         with torch.no_grad():
             for t, o in zip(model.target_parameters(), model.online_parameters()):

@@ -95,21 +95,52 @@ def mel_filterbank(sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: i
 
 
 class LogMelSpectrogram(nn.Module):
-    """[..., samples] 16 kHz waveform -> [..., n_mels, 1 + samples // hop] log-mel."""
+    """[..., samples] 16 kHz waveform -> [..., n_mels, 1 + samples // hop] log-mel.
+
+    The STFT is one strided convolution with the windowed DFT basis (cos and
+    -sin rows for the 201 frequencies), as the authors' nnAudio front end
+    computes it: in float32 its rounding then follows theirs (the log of
+    near-silent bins magnifies rounding, to about 1e-4 between an FFT and this).
+    """
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("window", torch.hann_window(WIN_SAMPLES, periodic=True), persistent=False)
+        n_freqs = N_FFT // 2 + 1
+        k = torch.arange(n_freqs, dtype=torch.float64)[:, None]
+        t = torch.arange(N_FFT, dtype=torch.float64)[None, :]
+        window = torch.hann_window(WIN_SAMPLES, periodic=True, dtype=torch.float64)
+        window = F.pad(window, ((N_FFT - WIN_SAMPLES) // 2, (N_FFT - WIN_SAMPLES + 1) // 2))
+        angle = 2 * math.pi * k * t / N_FFT
+        basis = torch.cat([torch.cos(angle), -torch.sin(angle)]) * window  # [2 * n_freqs, n_fft]
+        self.register_buffer("dft_basis", basis.float()[:, None], persistent=False)
         self.register_buffer("mel_fb", mel_filterbank(), persistent=False)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         shape = wave.shape
-        spec = torch.stft(wave.reshape(-1, shape[-1]).float(), n_fft=N_FFT, hop_length=HOP_SAMPLES,
-                          win_length=WIN_SAMPLES, window=self.window, center=True,
-                          pad_mode="reflect", return_complex=True)   # [B, n_freqs, frames]
-        power = spec.real.square() + spec.imag.square()
-        mel = self.mel_fb @ power                                    # [B, n_mels, frames]
+        x = reflect_pad(wave.reshape(-1, 1, shape[-1]).float(), N_FFT // 2)  # centred frames
+        spec = F.conv1d(x, self.dft_basis, stride=HOP_SAMPLES)              # [B, 2 * n_freqs, frames]
+        real, imag = spec.chunk(2, dim=1)
+        power = real.square() + imag.square()                                 # [B, n_freqs, frames]
+        mel = self.mel_fb @ power                                             # [B, n_mels, frames]
         return torch.log(mel + LOG_EPS).reshape(*shape[:-1], N_MELS, -1)
+
+
+def reflect_pad(wave: torch.Tensor, pad: int) -> torch.Tensor:
+    """[..., n] -> [..., pad + n + pad], mirrored about the end samples as 'reflect' padding is.
+
+    Unlike torch's, it accepts n <= pad by reflecting again (as numpy's
+    'reflect' does), so a clip of a few milliseconds still has a centred frame;
+    for n > pad the result is the same.
+    """
+    n = wave.shape[-1]
+    idx = torch.arange(-pad, n + pad, device=wave.device)
+    if n == 1:
+        idx = torch.zeros_like(idx)
+    else:
+        period = 2 * (n - 1)
+        idx = idx.remainder(period)
+        idx = torch.where(idx >= n, period - idx, idx)
+    return wave[..., idx]
 
 
 _LOG_MEL = LogMelSpectrogram()
@@ -258,12 +289,16 @@ class AudioFolder:
         return read_log_mel(self.root / name, self.convert)
 
 
-def read_log_mel(path: str | Path, convert: bool = True) -> torch.Tensor:
-    """Full-length log-mel [n_mels, frames] of an audio file of at least one patch (MIN_FRAMES frames)."""
+def read_log_mel(path: str | Path, convert: bool = True, min_frames: int = MIN_FRAMES) -> torch.Tensor:
+    """Full-length log-mel [n_mels, frames] of an audio file of at least min_frames frames.
+
+    Training asks for one patch (MIN_FRAMES); feature extraction takes any
+    length, padding the normalised log-mel as SPEC 2 says.
+    """
     wave = load_audio(path, convert=convert)
-    min_samples = (MIN_FRAMES - 1) * HOP_SAMPLES  # centred frames: 1 + samples // hop
+    min_samples = (min_frames - 1) * HOP_SAMPLES  # centred frames: 1 + samples // hop
     if len(wave) < min_samples:
-        raise AudioError(f"{path}: only {len(wave) / SAMPLE_RATE:.3f} s long; clips need at least {MIN_FRAMES} "
+        raise AudioError(f"{path}: only {len(wave) / SAMPLE_RATE:.3f} s long; clips need at least {min_frames} "
                          f"frames, one patch ({min_samples / SAMPLE_RATE:.2f} s). Remove it from the caption CSV.")
     return log_mel(wave)
 

@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -80,12 +78,11 @@ class ClapLoss(nn.Module):
     """Symmetric contrastive loss with the audio-text pairs on the diagonal.
 
     logits = exp(s) * a @ t^T with L2-normalised a and t, s the model's learned
-    logit_scale clamped to [0, log 100]; the loss is the mean of the
-    audio->text and text->audio cross-entropies, over the batch gathered from
-    all data-parallel ranks (see gather_features).
+    logit_scale (the training loop clamps the parameter to [0, log 100] after
+    each optimiser step, so the loss uses it as it is); the loss is the mean
+    of the audio->text and text->audio cross-entropies, over the batch
+    gathered from all data-parallel ranks (see gather_features).
     """
-
-    max_logit_scale = math.log(100.0)
 
     def __init__(self, gather=gather_features):
         super().__init__()
@@ -95,7 +92,7 @@ class ClapLoss(nn.Module):
         audio = F.normalize(audio.float(), dim=-1)  # [B, E]
         text = F.normalize(text.float(), dim=-1)    # [B, E]
         audio, text = self.gather(audio, text)      # [W*B, E]
-        scale = logit_scale.float().clamp(0, self.max_logit_scale).exp()
+        scale = logit_scale.float().exp()
         logits = scale * audio @ text.T             # [W*B, W*B], rows audio, columns text
         labels = torch.arange(logits.shape[0], device=logits.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2

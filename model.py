@@ -52,8 +52,10 @@ class M2DConfig:
     predictor_heads: int = 16
     mask_ratio: float = 0.7       # share of patches hidden from the online encoder
     audio_proj: str = "semantic"  # "semantic" (2025) or "mlp" (2024)
+    audio_proj_depth: int = 1     # blocks of the semantic projector (released files have 1 to 4)
     text_dim: int = 4096          # width of the precomputed sentence embeddings (NV-Embed-v2)
     text_proj: str = "linear"     # "linear", "mlp" or "none" (text already D wide)
+    text_pooling: str = "cls"     # text-encoder feature: "cls" (BERT, 2025) or "mean" over real tokens
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory (Large)
 
     @property
@@ -76,6 +78,9 @@ PRESETS: dict[str, M2DConfig] = {
     "base": M2DConfig(),
     "large": M2DConfig(embed_dim=1024, depth=24, num_heads=16),
 }
+
+
+MAX_LOGIT_SCALE = math.log(100.0)  # the CLAP temperature's floor: logits at most 100 x cosine
 
 
 def preset(name: str, **overrides) -> M2DConfig:
@@ -129,6 +134,18 @@ def crop_pos_table(table: torch.Tensor, grid_f: int, grid_t: int, t_used: int) -
 # Transformer layers, in the order data meets them
 
 
+def init_layer(m: nn.Module):
+    """MAE initialisation: xavier-uniform Linear weights, zero biases, LayerNorm weight 1, bias 0."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+
 class PatchEmbed(nn.Module):
     """[B, 1, F_bins, T_frames] -> [B, F*T, D], token index = f * T + t."""
 
@@ -151,12 +168,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, n_queries: int | None = None) -> torch.Tensor:
+        """[B, L, D] -> [B, L, D]; with n_queries, only the first n_queries tokens attend: [B, n, D]."""
         B, L, D = x.shape
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)        # 3 x [B, H, L, D/H]
-        x = F.scaled_dot_product_attention(q, k, v)           # [B, H, L, D/H]
-        return self.proj(x.transpose(1, 2).reshape(B, L, D))  # [B, L, D]
+        if n_queries is not None:
+            q = q[:, :, :n_queries]                           # [B, H, n, D/H]
+        x = F.scaled_dot_product_attention(q, k, v)           # [B, H, n or L, D/H]
+        return self.proj(x.transpose(1, 2).reshape(B, -1, D))  # [B, n or L, D]
 
 
 class Mlp(nn.Module):
@@ -180,8 +200,13 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, n_queries: int | None = None) -> torch.Tensor:
+        """[B, L, D] -> [B, L, D]; with n_queries, the outputs of the first n_queries tokens only.
+
+        The other tokens still serve as keys and values, so those outputs are
+        exactly the first n_queries rows of the full output, at O(L) cost.
+        """
+        x = (x if n_queries is None else x[:, :n_queries]) + self.attn(self.norm1(x), n_queries)
         return x + self.mlp(self.norm2(x))
 
 
@@ -192,23 +217,32 @@ class Block(nn.Module):
 class SemanticAudioProjector(nn.Module):
     """2025 audio projector: a learned semantic token attends to the patch features.
 
-    The token (zeros at init) is prepended to the patch features, one pre-norm
-    block with a single head and MLP ratio 1 mixes them, and the token's output
-    through a LayerNorm is the CLAP audio embedding.
+    The token (zeros at init) is prepended to the patch features, pre-norm
+    blocks with a single head mix them (one block with MLP ratio 1 in the
+    paper; released ablations have 1 to 4 blocks, MLP ratio 2 from 3 blocks
+    on), and the token's output through a LayerNorm is the CLAP audio
+    embedding. The patches carry no position here, so their order is
+    irrelevant. Only the token's output is kept, so the last block computes
+    that one row: the cost grows linearly with the number of patches, which
+    matters for a 30-minute clip's 56,000 patches.
     """
 
     def __init__(self, dim: int, depth: int = 1):
         super().__init__()
+        if not 1 <= depth <= 4:
+            raise ValueError(f"the semantic projector has 1 to 4 blocks, got {depth}")
         self.sem_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.sem_blocks = nn.ModuleList([Block(dim, num_heads=1, mlp_ratio=1.0, norm_eps=1e-5)
-                                         for _ in range(depth)])
+        self.sem_blocks = nn.ModuleList([Block(dim, num_heads=1, mlp_ratio=1.0 if depth <= 2 else 2.0,
+                                               norm_eps=1e-5) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-5)
+        self.apply(init_layer)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.sem_token.expand(patches.shape[0], -1, -1), patches], dim=1)  # [B, 1+N, D]
-        for block in self.sem_blocks:
+        for block in self.sem_blocks[:-1]:
             x = block(x)
-        return self.norm(x[:, 0])  # [B, D]
+        x = self.sem_blocks[-1](x, n_queries=1)  # [B, 1, D]: the semantic token's output
+        return self.norm(x[:, 0])                 # [B, D]
 
 
 class MLPAudioProjector(nn.Sequential):
@@ -222,13 +256,15 @@ class MLPAudioProjector(nn.Sequential):
 
 
 def make_text_proj(kind: str, text_dim: int, dim: int) -> nn.Module:
-    """Map a sentence embedding [B, text_dim] to the audio width D.
+    """Map a text feature [B, text_dim] to the audio width D.
 
-    "linear" has no bias (its released key is text_proj.weight alone);
-    "mlp" is Linear-ReLU-Linear (text_proj.0.*, text_proj.2.*).
+    "linear" is a Linear with a bias (text_proj.weight, text_proj.bias);
+    "mlp" is Linear-ReLU-Linear (text_proj.0.*, text_proj.2.*); "none" is the
+    identity, for text features already D wide (GTE-base or BERT-base into
+    ViT-Base).
     """
     if kind == "linear":
-        return nn.Linear(text_dim, dim, bias=False)
+        return nn.Linear(text_dim, dim)
     if kind == "mlp":
         return nn.Sequential(nn.Linear(text_dim, dim), nn.ReLU(), nn.Linear(dim, dim))
     if kind == "none":
@@ -317,19 +353,22 @@ class M2DCLAP(nn.Module):
         self.decoder_norm = nn.LayerNorm(Dp, eps=1e-6)
         self.decoder_pred = nn.Linear(Dp, D)
 
-        # CLAP heads.
+        self.initialize_weights()
+
+        # CLAP heads, made after the MAE initialisation as the authors do: the MLP
+        # projectors keep PyTorch's default Linear init, the semantic projector
+        # initialises itself, and a pretrained text encoder keeps its weights.
         if config.audio_proj == "semantic":
-            self.audio_proj = SemanticAudioProjector(D)
+            self.audio_proj = SemanticAudioProjector(D, config.audio_proj_depth)
         elif config.audio_proj == "mlp":
             self.audio_proj = MLPAudioProjector(D)
         else:
             raise ValueError(f"unknown audio_proj {config.audio_proj!r}; choose 'semantic' or 'mlp'")
         self.text_proj = make_text_proj(config.text_proj, config.text_dim, D)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-
-        self.initialize_weights()
-        # Attached after initialisation: a pretrained text encoder keeps its weights.
+        if config.text_pooling not in ("cls", "mean"):
+            raise ValueError(f"unknown text_pooling {config.text_pooling!r}; choose 'cls' or 'mean'")
         self.text_encoder = text_encoder
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         for p in self.target_parameters():
             p.requires_grad_(False)
 
@@ -341,17 +380,7 @@ class M2DCLAP(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(self._init_layer)
-
-    @staticmethod
-    def _init_layer(m: nn.Module):
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_layer)
 
     # --- the steps of M2D -----------------------------------------------------
 
@@ -446,7 +475,15 @@ class M2DCLAP(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Online encoder without masking: [B, 1, F, T] log-mel -> [B, 1+N, D]."""
-        x = self._with_cls(self.embed_patches(self.normalize(x)))
+        return self.encode_normalized(self.normalize(x))
+
+    def encode_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """Online encoder without masking on an already normalised log-mel: [B, 1, F, T] -> [B, 1+N, D].
+
+        T may be shorter than a training crop (the position table is cropped),
+        never longer.
+        """
+        x = self._with_cls(self.embed_patches(x))
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -455,11 +492,16 @@ class M2DCLAP(nn.Module):
         """CLAP text features [B, D] before L2 normalisation.
 
         text: sentence embeddings [B, text_dim], or, with a text encoder, a dict
-        of token tensors with input_ids and attention_mask [B, L].
+        of token tensors with input_ids and attention_mask [B, L]. The encoder's
+        feature is its first (CLS) token, as for the paper's BERT, or the mean
+        over the real tokens (config.text_pooling); it is not L2-normalised
+        before the text projector.
         """
         if self.text_encoder is None:
             return self.text_proj(text)
         tokens = self.text_encoder(input_ids=text["input_ids"], attention_mask=text["attention_mask"])[0]
+        if self.config.text_pooling == "cls":
+            return self.text_proj(tokens[:, 0])                          # [B, L, H] -> [B, D]
         return self.text_proj(mean_pool(tokens, text["attention_mask"]))  # [B, L, H] -> [B, D]
 
     def encode_audio(self, x: torch.Tensor) -> torch.Tensor:
@@ -469,6 +511,15 @@ class M2DCLAP(nn.Module):
     def encode_text(self, text) -> torch.Tensor:
         """CLAP text embedding in the shared space: -> [B, D], unit length (see text_features)."""
         return F.normalize(self.text_features(text), dim=-1)
+
+    @torch.no_grad()
+    def clamp_logit_scale(self):
+        """Keep the logit scale parameter in [0, log 100], after every optimiser step.
+
+        Clamping the parameter, not its use in the loss, keeps its gradient
+        alive at the ceiling, as the authors' training does.
+        """
+        self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
 
     # --- EMA target -----------------------------------------------------------
 
@@ -526,3 +577,53 @@ def mean_pool(tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 def ema_decay_at(step: int, total_steps: int, start: float = 0.99995, end: float = 0.99999) -> float:
     """EMA decay rising linearly from start to end over the whole run."""
     return start + (end - start) * min(step, total_steps) / max(total_steps, 1)
+
+
+# -----------------------------------------------------------------------------
+# The model shape of a state dict (ours or a released M2D / M2D-CLAP file)
+
+
+VIT_HEADS = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16}  # by the timm/MAE size names
+
+
+def config_from_state_dict(state: dict, n_mels: int = 80, crop_frames: int | None = None,
+                           num_heads: int | None = None, predictor_heads: int = 16) -> M2DConfig:
+    """The M2DConfig whose state dict has these tensors (released key names, prefixes removed).
+
+    Widths, depths, the MLP ratio, the predictor and the kind of each CLAP
+    projector come from the tensors. What the tensors cannot tell is passed
+    in: the input size (crop_frames defaults to whole patches of the position
+    table, which loses the 9 unused frames of an 80 x 1001 model), the head
+    counts (default one head per 64 channels, as every ViT size has).
+    """
+    patch = state["patch_embed.proj.weight"].shape[-2:]
+    if patch[0] != patch[1]:
+        raise ValueError(f"patches of {tuple(patch)} are not square; only square patches are supported")
+    patch_size, dim = int(patch[0]), state["cls_token"].shape[-1]
+    grid_f = n_mels // patch_size
+    grid_t = (state["pos_embed"].shape[1] - 1) // grid_f
+
+    def count(prefix: str) -> int:
+        return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+    config = dict(n_mels=n_mels, crop_frames=crop_frames or grid_t * patch_size, patch_size=patch_size,
+                  embed_dim=dim, depth=count("blocks."), num_heads=num_heads or dim // 64,
+                  mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim)
+    if "decoder_embed.weight" in state:
+        config.update(predictor_dim=state["decoder_embed.weight"].shape[0],
+                      predictor_depth=count("decoder_blocks."), predictor_heads=predictor_heads)
+    if "audio_proj.0.weight" in state:
+        config["audio_proj"] = "mlp"
+    elif "audio_proj.sem_token" in state:
+        config.update(audio_proj="semantic", audio_proj_depth=count("audio_proj.sem_blocks."))
+    if "text_proj.weight" in state:
+        config.update(text_proj="linear", text_dim=state["text_proj.weight"].shape[1])
+    elif "text_proj.0.weight" in state:
+        hidden = state["text_proj.0.weight"].shape[0]
+        if hidden != dim:
+            raise ValueError(f"an MLP text projector with a {hidden}-wide hidden layer; this model's MLP "
+                             f"projector is {dim} wide, as the authors'")
+        config.update(text_proj="mlp", text_dim=state["text_proj.0.weight"].shape[1])
+    else:  # no projector: the text feature is already D wide (GTE-base or BERT-base into ViT-Base)
+        config.update(text_proj="none", text_dim=dim)
+    return M2DConfig(**config)

@@ -14,7 +14,7 @@ File format (no pickles, readable by any tool):
 
 Compute the .npy for a CSV (needs the optional sentence-transformers package):
     python text_embed.py captions.csv                       # bundled all-MiniLM-L6-v2
-    python text_embed.py captions.csv --model /path/to/NV-Embed-v2 --trust-remote-code \\
+    python text_embed.py captions.csv --model /path/to/NV-Embed-v2 --trust-remote-code --append-eos \\
         --batch-size 16 --device cuda
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shutil
 import sys
@@ -159,9 +160,20 @@ def load_sentence_model(name_or_path: str = DEFAULT_MODEL, device: str | None = 
 
 
 def embed_texts(texts: list[str], model, batch_size: int = 256, prompt: str | None = None,
-                progress: bool = True) -> np.ndarray:
-    """[len(texts), dim] float32 L2-normalised sentence embeddings."""
-    emb = model.encode(texts, batch_size=batch_size, prompt=prompt, normalize_embeddings=True,
+                progress: bool = True, append_eos: bool = False) -> np.ndarray:
+    """[len(texts), dim] float32 sentence embeddings, as the model's own pipeline gives them.
+
+    No L2 normalisation is added (SPEC 6): a model whose pipeline ends in a
+    Normalize module (all-MiniLM-L6-v2) still normalises, NV-Embed-v2 does
+    not. append_eos adds the tokenizer's end-of-sequence token to every text,
+    as the authors' runtime does for NV-Embed-v2.
+    """
+    if append_eos:
+        eos = getattr(model.tokenizer, "eos_token", None)
+        if not eos:
+            raise ValueError("append_eos: this sentence model's tokenizer has no end-of-sequence token")
+        texts = [t + eos for t in texts]
+    emb = model.encode(texts, batch_size=batch_size, prompt=prompt, normalize_embeddings=False,
                        convert_to_numpy=True, show_progress_bar=progress)
     return emb.astype(np.float32)
 
@@ -169,7 +181,7 @@ def embed_texts(texts: list[str], model, batch_size: int = 256, prompt: str | No
 def embed_captions_csv(csv_path: str | Path, out_path: str | Path | None = None,
                        model_name: str = DEFAULT_MODEL, batch_size: int = 256, device: str | None = None,
                        dtype: str = "float16", prompt: str | None = None, trust_remote_code: bool = False,
-                       chunk_rows: int = 100_000) -> Path:
+                       chunk_rows: int = 100_000, append_eos: bool = False) -> Path:
     """Compute the embedding .npy for a captions CSV; returns its path.
 
     Millions of captions are embedded in chunks of chunk_rows, each saved to
@@ -190,7 +202,8 @@ def embed_captions_csv(csv_path: str | Path, out_path: str | Path | None = None,
             continue
         model = model or load_sentence_model(model_name, device, trust_remote_code)
         rows = captions[k * chunk_rows:(k + 1) * chunk_rows]
-        emb = embed_texts(rows, model, batch_size, prompt, progress=n_chunks == 1).astype(dtype)
+        emb = embed_texts(rows, model, batch_size, prompt, progress=n_chunks == 1, append_eos=append_eos)
+        emb = emb.astype(dtype)
         np.save(part.with_suffix(".tmp.npy"), emb, allow_pickle=False)
         os.replace(part.with_suffix(".tmp.npy"), part)
         print(f"chunk {k + 1}/{n_chunks}: {len(rows)} captions ({time.perf_counter() - t0:.0f} s so far)",
@@ -221,6 +234,22 @@ def _transformers():
     return transformers
 
 
+def _folder(name_or_path: str, what: str) -> str:
+    path = resolve_model_path(name_or_path)
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: {what} folder not found. Pass a local Hugging Face model folder "
+                                "(config.json, weights, tokenizer files).")
+    return path
+
+
+def _without_pooler(build, *args):
+    """A BERT-style encoder without its pooler, which no text feature here uses."""
+    try:
+        return build(*args, add_pooling_layer=False)
+    except TypeError:  # an architecture that has no pooler to leave out
+        return build(*args)
+
+
 def load_text_encoder(name_or_path: str = DEFAULT_MODEL):
     """A pretrained Transformer text encoder and its tokenizer from a local folder.
 
@@ -231,19 +260,48 @@ def load_text_encoder(name_or_path: str = DEFAULT_MODEL):
     transformers = _transformers()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers.logging.set_verbosity_error()  # its unused pooler is reported otherwise
-    path = resolve_model_path(name_or_path)
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"{path}: text encoder folder not found. Pass --text-encoder with a local "
-                                "Hugging Face model folder (config.json, weights, tokenizer files).")
-    model = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
-    return model, load_tokenizer(path)
+    path = _folder(name_or_path, "text encoder")
+    return _without_pooler(transformers.AutoModel.from_pretrained, path), load_tokenizer(path)
 
 
 def text_encoder_from_config(config: dict):
     """An untrained text encoder of a saved architecture, to load trained weights into."""
     transformers = _transformers()
-    model_config = transformers.AutoConfig.for_model(**config)
-    return transformers.AutoModel.from_config(model_config, add_pooling_layer=False)
+    return _without_pooler(transformers.AutoModel.from_config, transformers.AutoConfig.for_model(**config))
+
+
+def text_encoder_from_folder_config(name_or_path: str):
+    """An untrained text encoder with the architecture of a local folder's config.json, and its tokenizer.
+
+    For a checkpoint that carries the encoder's weights but not its
+    architecture (the released stage-2 files): the folder supplies the
+    config and tokenizer, the checkpoint the weights.
+    """
+    transformers = _transformers()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers.logging.set_verbosity_error()
+    path = _folder(name_or_path, "text encoder")
+    config = transformers.AutoConfig.from_pretrained(path)
+    return _without_pooler(transformers.AutoModel.from_config, config), load_tokenizer(path)
+
+
+def default_text_pooling(name_or_path: str) -> str:
+    """The text feature a pretrained encoder folder was made for: "mean" or "cls".
+
+    A sentence-transformers folder (modules.json with a Pooling module) was
+    trained for its pooling: the mean over real tokens for all-MiniLM-L6-v2
+    and GTE-base. Any other encoder, a plain BERT such as bert-base-uncased
+    (the paper's stage-2 text encoder), gives its CLS token, as the authors'
+    BERT text encoder does.
+    """
+    path = Path(resolve_model_path(name_or_path))
+    try:
+        modules = json.loads((path / "modules.json").read_text())
+        pooling = next(m for m in modules if m.get("type", "").endswith(".Pooling"))
+        config = json.loads((path / pooling["path"] / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, KeyError):
+        return "cls"
+    return "mean" if config.get("pooling_mode_mean_tokens") else "cls"
 
 
 def load_tokenizer(name_or_path: str):
@@ -257,8 +315,12 @@ def load_tokenizer(name_or_path: str):
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
-def tokenize(tokenizer, captions: list[str], max_tokens: int = 64) -> dict:
-    """Captions -> {"input_ids", "attention_mask"} [B, L], padded to the longest."""
+def tokenize(tokenizer, captions: list[str], max_tokens: int = 512) -> dict:
+    """Captions -> {"input_ids", "attention_mask"} [B, L], padded to the longest, cut at max_tokens.
+
+    512 tokens is BERT's limit and the authors' setting; no caption of a
+    usual dataset is cut.
+    """
     tokens = tokenizer(captions, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
     return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
@@ -278,13 +340,17 @@ def main(argv=None):
     p.add_argument("--prompt", default=None, help="text prepended to every caption (instruction models)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model folder's own code to run (NV-Embed-v2 needs it)")
+    p.add_argument("--append-eos", action="store_true",
+                   help="end every caption with the tokenizer's end-of-sequence token, as the authors' "
+                        "runtime does for NV-Embed-v2")
     p.add_argument("--chunk-rows", type=int, default=100_000,
                    help="captions per saved chunk; a restarted run skips finished chunks")
     args = p.parse_args(argv)
     try:
         out = embed_captions_csv(args.csv, args.out, args.model, args.batch_size, args.device,
-                                 args.dtype, args.prompt, args.trust_remote_code, args.chunk_rows)
-    except (CaptionFileError, ImportError) as e:
+                                 args.dtype, args.prompt, args.trust_remote_code, args.chunk_rows,
+                                 args.append_eos)
+    except (CaptionFileError, ImportError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}")
 

@@ -41,7 +41,6 @@ import math
 import os
 import pickle
 import random
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -194,13 +193,19 @@ def build_model(ckpt: dict) -> tuple[m2d.M2DCLAP, object | None]:
     shapes, normalisation statistics, and the text encoder's architecture with
     a reference to its tokenizer.
     """
-    config = m2d.M2DConfig(**ckpt["model_config"])
+    model_config, state = dict(ckpt["model_config"]), dict(ckpt["model"])
+    # Checkpoints of earlier versions: a Linear text projector without a bias (a zero
+    # bias is the same function), and stage-2 text encoders that were mean-pooled.
+    if model_config.get("text_proj") == "linear" and "text_proj.bias" not in state:
+        state["text_proj.bias"] = torch.zeros(state["text_proj.weight"].shape[0])
+    if ckpt.get("text_encoder") and "text_pooling" not in model_config:
+        model_config["text_pooling"] = "mean"
     text_encoder = tokenizer = None
     if ckpt.get("text_encoder"):
         text_encoder = text_embed.text_encoder_from_config(ckpt["text_encoder"]["config"])
         tokenizer = text_embed.load_tokenizer(ckpt["text_encoder"]["name"])
-    model = m2d.M2DCLAP(config, tuple(ckpt["norm_stats"]), text_encoder)
-    model.load_state_dict(ckpt["model"])
+    model = m2d.M2DCLAP(m2d.M2DConfig(**model_config), tuple(ckpt["norm_stats"]), text_encoder)
+    model.load_state_dict(state)
     return model, tokenizer
 
 
@@ -219,150 +224,7 @@ def load_previous_stage(stage: str, path: Path) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Released M2D / M2D-CLAP checkpoints
-#
-# The released files keep a state dict under 'model' (often beside an
-# argparse.Namespace under 'args'), with our key names behind an optional
-# wrapper prefix. This table is all the renaming there is.
-
-RELEASED_PREFIXES = ("module.ar.runtime.backbone.", "backbone.", "module.")
-# Keys of released files that our model has no place for, and why they can go.
-RELEASED_IGNORED = {
-    "text_encoder.pooler.": "BERT's pooler: our text side mean-pools the token features",
-    "text_encoder.embeddings.position_ids": "a constant buffer that older transformers versions saved",
-}
-ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "norm_stats")
-DEFAULT_NORM_STATS = (-7.1, 4.2)  # the 2022 M2D models
-# The text-side letter of a folder name: the sentence model behind a stage-1
-# text projector, or the text encoder of a stage-2 model.
-TEXT_KINDS = {"A": "thenlper/gte-base", "N": "nvidia/NV-Embed-v2", "B": "bert-base-uncased"}
-FOLDER_NAME = re.compile(r"(\d+)x(\d+)p(\d+)x(\d+)(?:p(\d+)k)?(?:p([A-Z]))?(?:p(TI))?")
-
-
-def strip_released_keys(state: dict) -> dict:
-    """Drop the wrapper prefixes and the keys in RELEASED_IGNORED."""
-    out = {}
-    for key, value in state.items():
-        for prefix in RELEASED_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        if not key.startswith(tuple(RELEASED_IGNORED)):
-            out[key] = value
-    return out
-
-
-def parse_folder_name(name: str) -> dict:
-    """Setup facts from a released folder name, e.g. m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025."""
-    match = FOLDER_NAME.search(name)
-    if not match:
-        return {}
-    n_mels, frames, patch_f, patch_t, sr_khz, text_kind, _ = match.groups()
-    facts = {"n_mels": int(n_mels), "crop_frames": int(frames), "patch_size": (int(patch_f), int(patch_t))}
-    if sr_khz:
-        facts["sample_rate"] = int(sr_khz) * 1000
-    if text_kind:
-        facts["text_kind"] = text_kind
-    return facts
-
-
-def released_config(state: dict, args, folder: str) -> m2d.M2DConfig:
-    """Model shape from the tensors, with input size from 'args' or the folder name."""
-    facts = parse_folder_name(folder)
-    if args is not None:  # the training arguments say it best, when present
-        if getattr(args, "input_size", None):
-            facts["n_mels"], facts["crop_frames"] = (int(v) for v in args.input_size)
-        if getattr(args, "sr", None):
-            facts["sample_rate"] = int(str(args.sr).rstrip("k")) * 1000
-    patch_size = state["patch_embed.proj.weight"].shape[-1]
-    if facts.get("patch_size", (patch_size, patch_size)) != (patch_size, patch_size):
-        raise ValueError(f"{folder}: patches {facts['patch_size']} are not square; only square patches are supported")
-    if facts.get("sample_rate", data.SAMPLE_RATE) != data.SAMPLE_RATE:
-        raise ValueError(f"{folder}: a {facts['sample_rate']} Hz model; this front end is 16 kHz only")
-    dim = state["cls_token"].shape[-1]
-    n_patches = state["pos_embed"].shape[1] - 1
-    n_mels = facts.get("n_mels", 80)
-    crop_frames = facts.get("crop_frames", n_patches // (n_mels // patch_size) * patch_size)
-
-    def count(prefix):
-        return len({k.split(".")[1] for k in state if k.startswith(prefix)})
-
-    config = dict(n_mels=n_mels, crop_frames=crop_frames, patch_size=patch_size, embed_dim=dim,
-                  depth=count("blocks."), num_heads=dim // 64,
-                  mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim)
-    if "decoder_embed.weight" in state:
-        config.update(predictor_dim=state["decoder_embed.weight"].shape[0], predictor_depth=count("decoder_blocks."))
-    if "audio_proj.0.weight" in state:
-        config["audio_proj"] = "mlp"
-    if "text_proj.weight" in state:
-        config.update(text_proj="linear", text_dim=state["text_proj.weight"].shape[1])
-    elif "text_proj.0.weight" in state:
-        config.update(text_proj="mlp", text_dim=state["text_proj.0.weight"].shape[1])
-    elif any(k.startswith("text_encoder.") for k in state):
-        config.update(text_proj="none", text_dim=dim)
-    return m2d.M2DConfig(**config)
-
-
-def released_text_encoder_config(state: dict) -> dict:
-    """A BERT config that fits the text_encoder.* tensors of a stage-2 file."""
-    hidden = state["text_encoder.embeddings.word_embeddings.weight"].shape[1]
-    layers = {k.split(".")[3] for k in state if k.startswith("text_encoder.encoder.layer.")}
-    return {"model_type": "bert", "hidden_size": hidden, "num_hidden_layers": len(layers),
-            "num_attention_heads": hidden // 64,
-            "intermediate_size": state["text_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
-            "vocab_size": state["text_encoder.embeddings.word_embeddings.weight"].shape[0],
-            "max_position_embeddings": state["text_encoder.embeddings.position_embeddings.weight"].shape[0],
-            "type_vocab_size": state["text_encoder.embeddings.token_type_embeddings.weight"].shape[0]}
-
-
-def load_released(path: str | Path, tokenizer: str | None = None):
-    """Load a released M2D / M2D-CLAP file: (model, tokenizer or None, checkpoint-like dict).
-
-    Encoder-only files, full training files and stage-2 files with
-    text_encoder.* all load; parts a file does not have keep their
-    initialisation and are listed under ckpt["missing_parts"]. Every encoder
-    tensor must be present, and no key may be left over.
-    """
-    path = Path(path)
-    raw = load_checkpoint(path)
-    args = raw.get("args") if isinstance(raw, dict) else None
-    state = raw["model"] if isinstance(raw, dict) and "model" in raw else raw
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: not a state dict (a dict of tensors, possibly under 'model')")
-    state = strip_released_keys(state)
-    folder = path.parent.name
-    config = released_config(state, args, folder)
-    norm_stats = tuple(state.pop("norm_stats").tolist()) if "norm_stats" in state else DEFAULT_NORM_STATS
-    text_kind = parse_folder_name(folder).get("text_kind")
-
-    text_encoder = tok = None
-    text_encoder_info = None
-    if any(k.startswith("text_encoder.") for k in state):
-        name = tokenizer or TEXT_KINDS.get(text_kind, "bert-base-uncased")
-        enc_config = released_text_encoder_config(state)
-        text_encoder = text_embed.text_encoder_from_config(enc_config)
-        tok = text_embed.load_tokenizer(name) if tokenizer else None
-        text_encoder_info = {"name": name, "config": enc_config}
-    model = m2d.M2DCLAP(config, norm_stats, text_encoder)
-    model_keys = set(model.state_dict())
-    unexpected = sorted(set(state) - model_keys)
-    if unexpected:
-        raise ValueError(f"{path}: keys our model has no place for: {unexpected[:5]}"
-                         f"{' ...' if len(unexpected) > 5 else ''}")
-    missing = sorted(model_keys - set(state) - {"norm_stats"})
-    missing_encoder = [k for k in missing if k.startswith(ENCODER_KEYS)]
-    if missing_encoder:
-        raise ValueError(f"{path}: encoder tensors missing: {missing_encoder[:5]}")
-    model.load_state_dict(state, strict=False)
-    parts = {"target": "target_", "predictor": ("decoder_", "mask_token"), "audio_proj": "audio_proj.",
-             "text_proj": "text_proj.", "logit_scale": "logit_scale"}
-    missing_parts = [part for part, prefix in parts.items() if any(k.startswith(prefix) for k in missing)]
-    has_text_side = "text_proj" not in missing_parts or text_encoder is not None
-    ckpt = {"stage": "released", "model_config": asdict(config), "norm_stats": list(norm_stats),
-            "text_encoder": text_encoder_info, "missing_parts": missing_parts,
-            "text_side": ("encoder" if text_encoder is not None else "embeddings" if has_text_side else None),
-            "embedding_model": TEXT_KINDS.get(text_kind) if text_encoder is None and has_text_side else None}
-    return model, tok, ckpt
+# Export in the released M2D-CLAP layout (loading released files: evaluate.py)
 
 
 def export_released(ckpt_path: Path, out_path: Path, training_parts: bool = False) -> dict:
@@ -376,17 +238,25 @@ def export_released(ckpt_path: Path, out_path: Path, training_parts: bool = Fals
     if "model_config" not in ckpt:
         raise ValueError(f"{ckpt_path}: not a checkpoint written by train.py")
     training = ("target_", "decoder_", "mask_token")
-    state = {k: v for k, v in ckpt["model"].items() if training_parts or not k.startswith(training)}
+    state = {k: v for k, v in build_model(ckpt)[0].state_dict().items()
+             if training_parts or not k.startswith(training)}
+    # The released files keep their text encoder as a module inside a text_encoder module.
+    state = {"text_encoder." + k if k.startswith("text_encoder.") else k: v for k, v in state.items()}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out_path, model=state)
     return state
 
 
 def conventional_folder_name(config: m2d.M2DConfig, text_encoder: bool) -> str:
-    """The released folder naming, e.g. m2d_clap_vit_base-80x1001p16x16p16k, so tools infer the setup."""
+    """The released folder naming, e.g. m2d_clap_vit_base-80x1001p16x16p16kpBpTI, so tools infer the setup.
+
+    With a text encoder, its letter says how its feature is taken: B (BERT, CLS
+    token) or A (GTE-style, mean over tokens); TI says its weights are included.
+    """
     size = {768: "base", 1024: "large"}.get(config.embed_dim, f"d{config.embed_dim}")
     p = config.patch_size
-    return f"m2d_clap_vit_{size}-{config.n_mels}x{config.crop_frames}p{p}x{p}p16k{'pTI' if text_encoder else ''}"
+    text = f"p{'B' if config.text_pooling == 'cls' else 'A'}pTI" if text_encoder else ""
+    return f"m2d_clap_vit_{size}-{config.n_mels}x{config.crop_frames}p{p}x{p}p16k{text}"
 
 
 def export_main(argv):
@@ -445,6 +315,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-encoder", default=text_embed.DEFAULT_MODEL,
                    help="stage 2: local Hugging Face folder of the text encoder, e.g. bert-base-uncased "
                         f"(default: the bundled {text_embed.DEFAULT_MODEL})")
+    p.add_argument("--text-pooling", choices=["auto", "cls", "mean"], default="auto",
+                   help="stage 2: the text encoder's feature: its CLS token (as the paper's BERT) or the mean "
+                        "over real tokens; auto takes the pooling a sentence-transformers folder declares "
+                        "(mean for all-MiniLM-L6-v2 and GTE-base) and CLS for any other encoder")
     p.add_argument("--out-dir", type=Path, default=None, help="run folder (default: runs/stage<STAGE>)")
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimiser steps; schedules span them (default: the recipe's epochs)")
@@ -522,14 +396,16 @@ def stage2_model(args, ckpt: dict) -> tuple[m2d.M2DCLAP, object | None]:
         return model, None
     encoder, tokenizer = text_embed.load_text_encoder(args.text_encoder)
     width = encoder.config.hidden_size
-    config = replace(model.config, text_dim=width,
+    pooling = (text_embed.default_text_pooling(args.text_encoder) if args.text_pooling == "auto"
+               else args.text_pooling)
+    config = replace(model.config, text_dim=width, text_pooling=pooling,
                      text_proj="none" if width == model.config.embed_dim else "linear")
     keep_proj = config.text_dim == model.config.text_dim and config.text_proj == model.config.text_proj
     state = {k: v for k, v in model.state_dict().items() if keep_proj or not k.startswith("text_proj.")}
     model = m2d.M2DCLAP(config, tuple(ckpt["norm_stats"]), encoder)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith(("text_encoder.", "text_proj.")) for k in missing)
-    print(f"text side: {args.text_encoder} ({width}-d), "
+    print(f"text side: {args.text_encoder} ({width}-d, {pooling} feature), "
           f"{'stage-1 projector kept' if keep_proj else f'new {config.text_proj} projector'}")
     return model, tokenizer
 
@@ -589,6 +465,7 @@ def train_step(model, net, forward, optimizer, scaler, autocast, clap_loss, micr
     applied = bool(finite)
     if applied:
         scaler.step(optimizer)
+        model.clamp_logit_scale()
         if ema_decay is not None:
             model.ema_update(ema_decay)  # every rank holds the same online weights, so the same target
     scaler.update()
@@ -899,6 +776,10 @@ def train(args: argparse.Namespace):
     t_start = time.perf_counter()
     if resume is not None:
         check_same_run(out_dir / "last.pt", resume["resume"]["run"], run)
+        if model.config.text_proj == "linear" and "text_proj.bias" not in resume["model"]:
+            raise ValueError(f"{out_dir / 'last.pt'}: written by an earlier version whose text projector had no "
+                             "bias, so its optimiser state does not fit this one. Train it again with --no-resume, "
+                             "or go on from its weights with the next stage (--init).")
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         start_step = last_saved = resume["step"]
@@ -1002,7 +883,7 @@ def train(args: argparse.Namespace):
             loss_value = values.get("loss_m2d", 0.0) + (recipe.clap_weight if stage == "1" else 1.0) * values["loss_clap"]
             record = dict(step=done, epoch=round(done / steps_per_epoch, 3), loss=loss_value, **values, lr=lr,
                           **({"ema_decay": ema_decay} if stage == "1" else {}),
-                          logit_scale=model.logit_scale.clamp(0, ClapLoss.max_logit_scale).exp().item(),
+                          logit_scale=model.logit_scale.exp().item(),
                           grad_norm=grad_norm.item(), clips_per_s=round(clips_per_s, 1),
                           elapsed_s=round(now - t_start, 2), skipped_steps=skipped_steps)
             records.append(record)

@@ -71,7 +71,9 @@ def test_distributed_clap_loss_and_gradients_equal_one_process_on_the_global_bat
     loss.backward()
     torch.testing.assert_close(distributed["loss"], loss.detach(), atol=1e-6, rtol=1e-6)
     for name, param in heads.named_parameters():
-        torch.testing.assert_close(distributed["grads"][name], param.grad, atol=1e-6, rtol=1e-5, msg=name)
+        # float32 sums in another order: within 1e-6 of the tensor's largest gradient
+        scale = float(param.grad.abs().max())
+        torch.testing.assert_close(distributed["grads"][name], param.grad, atol=1e-6 * scale, rtol=1e-5, msg=name)
     # Without the gather, each rank would see 4 clips: a different loss.
     local_only = ClapLoss(gather=lambda a, t: (a, t))(*heads(patches[:4], text[:4]), heads.logit_scale)
     assert abs(local_only.item() - loss.item()) > 1e-3

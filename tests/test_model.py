@@ -112,7 +112,7 @@ def test_state_dict_uses_the_released_key_names():
                 "logit_scale", "audio_proj.sem_token", "audio_proj.sem_blocks.0.attn.qkv.weight",
                 "audio_proj.norm.weight", "text_proj.weight"]:
         assert key in keys, key
-    assert "text_proj.bias" not in keys
+    assert "text_proj.bias" in keys  # the released Linear text projector has a bias
     mlp = set(m2d.M2DCLAP(m2d.preset("tiny", depth=1, audio_proj="mlp", text_proj="mlp")).state_dict())
     assert {"audio_proj.0.weight", "audio_proj.2.bias", "text_proj.0.weight", "text_proj.2.weight"} <= mlp
 
@@ -217,3 +217,35 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         ((prediction - target) ** 2).mean().add(audio.sum() * 0).backward()
         grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_clamp_logit_scale_keeps_the_parameter_in_0_to_log_100():
+    model = m2d.M2DCLAP(m2d.preset("tiny", depth=1, predictor_depth=1))
+    for value, expected in [(10.0, math.log(100.0)), (-2.0, 0.0), (2.5, 2.5)]:
+        with torch.no_grad():
+            model.logit_scale.fill_(value)
+        model.clamp_logit_scale()
+        assert model.logit_scale.item() == pytest.approx(expected)
+        assert model.logit_scale.requires_grad
+
+
+def test_the_projectors_keep_pytorchs_default_init_and_the_semantic_one_its_own():
+    # The authors make the CLAP projectors after the MAE initialisation (SPEC 5).
+    torch.manual_seed(0)
+    model = m2d.M2DCLAP(m2d.preset("tiny", depth=1, predictor_depth=1, audio_proj="mlp"))
+    assert model.text_proj.bias.any() and model.audio_proj[0].bias.any()  # default Linear init: random biases
+    semantic = m2d.M2DCLAP(m2d.preset("tiny", depth=1, predictor_depth=1)).audio_proj
+    assert not semantic.sem_token.any() and not semantic.sem_blocks[0].attn.qkv.bias.any()
+
+
+def test_text_feature_is_the_cls_token_or_the_mean_over_real_tokens():
+    class Tokens(torch.nn.Module):  # a stand-in text encoder: its token features are given
+        def forward(self, input_ids, attention_mask):
+            return (input_ids[..., None].float().expand(-1, -1, 8),)
+    text = {"input_ids": torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]]),
+            "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
+    for pooling, expected in [("cls", [1.0, 4.0]), ("mean", [2.0, 4.5])]:
+        model = m2d.M2DCLAP(m2d.preset("tiny", depth=1, predictor_depth=1, text_dim=8, text_proj="mlp",
+                                       text_pooling=pooling), text_encoder=Tokens())
+        model.text_proj = torch.nn.Identity()
+        assert model.text_features(text)[:, 0].tolist() == expected

