@@ -239,14 +239,15 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, convert: bool =
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # [samples, channels]
     except Exception as e:  # libsndfile reports format errors in several exception types
         raise AudioError(f"{path}: cannot be decoded as audio ({type(e).__name__}: {e}). Re-encode it as "
-                         "WAV or FLAC, or remove it from the caption CSV.") from e
+                         "WAV or FLAC, or leave it out of your caption CSV or file list.") from e
     if truncated:
-        raise AudioError(f"{path}: {truncated}. Copy or download it again, or remove it from the caption CSV.")
+        raise AudioError(f"{path}: {truncated}. Copy or download it again, or leave it out of your caption CSV "
+                         "or file list.")
     if data.shape[0] == 0:
-        raise AudioError(f"{path}: has no samples. Remove it from the caption CSV.")
+        raise AudioError(f"{path}: has no samples. Leave it out of your caption CSV or file list.")
     if not np.isfinite(data).all():
         raise AudioError(f"{path}: contains NaN or inf samples. Re-export the file, or remove it "
-                         "from the caption CSV.")
+                         "from your caption CSV or file list.")
     if not convert and (sr != sample_rate or data.shape[1] != 1):
         raise AudioError(f"{path}: {sr} Hz with {data.shape[1]} channel(s); training reads {sample_rate} Hz mono. "
                          "Convert the corpus once with 'python data.py prepare AUDIO_DIR SHARDS' and train "

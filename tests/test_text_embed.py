@@ -122,3 +122,14 @@ def test_embedding_in_chunks_resumes_after_an_interruption(tmp_path, monkeypatch
     model = text_embed.load_sentence_model(device="cpu")
     np.testing.assert_allclose(table.embeddings, real(captions, model, progress=False), atol=2e-3)
     assert not (tmp_path / "captions.npy.parts").exists()
+
+
+def test_default_text_pooling_is_the_declared_pooling_or_the_cls_token(tmp_path):
+    assert text_embed.default_text_pooling(text_embed.DEFAULT_MODEL) == "mean"  # all-MiniLM-L6-v2
+    assert text_embed.default_text_pooling(str(tmp_path)) == "cls"  # a plain encoder folder, e.g. BERT
+    (tmp_path / "modules.json").write_text(
+        '[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},'
+        ' {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]')
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
+    assert text_embed.default_text_pooling(str(tmp_path)) == "cls"
