@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import model as m2d
 import train
-from losses import ClapLoss, m2d_loss
+from losses import ClapLoss
 
 # Dense bf16 tensor-core peaks (FLOP/s), by a name fragment of torch.cuda.get_device_name().
 PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
@@ -57,6 +57,20 @@ def block_flops(tokens: int, dim: int, mlp_ratio: float) -> float:
     return 2 * tokens * dim * 3 * dim + 4 * tokens * tokens * dim + 2 * tokens * dim * dim + 4 * tokens * dim * hidden
 
 
+def audio_proj_flops(tokens: int, config: m2d.M2DConfig) -> float:
+    """Forward matmul FLOPs of the audio projector on `tokens` patch features.
+
+    The semantic projector's last block computes the semantic token's row
+    only: keys and values for every token, one query, a one-row MLP.
+    """
+    D = config.embed_dim
+    if config.audio_proj == "mlp":
+        return 4 * D * D
+    ratio = 1.0 if config.audio_proj_depth <= 2 else 2.0
+    last = 2 * (tokens + 1) * D * 3 * D + 4 * (tokens + 1) * D + 2 * D * D + 4 * D * int(D * ratio)
+    return (config.audio_proj_depth - 1) * block_flops(tokens + 1, D, ratio) + last
+
+
 def analytic_flops_per_clip(config: m2d.M2DConfig, stage: str) -> float:
     """Model FLOPs of one clip's training step; backward counts twice the forward where gradients flow."""
     D, n = config.embed_dim, config.num_patches
@@ -65,13 +79,13 @@ def analytic_flops_per_clip(config: m2d.M2DConfig, stage: str) -> float:
     text = 2 * config.text_dim * D if config.text_proj == "linear" else 0
     if stage == "2":  # frozen encoder forward, then the CLAP heads with gradients
         encoder = patch + config.depth * block_flops(n + 1, D, config.mlp_ratio)
-        return encoder + 3 * (block_flops(n + 1, D, 1.0) + text)
+        return encoder + 3 * (audio_proj_flops(n, config) + text)
     online = config.depth * block_flops(visible + 1, D, config.mlp_ratio)
     target = config.depth * block_flops(n - visible + 1, D, config.mlp_ratio)
     P = config.predictor_dim
     predictor = (2 * (visible + 1) * D * P + config.predictor_depth * block_flops(n + 1, P, config.mlp_ratio)
                  + 2 * (n + 1) * P * D)
-    heads = block_flops(visible + 1, D, 1.0) + text
+    heads = audio_proj_flops(visible, config) + text
     return 3 * (patch + online + predictor + heads) + 2 * patch + target
 
 
@@ -79,7 +93,7 @@ def counted_flops_per_clip(model, mel, text, frozen_encoder: bool) -> float:
     """FLOPs of one forward and backward as torch.utils.flop_counter counts them, per clip."""
     with FlopCounterMode(display=False) as counter:
         outputs = model(mel, text, frozen_encoder=frozen_encoder)
-        loss, _ = train.step_losses(outputs, model.logit_scale, ClapLoss(), 0.01)
+        loss, _ = train.step_losses(outputs, model.logit_scale, ClapLoss(), 0.01, frozen_encoder)
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / mel.shape[0]
@@ -94,7 +108,7 @@ def baseline_step(model, optimizer, scaler, autocast, mel, text, clap_loss, clap
     with autocast:
         if ema_decay is None:  # stage 2: the frozen encoder still runs under autograd
             patches = model.encode(mel)[:, 1:]
-            loss = clap_loss(model.audio_proj(patches.detach()), model.text_features(text), model.logit_scale)
+            outputs = model.audio_proj(patches.detach()), model.text_features(text)
         else:
             patches = model.embed_patches(model.normalize(mel))
             visible, masked, restore = m2d.random_masking(mel.shape[0], patches.shape[1], model.config.mask_ratio,
@@ -105,8 +119,8 @@ def baseline_step(model, optimizer, scaler, autocast, mel, text, clap_loss, clap
             for block in model.target_blocks:  # recorded by autograd, then thrown away
                 x = block(x)
             target = model.target_norm(x)[:, 1:].detach()
-            loss_clap = clap_loss(model.audio_proj(online[:, 1:]), model.text_features(text), model.logit_scale)
-            loss = m2d_loss(prediction, target) + clap_weight * loss_clap
+            outputs = prediction, target, model.audio_proj(online[:, 1:]), model.text_features(text)
+        loss, _ = train.step_losses(outputs, model.logit_scale, clap_loss, clap_weight, ema_decay is None)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 3.0)

@@ -16,6 +16,7 @@ Command line:
     python evaluate.py                                   # newest run, built-in held-out clips
     python evaluate.py --checkpoint runs/stage1/last.pt --json results.json
     python evaluate.py embed --checkpoint CKPT --audio DIR_OR_CSV --out FEATURES/
+    python evaluate.py export runs/stage2/last.pt OUT.pth   # ours in the released layout
 """
 
 from __future__ import annotations
@@ -161,7 +162,6 @@ RELEASED_IGNORED = {
 }
 ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "blocks.0.attn.qkv.weight",
                 "blocks.0.mlp.fc1.weight", "norm.weight", "norm.bias")
-DEFAULT_NORM_STATS = (-7.1, 4.2)  # the 2022 M2D models
 # The text-side letter of a folder name (the authors' runtime assumes A when there is none):
 # the text model, and how its feature is taken.
 TEXT_KINDS = {"A": ("thenlper/gte-base", "mean"), "B": ("bert-base-uncased", "cls"),
@@ -235,7 +235,7 @@ def load_released(path: Path, raw: dict, text_encoder: str | None = None) -> Emb
                          f"{sorted(state)[:5]} ...)")
     facts = released_facts(path, args)
     text_state = {k[len("text_encoder."):]: state.pop(k) for k in list(state) if k.startswith("text_encoder.")}
-    norm_stats = tuple(state.pop("norm_stats").tolist()) if "norm_stats" in state else DEFAULT_NORM_STATS
+    norm_stats = tuple(state.pop("norm_stats").tolist()) if "norm_stats" in state else m2d.DEFAULT_NORM_STATS
     try:
         config = m2d.config_from_state_dict(state, facts.get("n_mels", 80), facts.get("crop_frames"),
                                             facts["num_heads"])
@@ -293,6 +293,55 @@ def released_text_side(path: Path, letter: str, text_state: dict, has_clap: bool
         raise ValueError(f"{path}: its text encoder does not fit the architecture of {folder}/config.json: "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}. Pass the folder of {name}.")
     return encoder, TextSide("encoder", tokenizer=tokenizer)
+
+
+def export_released(ckpt_path: Path, out_path: Path, training_parts: bool = False) -> tuple[dict, m2d.M2DConfig]:
+    """Write one of our checkpoints as a released-layout file {'model': state dict}: (the state, its config).
+
+    The state dict has the released key names and norm_stats: the encoder and
+    the CLAP heads, the text encoder under text_encoder.text_encoder.* as in
+    the 2025 release, plus the target network and predictor with
+    training_parts=True.
+    """
+    ckpt = train.load_checkpoint(ckpt_path)
+    if "model_config" not in ckpt:
+        raise ValueError(f"{ckpt_path}: not a checkpoint written by train.py")
+    model, _ = train.build_model(ckpt, with_tokenizer=False)
+    training = ("target_", "decoder_", "mask_token")
+    state = {("text_encoder." + k if k.startswith("text_encoder.") else k): v
+             for k, v in model.state_dict().items() if training_parts or not k.startswith(training)}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    train.save_checkpoint(out_path, model=state)
+    return state, model.config
+
+
+def conventional_folder_name(config: m2d.M2DConfig, text_encoder: bool) -> str:
+    """The released folder naming, e.g. m2d_clap_vit_base-80x1001p16x16p16kpBpTI, so tools infer the setup.
+
+    With a text encoder, its letter says how its feature is taken: B (BERT, CLS
+    token) or A (GTE-style, mean over tokens); TI says its weights are included.
+    """
+    size = {768: "base", 1024: "large"}.get(config.embed_dim, f"d{config.embed_dim}")
+    p = config.patch_size
+    text = f"p{'B' if config.text_pooling == 'cls' else 'A'}pTI" if text_encoder else ""
+    return f"m2d_clap_vit_{size}-{config.n_mels}x{config.crop_frames}p{p}x{p}p16k{text}"
+
+
+def export_main(argv):
+    p = argparse.ArgumentParser(prog="evaluate.py export",
+                                description="Write a checkpoint of ours in the released M2D-CLAP layout.")
+    p.add_argument("checkpoint", type=Path, help="a last.pt written by train.py")
+    p.add_argument("out", type=Path, help="output .pth")
+    p.add_argument("--training-parts", action="store_true", help="also write the target network and predictor")
+    args = p.parse_args(argv)
+    try:
+        state, config = export_released(args.checkpoint, args.out, args.training_parts)
+    except (ValueError, FileNotFoundError, train.CheckpointWriteError) as e:
+        sys.exit(f"error: {e}")
+    has_text_encoder = any(k.startswith("text_encoder.") for k in state)
+    print(f"wrote {args.out}: {len(state)} tensors with the released key names. Tools that read the setup "
+          f"from the folder name expect it in a folder named like "
+          f"{conventional_folder_name(config, has_text_encoder)}/")
 
 
 # -----------------------------------------------------------------------------
@@ -755,8 +804,8 @@ def random_init_copy(model, seed: int = 0):
     torch.manual_seed(seed)
     fresh = type(model)(model.config, tuple(model.norm_stats.tolist()))
     baseline = copy.deepcopy(model)
-    encoder_keys = ("patch_embed.", "cls_token", "blocks.", "norm.")
-    state = {k: v for k, v in fresh.state_dict().items() if k.startswith(encoder_keys)}
+    state = {k: v for k, v in fresh.state_dict().items()
+             if k.startswith(m2d.ENCODER_PREFIXES) and k not in ("pos_embed", "norm_stats")}
     baseline.load_state_dict(state, strict=False)
     return baseline.to(model.norm_stats.device).eval()
 
@@ -892,6 +941,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["embed"]:
         return embed_main(argv[1:])
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
     args = parse_args(argv)
     try:
         path = args.checkpoint or newest_run()

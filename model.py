@@ -80,6 +80,8 @@ PRESETS: dict[str, M2DConfig] = {
 }
 
 
+DEFAULT_NORM_STATS = (-7.1, 4.2)  # log-mel mean and std of the 2022 M2D models (files without norm_stats)
+ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.", "norm_stats")  # the audio encoder
 MAX_LOGIT_SCALE = math.log(100.0)  # the CLAP temperature's floor: logits at most 100 x cosine
 
 
@@ -317,7 +319,7 @@ class M2DCLAP(nn.Module):
     it, the text input is a precomputed sentence embedding [B, text_dim].
     """
 
-    def __init__(self, config: M2DConfig, norm_stats: tuple[float, float] = (-7.1, 4.2),
+    def __init__(self, config: M2DConfig, norm_stats: tuple[float, float] = DEFAULT_NORM_STATS,
                  text_encoder: nn.Module | None = None):
         super().__init__()
         self.config = config
@@ -442,34 +444,40 @@ class M2DCLAP(nn.Module):
         x = self.decoder_pred(self.decoder_norm(self._run_blocks(self.decoder_blocks, x)))  # [B, 1+N, D]
         return gather_tokens(x[:, 1:], ids_masked)                          # [B, Nm, D]
 
-    def forward(self, x: torch.Tensor, text=None, frozen_encoder: bool = False,
-                generator: torch.Generator | None = None):
-        """One training forward pass.
+    def forward(self, x: torch.Tensor, text, frozen_encoder: bool = False) -> tuple[torch.Tensor, ...]:
+        """One training forward pass: forward_m2d_clap (stage 1) or, with frozen_encoder, forward_clap.
+
+        The choice is an argument of forward, not two entry points, so that a
+        DistributedDataParallel or compiled wrapper sees every pass.
+        """
+        return self.forward_clap(x, text) if frozen_encoder else self.forward_m2d_clap(x, text)
+
+    def forward_m2d_clap(self, x: torch.Tensor, text) -> tuple[torch.Tensor, ...]:
+        """Stage 1: M2D on the masked input, and CLAP audio from the visible patches.
 
         x: [B, 1, F_bins, T_frames] log-mel (normalised here with norm_stats);
-        text: sentence embeddings [B, text_dim], tokens for a text encoder (see
-        text_features), or None. Returns (prediction, target, audio_embed,
-        text_embed); the CLAP pair is None without text.
-        Stage 1: M2D on the masked input, CLAP audio from the visible patches.
-        Stages 2 and 2.1 (frozen_encoder=True): no masking, no target and no
-        predictor; the encoder runs without autograd on the whole input and
-        only the CLAP parts see gradients; prediction and target are None.
+        text: sentence embeddings [B, text_dim] (or tokens, see text_features).
+        Returns (prediction, target, audio_embed, text_embed): [B, Nm, D] twice,
+        then [B, D] twice.
         """
-        if frozen_encoder:
-            with torch.no_grad():
-                patches = self.encode(x)[:, 1:]                             # [B, N, D], CLS dropped
-            return None, None, self.audio_proj(patches), self.text_features(text)
         patches = self.embed_patches(self.normalize(x))                     # [B, N, D]
         ids_visible, ids_masked, ids_restore = random_masking(
-            patches.shape[0], patches.shape[1], self.config.mask_ratio, patches.device, generator)
+            patches.shape[0], patches.shape[1], self.config.mask_ratio, patches.device)
         online = self.forward_online(patches, ids_visible)                  # [B, 1+Nv, D]
         prediction = self.forward_predictor(online, ids_restore, ids_masked)
         target = self.forward_target(patches, ids_masked)
-        if text is None:
-            return prediction, target, None, None
-        # In stage 1 the audio projector reads the online encoder's visible patches.
         audio_embed = self.audio_proj(online[:, 1:])                        # [B, D]
         return prediction, target, audio_embed, self.text_features(text)
+
+    def forward_clap(self, x: torch.Tensor, text) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stages 2 and 2.1: CLAP parts on the frozen encoder -> (audio_embed, text_embed), [B, D] each.
+
+        No masking, target or predictor: the encoder runs without autograd on
+        the whole input, and only the CLAP parts see gradients.
+        """
+        with torch.no_grad():
+            patches = self.encode(x)[:, 1:]                                 # [B, N, D], CLS dropped
+        return self.audio_proj(patches), self.text_features(text)
 
     # --- inference ------------------------------------------------------------
 
@@ -574,9 +582,6 @@ def mean_pool(tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
-def ema_decay_at(step: int, total_steps: int, start: float = 0.99995, end: float = 0.99999) -> float:
-    """EMA decay rising linearly from start to end over the whole run."""
-    return start + (end - start) * min(step, total_steps) / max(total_steps, 1)
 
 
 # -----------------------------------------------------------------------------

@@ -19,16 +19,14 @@ lower learning rate.
                                      # the paper's ViT-Base recipe
     torchrun --nproc_per_node=4 train.py --stage 1 --preset base --data captions.csv --shards shards/
                                      # data parallel on 4 GPUs, log-mels from 'data.py prepare'
-    python train.py export runs/stage2/last.pt out.pth
-                                     # our weights in the released M2D-CLAP layout
 
 Outputs in --out-dir (default runs/stage<STAGE>): last.pt (a checkpoint that
 loads with torch.load(weights_only=True) and holds all a resume needs),
 log.jsonl (one JSON object per logged step) and, with --skip-bad,
 bad_clips.csv. Running the same command again resumes the run exactly where
 it stopped. This file is the only place that knows about AMP, torch.compile,
-data parallelism, schedules, resuming and checkpoints, ours and the released
-ones.
+data parallelism, schedules, resuming and checkpoints. To write a checkpoint
+in the released layout: python evaluate.py export.
 """
 
 from __future__ import annotations
@@ -43,7 +41,7 @@ import pickle
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +107,7 @@ RECIPES: dict[tuple[str, str], Recipe] = {
 
 
 # -----------------------------------------------------------------------------
-# Schedules
+# Schedules: the learning rate and the EMA decay of each step
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -118,6 +116,147 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> flo
         return peak_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     return peak_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def ema_decay_at(step: int, total_steps: int, start: float, end: float) -> float:
+    """EMA decay rising linearly from start to end over the whole run (Recipe.ema_decay)."""
+    return start + (end - start) * min(step, total_steps) / max(total_steps, 1)
+
+
+# -----------------------------------------------------------------------------
+# The command line: one dataclass, one flag per field
+
+
+def flag(default, help: str, stages: tuple[str, ...] = STAGES, **argparse_options):
+    """A Config field: its default, its --help text, the stages that take it, and how argparse reads it."""
+    return field(default=default, metadata={"help": help, "stages": stages, **argparse_options})
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+CUDA = torch.cuda.is_available()
+
+
+@dataclass
+class Config:
+    """Everything a run is told. A default of None means "as described", and resolve() decides it."""
+
+    stage: str = flag(MISSING, "training stage", choices=STAGES)
+    preset: str | None = flag(None, "model size and recipe: tiny (CPU, built-in data), base (the paper) or large. "
+                              "Default: tiny in stage 1; stages 2 and 2.1 take it from --init",
+                              choices=sorted(m2d.PRESETS))
+    data: Path | None = flag(None, "captions CSV (columns file_name, caption; see text_embed.py). Default: the "
+                             "built-in synthetic training set (stage 2.1: its refinement subset)", type=Path)
+    embeddings: Path | None = flag(None, "caption embeddings .npy, row-aligned with --data (default: --data with "
+                                   ".npy)", type=Path)
+    embedding_model: str | None = flag(None, "name or path of the sentence model that made --embeddings, recorded "
+                                       "in the checkpoint so that new text (zero-shot prompts) can be embedded the "
+                                       "same way (default: all-MiniLM-L6-v2 for the built-in data)")
+    audio_root: Path | None = flag(None, "folder the CSV's file_name paths are relative to (default: the CSV's "
+                                   "folder)", type=Path)
+    shards: Path | None = flag(None, "read log-mels from the shards 'python data.py prepare' wrote, instead of "
+                               "decoding audio", type=Path)
+    init: Path | None = flag(None, "checkpoint to start from (default: runs/stage1/last.pt for stage 2, "
+                             "runs/stage2/last.pt for stage 2.1)", ("2", "2.1"), type=Path)
+    text_side: str = flag("encoder", "train a pretrained text encoder on caption text (encoder, needs the "
+                          "transformers extra), or a projector on the precomputed sentence embeddings",
+                          ("2",), choices=["encoder", "embeddings"])
+    text_encoder: str = flag(text_embed.DEFAULT_MODEL, "local Hugging Face folder of the text encoder, e.g. "
+                             "bert-base-uncased (default: the bundled all-MiniLM-L6-v2)", ("2",))
+    text_pooling: str = flag("auto", "the text encoder's feature: its CLS token (as the paper's BERT) or the mean "
+                             "over real tokens; auto takes the pooling a sentence-transformers folder declares "
+                             "(mean for all-MiniLM-L6-v2 and GTE-base) and CLS for any other encoder", ("2",),
+                             choices=["auto", "cls", "mean"])
+    out_dir: Path | None = flag(None, "run folder (default: runs/stage<STAGE>)", type=Path)
+    max_steps: int | None = flag(None, "stop after this many optimiser steps; schedules span them (default: the "
+                                 "recipe's epochs)", type=positive_int)
+    epochs: float | None = flag(None, "epochs over the data (default: the recipe's, below)", type=float)
+    batch_size: int | None = flag(None, "total clips per optimiser step (default: the recipe's, below)",
+                                  type=positive_int)
+    accum_steps: int = flag(1, "split each step's batch into this many micro-batches (gradient accumulation)",
+                            type=positive_int)
+    lr: float | None = flag(None, "peak learning rate (default: the recipe's base_lr x batch / 256)", type=float)
+    clap_weight: float | None = flag(None, "lambda, the weight of the CLAP loss (default: the recipe's, 0.01)",
+                                     ("1",), type=float)
+    mask_ratio: float | None = flag(None, "share of masked patches (default: the preset's, 0.7)", ("1",),
+                                    type=float)
+    ema_decay: tuple[float, float] | None = flag(None, "EMA decay of the target, linear from START to END over "
+                                                 "training (default: the recipe's)", ("1",), type=float, nargs=2,
+                                                 metavar=("START", "END"))
+    norm_stats: tuple[float, float] | None = flag(None, "log-mel normalisation statistics (default: measured on "
+                                                  "the training clips, or the shards' norm_stats.json)", ("1",),
+                                                  type=float, nargs=2, metavar=("MEAN", "STD"))
+    device: str = flag("cuda" if CUDA else "cpu", "cpu, cuda, cuda:1, ...")
+    precision: str | None = flag(None, "autocast precision (default: bf16 on CUDA, fp32 on CPU); fp16 uses a "
+                                 "GradScaler", choices=["fp32", "bf16", "fp16"])
+    compile: bool | None = flag(None, "torch.compile the model (default: on for stage 1 on CUDA, off otherwise)",
+                                action=argparse.BooleanOptionalAction)
+    workers: int | None = flag(None, "DataLoader worker processes (default: 8 on CUDA, 0 on CPU)", type=int)
+    preload: bool | None = flag(None, "decode every clip into memory once (default: on for the built-in data)",
+                                action=argparse.BooleanOptionalAction)
+    grad_checkpointing: bool = flag(False, "recompute block activations in the backward pass, trading time for "
+                                    "memory (fits the large preset at batch 64 per 80 GB GPU)", ("1",),
+                                    action="store_true")
+    seed: int = flag(0, "seed of the masks, crops, caption choice and clip order", type=int)
+    log_every: int = flag(10, "steps between progress lines and log records", type=positive_int)
+    save_every: int = flag(1000, "steps between checkpoint saves (last.pt is replaced atomically each time)",
+                           type=positive_int)
+    keep: int = flag(2, "also keep the last K periodic checkpoints as step_<N>.pt (0: only last.pt)", type=int)
+    resume: bool | None = flag(None, "continue the run in --out-dir from its last.pt, exactly where it stopped "
+                               "(default: resume when last.pt exists; --no-resume starts over and overwrites the "
+                               "run)", action=argparse.BooleanOptionalAction)
+    skip_bad: bool = flag(False, "skip audio files that cannot be read, listing them in <out-dir>/bad_clips.csv "
+                          "(default: the first one stops the run)", action="store_true")
+    convert_audio: bool = flag(False, "downmix and resample files that are not 16 kHz mono while loading "
+                               "(default: such a file stops the run; 'python data.py prepare' converts a corpus "
+                               "once)", action="store_true")
+    max_bad_steps: int = flag(10, "stop after this many steps in a row with a non-finite loss or gradient (each "
+                              "is skipped with a warning)", type=positive_int)
+
+    def saved(self) -> dict:
+        """The settings as plain values, for the checkpoint."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+def recipes_table() -> str:
+    rows = [f"  {'stage':5s} {'preset':6s} {'batch':>5s} {'base_lr':>8s} {'epochs':>6s} {'warm-up':>7s} "
+            f"{'betas':>12s} {'ema_decay':>18s} {'clap_weight':>11s}"]
+    for (stage, preset), r in RECIPES.items():  # EMA and lambda are stage 1's alone
+        ema, clap = (str(r.ema_decay), f"{r.clap_weight:g}") if stage == "1" else ("-", "-")
+        rows.append(f"  {stage:5s} {preset:6s} {r.batch_size:5d} {r.base_lr:8.2e} {r.epochs:6g} {r.warmup_epochs:7g} "
+                    f"{str(r.betas):>12s} {ema:>18s} {clap:>11s}")
+    return "\n".join(rows)
+
+
+def parse_config(argv=None) -> Config:
+    """The Config of a command line: one flag per field, stage-specific flags checked against --stage."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Recipes (every default of batch, epochs, learning rate, EMA and lambda; "
+                                       "AdamW, weight decay 0.05, clipping at 3.0):\n" + recipes_table())
+    for f in fields(Config):
+        options = {k: v for k, v in f.metadata.items() if k != "stages"}
+        if f.default is MISSING:
+            options["required"] = True
+        else:
+            options["default"] = f.default
+        if "default" not in options["help"].lower() and f.default not in (MISSING, None, False):
+            options["help"] += f" (default: {f.default})"
+        if f.metadata["stages"] != STAGES:
+            options["help"] = f"stage {' and '.join(f.metadata['stages'])}: {options['help']}"
+        p.add_argument("--" + f.name.replace("_", "-"), **options)
+    config = Config(**vars(p.parse_args(argv)))
+    for f in fields(Config):
+        if config.stage not in f.metadata["stages"] and getattr(config, f.name) != f.default:
+            p.error(f"--{f.name.replace('_', '-')} is for stage {' and '.join(f.metadata['stages'])} only, "
+                    f"not stage {config.stage}")
+    if config.data is None and (config.embeddings or config.audio_root):
+        p.error("--embeddings and --audio-root describe your own data; pass --data CSV with them")
+    return config
 
 
 # -----------------------------------------------------------------------------
@@ -226,283 +365,7 @@ def load_previous_stage(stage: str, path: Path) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Export in the released M2D-CLAP layout (loading released files: evaluate.py)
-
-
-def export_released(ckpt_path: Path, out_path: Path, training_parts: bool = False) -> dict:
-    """Write one of our checkpoints as a released-layout file: {'model': state dict}.
-
-    The state dict has the released key names and norm_stats: the encoder and
-    the CLAP heads (text encoder included), plus the target network and
-    predictor with training_parts=True.
-    """
-    ckpt = load_checkpoint(ckpt_path)
-    if "model_config" not in ckpt:
-        raise ValueError(f"{ckpt_path}: not a checkpoint written by train.py")
-    training = ("target_", "decoder_", "mask_token")
-    state = {k: v for k, v in build_model(ckpt)[0].state_dict().items()
-             if training_parts or not k.startswith(training)}
-    # The released files keep their text encoder as a module inside a text_encoder module.
-    state = {"text_encoder." + k if k.startswith("text_encoder.") else k: v for k, v in state.items()}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out_path, model=state)
-    return state
-
-
-def conventional_folder_name(config: m2d.M2DConfig, text_encoder: bool) -> str:
-    """The released folder naming, e.g. m2d_clap_vit_base-80x1001p16x16p16kpBpTI, so tools infer the setup.
-
-    With a text encoder, its letter says how its feature is taken: B (BERT, CLS
-    token) or A (GTE-style, mean over tokens); TI says its weights are included.
-    """
-    size = {768: "base", 1024: "large"}.get(config.embed_dim, f"d{config.embed_dim}")
-    p = config.patch_size
-    text = f"p{'B' if config.text_pooling == 'cls' else 'A'}pTI" if text_encoder else ""
-    return f"m2d_clap_vit_{size}-{config.n_mels}x{config.crop_frames}p{p}x{p}p16k{text}"
-
-
-def export_main(argv):
-    p = argparse.ArgumentParser(prog="train.py export",
-                                description="Write a checkpoint of ours in the released M2D-CLAP layout.")
-    p.add_argument("checkpoint", type=Path, help="a last.pt written by train.py")
-    p.add_argument("out", type=Path, help="output .pth")
-    p.add_argument("--training-parts", action="store_true", help="also write the target network and predictor")
-    args = p.parse_args(argv)
-    try:
-        state = export_released(args.checkpoint, args.out, args.training_parts)
-        config = m2d.M2DConfig(**load_checkpoint(args.checkpoint)["model_config"])
-    except (ValueError, FileNotFoundError, CheckpointWriteError) as e:
-        sys.exit(f"error: {e}")
-    has_text_encoder = any(k.startswith("text_encoder.") for k in state)
-    print(f"wrote {args.out}: {len(state)} tensors with the released key names. Tools that read the setup "
-          f"from the folder name expect it in a folder named like "
-          f"{conventional_folder_name(config, has_text_encoder)}/")
-
-
-# -----------------------------------------------------------------------------
-# Command line
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", required=True, choices=STAGES, help="training stage")
-    p.add_argument("--preset", default=None, choices=sorted(m2d.PRESETS),
-                   help="stage 1: model size and recipe, tiny (CPU, built-in data, the default), "
-                        "base (the paper) or large; stages 2 and 2.1 take it from --init")
-    p.add_argument("--data", type=Path, default=None,
-                   help="captions CSV (columns file_name, caption; see text_embed.py). Default: the "
-                        "built-in synthetic training set (stage 2.1: its refinement subset)")
-    p.add_argument("--embeddings", type=Path, default=None,
-                   help="caption embeddings .npy, row-aligned with --data (default: --data with .npy)")
-    p.add_argument("--embedding-model", default=None,
-                   help="name or path of the sentence model that made --embeddings, recorded in the "
-                        "checkpoint so that new text (zero-shot prompts) can be embedded the same way")
-    p.add_argument("--audio-root", type=Path, default=None,
-                   help="folder the CSV's file_name paths are relative to (default: the CSV's folder)")
-    p.add_argument("--shards", type=Path, default=None,
-                   help="read log-mels from the shards 'python data.py prepare' wrote, instead of decoding audio")
-    p.add_argument("--init", type=Path, default=None,
-                   help="stages 2 and 2.1: checkpoint to start from (default: runs/stage1/last.pt, "
-                        "runs/stage2/last.pt)")
-    p.add_argument("--text-side", choices=["encoder", "embeddings"], default="encoder",
-                   help="stage 2: train a pretrained text encoder on caption text (encoder, needs the "
-                        "transformers extra), or a projector on the precomputed sentence embeddings")
-    p.add_argument("--text-encoder", default=text_embed.DEFAULT_MODEL,
-                   help="stage 2: local Hugging Face folder of the text encoder, e.g. bert-base-uncased "
-                        f"(default: the bundled {text_embed.DEFAULT_MODEL})")
-    p.add_argument("--text-pooling", choices=["auto", "cls", "mean"], default="auto",
-                   help="stage 2: the text encoder's feature: its CLS token (as the paper's BERT) or the mean "
-                        "over real tokens; auto takes the pooling a sentence-transformers folder declares "
-                        "(mean for all-MiniLM-L6-v2 and GTE-base) and CLS for any other encoder")
-    p.add_argument("--out-dir", type=Path, default=None, help="run folder (default: runs/stage<STAGE>)")
-    p.add_argument("--max-steps", type=positive_int, default=None,
-                   help="stop after this many optimiser steps; schedules span them (default: the recipe's epochs)")
-    p.add_argument("--epochs", type=float, default=None, help="epochs over the data (default: the recipe's)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="total clips per optimiser step")
-    p.add_argument("--accum-steps", type=positive_int, default=1,
-                   help="split each step's batch into this many micro-batches (gradient accumulation)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: base_lr * batch / 256)")
-    p.add_argument("--clap-weight", type=float, default=None, help="stage 1: lambda, the weight of the CLAP loss")
-    p.add_argument("--mask-ratio", type=float, default=None, help="stage 1: share of masked patches (default 0.7)")
-    p.add_argument("--ema-decay", type=float, nargs=2, default=None, metavar=("START", "END"),
-                   help="stage 1: EMA decay of the target, linear from START to END over training")
-    p.add_argument("--norm-stats", type=float, nargs=2, default=None, metavar=("MEAN", "STD"),
-                   help="stage 1: log-mel normalisation statistics (default: measured on the training clips)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="autocast precision (default: bf16 on CUDA, fp32 on CPU); fp16 uses a GradScaler")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for stage 1 on CUDA, off otherwise)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader worker processes (default: 8 on CUDA, 0 on CPU)")
-    p.add_argument("--preload", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode every clip into memory once (default: on for the built-in data)")
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="stage 1: recompute block activations in the backward pass, trading time for memory "
-                        "(fits the large preset at batch 64 per 80 GB GPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=positive_int, default=10, help="steps between progress lines and log records")
-    p.add_argument("--save-every", type=positive_int, default=1000,
-                   help="steps between checkpoint saves (last.pt is replaced atomically each time)")
-    p.add_argument("--keep", type=int, default=2,
-                   help="also keep the last K periodic checkpoints as step_<N>.pt (0: only last.pt)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
-                   help="continue the run in --out-dir from its last.pt, exactly where it stopped (default: "
-                        "resume when last.pt exists; --no-resume starts over and overwrites the run)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip audio files that cannot be read, listing them in <out-dir>/bad_clips.csv "
-                        "(default: the first one stops the run)")
-    p.add_argument("--convert-audio", action="store_true",
-                   help="downmix and resample files that are not 16 kHz mono while loading (default: such a "
-                        "file stops the run; 'python data.py prepare' converts a corpus once)")
-    p.add_argument("--max-bad-steps", type=positive_int, default=10,
-                   help="stop after this many steps in a row with a non-finite loss or gradient (each is "
-                        "skipped with a warning)")
-    args = p.parse_args(argv)
-    if args.data is None and (args.embeddings or args.audio_root):
-        p.error("--embeddings and --audio-root describe your own data; pass --data CSV with them")
-    if args.stage == "1" and args.init:
-        p.error("--init is for stages 2 and 2.1; stage 1 starts from scratch")
-    return args
-
-
-# -----------------------------------------------------------------------------
-# The models of each stage
-
-
-def stage1_model(args, text_dim: int, norm_stats) -> m2d.M2DCLAP:
-    overrides = {"text_dim": text_dim, "grad_checkpointing": args.grad_checkpointing}
-    if args.mask_ratio is not None:
-        overrides["mask_ratio"] = args.mask_ratio
-    return m2d.M2DCLAP(m2d.preset(args.preset or "tiny", **overrides), norm_stats)
-
-
-def stage2_model(args, ckpt: dict) -> tuple[m2d.M2DCLAP, object | None]:
-    """The stage-1 model with the text side of stage 2, and its tokenizer (or None).
-
-    With a text encoder, a projector is added only when its width differs from
-    the audio width. When the encoder is as wide as stage 1's sentence
-    embeddings, stage 1's projector is kept: on the built-in data stage 1's
-    embeddings come from the very model stage 2 fine-tunes (mean-pooled
-    all-MiniLM-L6-v2), so stage 2 starts from stage 1's alignment.
-    """
-    model, _ = build_model(ckpt)
-    if args.text_side == "embeddings":
-        return model, None
-    encoder, tokenizer = text_embed.load_text_encoder(args.text_encoder)
-    width = encoder.config.hidden_size
-    pooling = (text_embed.default_text_pooling(args.text_encoder) if args.text_pooling == "auto"
-               else args.text_pooling)
-    config = replace(model.config, text_dim=width, text_pooling=pooling,
-                     text_proj="none" if width == model.config.embed_dim else "linear")
-    keep_proj = config.text_dim == model.config.text_dim and config.text_proj == model.config.text_proj
-    state = {k: v for k, v in model.state_dict().items() if keep_proj or not k.startswith("text_proj.")}
-    model = m2d.M2DCLAP(config, tuple(ckpt["norm_stats"]), encoder)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith(("text_encoder.", "text_proj.")) for k in missing)
-    print(f"text side: {args.text_encoder} ({width}-d, {pooling} feature), "
-          f"{'stage-1 projector kept' if keep_proj else f'new {config.text_proj} projector'}")
-    return model, tokenizer
-
-
-# -----------------------------------------------------------------------------
-# One step's losses
-
-
-def step_losses(outputs, logit_scale, clap_loss, clap_weight: float):
-    """Stage 1: L = L_M2D + lambda * L_CLAP. Stages 2 and 2.1 (no prediction): L = L_CLAP."""
-    prediction, target, audio_emb, text_emb = outputs
-    loss_clap = clap_loss(audio_emb, text_emb, logit_scale)
-    if prediction is None:
-        return loss_clap, {"loss_clap": loss_clap}
-    loss_m2d = m2d_loss(prediction, target)
-    return loss_m2d + clap_weight * loss_clap, {"loss_m2d": loss_m2d, "loss_clap": loss_clap}
-
-
-def compiled(module: torch.nn.Module):
-    """torch.compile, keeping eager's random numbers so that masks do not depend on compilation."""
-    import torch._inductor.config
-    torch._inductor.config.fallback_random = True
-    return torch.compile(module)
-
-
-def train_step(model, net, forward, optimizer, scaler, autocast, clap_loss, micro_batches, clap_weight: float,
-               clip_grad_norm: float, ema_decay: float | None):
-    """One optimiser step over the micro-batches [(log_mel, text), ...] already on the device.
-
-    net is the model or its DistributedDataParallel wrapper, forward the same
-    possibly compiled; gradients are averaged across ranks only on the last
-    micro-batch. Stage 1 (ema_decay given) updates the EMA target after the
-    step. A non-finite loss or gradient norm on any rank skips the step on
-    every rank: no weight, optimiser state or EMA target changes (with fp16
-    the scaler lowers its scale, as it does for its own overflow skips).
-    Returns each loss averaged over micro-batches and the gradient norm, as
-    device tensors, and whether the step was applied: reading that flag is
-    the step's one wait for the device.
-    """
-    sums = {}
-    frozen_encoder = ema_decay is None
-    for k, (mel, text) in enumerate(micro_batches):
-        last = k == len(micro_batches) - 1
-        with contextlib.nullcontext() if last or net is model else net.no_sync():
-            with autocast:
-                outputs = forward(mel, text, frozen_encoder=frozen_encoder)
-                loss, parts = step_losses(outputs, model.logit_scale, clap_loss, clap_weight)
-            scaler.scale(loss / len(micro_batches)).backward()
-        for key, value in parts.items():
-            sums[key] = sums.get(key, 0) + value.detach() / len(micro_batches)
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_grad_norm)
-    finite = torch.isfinite(torch.stack([grad_norm.float(), *(v.float() for v in sums.values())])).all()
-    if net is not model:  # a loss is per rank: skip on all ranks or none
-        finite = finite.int()
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    applied = bool(finite)
-    if applied:
-        scaler.step(optimizer)
-        model.clamp_logit_scale()
-        if ema_decay is not None:
-            model.ema_update(ema_decay)  # every rank holds the same online weights, so the same target
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return sums, grad_norm, applied
-
-
-# -----------------------------------------------------------------------------
-# Training
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def to_device(batch, device):
-    if isinstance(batch, dict):
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    return batch.to(device, non_blocking=True)
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["export"]:
-        return export_main(argv[1:])
-    args = parse_args(argv)
-    try:
-        train(args)
-    except (ValueError, FileNotFoundError, ImportError, CheckpointWriteError, NonFiniteError) as e:
-        # AudioError and CaptionFileError are ValueErrors too
-        message = str(e)
-        if message.startswith("Caught ") and "Original Traceback" in message:  # raised in a DataLoader worker
-            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
-        sys.exit(f"error: {message}")
+# Data parallelism and resuming
 
 
 @dataclass
@@ -533,18 +396,6 @@ def setup_distributed(device_type: str) -> Distributed:
 def parameter_checksums(model: torch.nn.Module) -> list[float]:
     """One float64 sum per parameter tensor: equal lists mean equal replicas, to rounding."""
     return [p.detach().double().sum().item() for p in model.parameters()]
-
-
-# -----------------------------------------------------------------------------
-# Resuming: everything a run needs to go on exactly as if it had never stopped
-
-
-class ResumeError(ValueError):
-    """A run folder that cannot be resumed as asked."""
-
-
-class NonFiniteError(RuntimeError):
-    """Too many steps in a row with a non-finite loss or gradient."""
 
 
 def rng_state(device: torch.device) -> dict:
@@ -578,24 +429,6 @@ def gather_rng_states(ddp: Distributed, device: torch.device) -> list[dict]:
     return states
 
 
-def find_resume(args, out_dir: Path, stage: str) -> dict | None:
-    """The checkpoint to go on from, or None for a new run: --resume, --no-resume, or last.pt if present."""
-    path = out_dir / "last.pt"
-    if args.resume is False or (args.resume is None and not path.is_file()):
-        return None
-    if not path.is_file():
-        raise ResumeError(f"{path}: not found, so there is nothing to resume. Check --out-dir, or drop "
-                          "--resume to start a new run.")
-    ckpt = load_checkpoint(path)
-    if ckpt.get("stage") != stage:
-        raise ResumeError(f"{path}: a stage-{ckpt.get('stage')} run, so stage {stage} cannot resume it. Pass "
-                          f"another --out-dir, or --no-resume to start over there (it overwrites that run).")
-    if "resume" not in ckpt:
-        raise ResumeError(f"{path}: holds no resume state. Pass --no-resume to start over (it overwrites the "
-                          "run), or another --out-dir.")
-    return ckpt
-
-
 def check_same_run(path: Path, saved: dict, now: dict):
     """A resume must continue the same run: data, model, batch, seed and schedule length."""
     changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in now.items() if saved.get(key) != value]
@@ -614,322 +447,634 @@ def read_log(path: Path, last_step: int) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
-# The training loop
+# Where a run starts: a new run of a stage, or its own last.pt
 
 
-def train(args: argparse.Namespace):
-    stage = args.stage
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
+class ResumeError(ValueError):
+    """A run folder that cannot be resumed as asked."""
+
+
+def find_resume(config: Config, out_dir: Path) -> dict | None:
+    """The checkpoint to go on from, or None for a new run: --resume, --no-resume, or last.pt if present."""
+    path = out_dir / "last.pt"
+    if config.resume is False or (config.resume is None and not path.is_file()):
+        return None
+    if not path.is_file():
+        raise ResumeError(f"{path}: not found, so there is nothing to resume. Check --out-dir, or drop "
+                          "--resume to start a new run.")
+    ckpt = load_checkpoint(path)
+    if ckpt.get("stage") != config.stage:
+        raise ResumeError(f"{path}: a stage-{ckpt.get('stage')} run, so stage {config.stage} cannot resume it. "
+                          "Pass another --out-dir, or --no-resume to start over there (it overwrites that run).")
+    if "resume" not in ckpt:
+        raise ResumeError(f"{path}: holds no resume state. Pass --no-resume to start over (it overwrites the "
+                          "run), or another --out-dir.")
+    return ckpt
+
+
+def resolve(config: Config, start: dict | None, init_path: Path | None = None) -> tuple[Config, Recipe]:
+    """The config with its preset decided, and the recipe with the command line's overrides.
+
+    Stages 2 and 2.1 take the preset of the checkpoint they start from (a
+    different --preset stops the run); stage 1 defaults to tiny.
+    """
+    preset = config.preset or "tiny"
+    if start is not None:
+        preset = start["args"].get("preset") or "tiny"
+        if init_path is not None and config.preset not in (None, preset):  # a new run of stage 2 or 2.1
+            raise ValueError(f"{init_path}: a stage-{start['stage']} checkpoint of the {preset} preset, but this "
+                             f"run asks for --preset {config.preset}. Drop --preset (stages 2 and 2.1 take it "
+                             f"from the checkpoint they start from), or pass --init with a {config.preset} "
+                             "checkpoint.")
+    config = replace(config, preset=preset)
+    overrides = dict(batch_size=config.batch_size, clap_weight=config.clap_weight, epochs=config.epochs,
+                     ema_decay=tuple(config.ema_decay) if config.ema_decay else None)
+    recipe = replace(RECIPES[(config.stage, preset)], **{k: v for k, v in overrides.items() if v is not None})
+    return config, recipe
+
+
+# -----------------------------------------------------------------------------
+# The stages: what each one trains, on what text, from where
+
+
+@dataclass
+class Stage:
+    """What the training loop needs to know of a stage."""
+
+    model: m2d.M2DCLAP
+    tokenizer: object | None          # for a trainable text encoder
+    text_side: str                    # "embeddings" (precomputed sentence embeddings) or "encoder"
+    text_encoder: str | None          # the text encoder's folder, for the checkpoint
+    frozen_encoder: bool              # stages 2 and 2.1: only the CLAP parts train
+
+
+def stage_text_side(config: Config, start: dict | None) -> tuple[str, str | None]:
+    """(text side, text encoder name): stage 1 embeddings, stage 2 as asked, stage 2.1 as its stage 2."""
+    if config.stage == "1":
+        return "embeddings", None
+    if config.stage == "2":
+        return config.text_side, config.text_encoder
+    return start["text_side"], start["text_encoder"]["name"] if start["text_encoder"] else None
+
+
+def setup_stage1(config: Config, text_dim: int, norm_stats: tuple[float, float]) -> Stage:
+    """Stage 1 from scratch: M2D and CLAP together, with precomputed sentence embeddings as the text."""
+    overrides = {"text_dim": text_dim, "grad_checkpointing": config.grad_checkpointing}
+    if config.mask_ratio is not None:
+        overrides["mask_ratio"] = config.mask_ratio
+    model = m2d.M2DCLAP(m2d.preset(config.preset, **overrides), norm_stats)
+    return Stage(model, None, "embeddings", None, frozen_encoder=False)
+
+
+def setup_stage2(config: Config, init: dict) -> Stage:
+    """Stage 2: the stage-1 model with the encoder frozen and a new text side.
+
+    With a text encoder, a projector is added only when its width differs from
+    the audio width. When the encoder is as wide as stage 1's sentence
+    embeddings, stage 1's projector is kept: on the built-in data stage 1's
+    embeddings come from the very model stage 2 fine-tunes (mean-pooled
+    all-MiniLM-L6-v2), so stage 2 starts from stage 1's alignment.
+    """
+    model, _ = build_model(init)
+    if config.text_side == "embeddings":
+        model.freeze_encoder()
+        return Stage(model, None, "embeddings", config.text_encoder, frozen_encoder=True)
+    encoder, tokenizer = text_embed.load_text_encoder(config.text_encoder)
+    width = encoder.config.hidden_size
+    pooling = (text_embed.default_text_pooling(config.text_encoder) if config.text_pooling == "auto"
+               else config.text_pooling)
+    model_config = replace(model.config, text_dim=width, text_pooling=pooling,
+                           text_proj="none" if width == model.config.embed_dim else "linear")
+    keep_proj = (model_config.text_dim, model_config.text_proj) == (model.config.text_dim, model.config.text_proj)
+    state = {k: v for k, v in model.state_dict().items() if keep_proj or not k.startswith("text_proj.")}
+    model = m2d.M2DCLAP(model_config, tuple(init["norm_stats"]), encoder)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith(("text_encoder.", "text_proj.")) for k in missing)
+    print(f"text side: {config.text_encoder} ({width}-d, {pooling} feature), "
+          f"{'stage-1 projector kept' if keep_proj else f'new {model_config.text_proj} projector'}")
+    model.freeze_encoder()
+    return Stage(model, tokenizer, "encoder", config.text_encoder, frozen_encoder=True)
+
+
+def setup_stage21(config: Config, init: dict) -> Stage:
+    """Stage 2.1: stage 2 as it ended (same text side), refined on target-domain captions."""
+    model, tokenizer = build_model(init)
+    model.freeze_encoder()
+    text_side, text_encoder = stage_text_side(config, init)
+    return Stage(model, tokenizer, text_side, text_encoder, frozen_encoder=True)
+
+
+def setup_resumed(config: Config, resume: dict) -> Stage:
+    """A run's own last.pt: weights, EMA target, normalisation statistics and text side."""
+    if resume["model_config"].get("text_proj") == "linear" and "text_proj.bias" not in resume["model"]:
+        raise ValueError("the run's last.pt was written by an earlier version whose text projector had no bias, so its "
+                         "optimiser state does not fit this one. Train it again with --no-resume, or go on "
+                         "from its weights with the next stage (--init).")
+    model, tokenizer = build_model({**resume, "model_config": {
+        **resume["model_config"], "grad_checkpointing": config.grad_checkpointing}})
+    frozen = config.stage != "1"
+    if frozen:
+        model.freeze_encoder()
+    text_side, text_encoder = stage_text_side(config, resume)
+    return Stage(model, tokenizer, text_side, text_encoder, frozen_encoder=frozen)
+
+
+def setup_stage(config: Config, resume: dict | None, init: dict | None, table, dataset, source) -> Stage:
+    """The Stage of this run: its own last.pt, or a new run of stage 1, 2 or 2.1."""
+    if resume is not None:
+        stage = setup_resumed(config, resume)
+    elif config.stage == "1":
+        if config.norm_stats:
+            norm_stats = tuple(config.norm_stats)
+        elif isinstance(source, data.ShardStore) and source.norm_stats:  # from 'python data.py stats'
+            norm_stats = source.norm_stats
+        else:
+            norm_stats = data.compute_norm_stats(dataset)
+        stage = setup_stage1(config, table.dim, norm_stats)
+    else:
+        stage = (setup_stage2 if config.stage == "2" else setup_stage21)(config, init)
+    if stage.text_side == "embeddings":
+        text_embed.check_dim(table, stage.model.config.text_dim)
+    return stage
+
+
+# -----------------------------------------------------------------------------
+# The data of a run
+
+
+@dataclass
+class RunData:
+    name: str                       # for the log and the resume check
+    csv_path: Path
+    npy_path: Path | None
+    table: text_embed.CaptionTable
+    source: data.AudioFolder | data.ShardStore
+    dataset: data.ClipDataset
+    embedding_model: str | None     # the sentence model behind the embeddings, to embed new text later
+
+
+def load_data(config: Config, start: dict | None, text_side: str, out_dir: Path, ddp: Distributed) -> RunData:
+    """Captions (with embeddings for the embeddings text side), audio source and dataset of a run."""
+    if config.data is None:
+        split = "refine" if config.stage == "2.1" else "train"
+        if ddp.main:
+            builtin_data.builtin_dataset(split)  # renders the audio cache once, before the other ranks read it
+        if ddp.world_size > 1:
+            dist.barrier()
+        csv_path, audio_root = builtin_data.builtin_dataset(split)
+        npy_path, preload, name = None, config.preload is not False, f"built-in {split}"
+    else:
+        csv_path, npy_path, name = config.data, config.embeddings, str(config.data)
+        audio_root, preload = config.audio_root or config.data.parent, bool(config.preload)
+    if config.embedding_model or config.data is None:
+        embedding_model = config.embedding_model or text_embed.DEFAULT_MODEL
+    else:
+        embedding_model = start.get("embedding_model") if start else None
+    table = (text_embed.load_captions(csv_path) if text_side == "encoder"
+             else text_embed.load_caption_embeddings(csv_path, npy_path))
+    crop_frames = (m2d.preset(config.preset).crop_frames if config.stage == "1"
+                   else start["model_config"]["crop_frames"])
+    source = data.ShardStore(config.shards) if config.shards else data.AudioFolder(audio_root, config.convert_audio)
+    bad_clips = data.BadClipReport(out_dir / "bad_clips.csv") if config.skip_bad else None
+    dataset = data.ClipDataset(table, source, crop_frames, preload=preload, skip_bad=bad_clips)
+    return RunData(name, csv_path, npy_path, table, source, dataset, embedding_model)
+
+
+# -----------------------------------------------------------------------------
+# One optimiser step
+
+
+def step_losses(outputs, logit_scale, clap_loss, clap_weight: float, frozen_encoder: bool = False):
+    """The step's loss and its parts: L = L_M2D + lambda * L_CLAP in stage 1, L = L_CLAP in stages 2 and 2.1."""
+    if frozen_encoder:
+        audio_embed, text_embed_ = outputs
+        loss_clap = clap_loss(audio_embed, text_embed_, logit_scale)
+        return loss_clap, {"loss": loss_clap, "loss_clap": loss_clap}
+    prediction, target, audio_embed, text_embed_ = outputs
+    loss_m2d = m2d_loss(prediction, target)
+    loss_clap = clap_loss(audio_embed, text_embed_, logit_scale)
+    loss = loss_m2d + clap_weight * loss_clap
+    return loss, {"loss": loss, "loss_m2d": loss_m2d, "loss_clap": loss_clap}
+
+
+def compiled(module: torch.nn.Module):
+    """torch.compile, keeping eager's random numbers so that masks do not depend on compilation."""
+    import torch._inductor.config
+    torch._inductor.config.fallback_random = True
+    return torch.compile(module)
+
+
+def train_step(model, net, forward, optimizer, scaler, autocast, clap_loss, micro_batches, clap_weight: float,
+               clip_grad_norm: float, ema_decay: float | None):
+    """One optimiser step over the micro-batches [(log_mel, text), ...] already on the device.
+
+    net is the model or its DistributedDataParallel wrapper, forward the same
+    possibly compiled; gradients are averaged across ranks only on the last
+    micro-batch. Stage 1 (ema_decay given) updates the EMA target after the
+    step. A non-finite loss or gradient norm on any rank skips the step on
+    every rank: no weight, optimiser state or EMA target changes (with fp16
+    the scaler lowers its scale, as it does for its own overflow skips).
+    Returns each loss averaged over micro-batches and the gradient norm, as
+    device tensors, and whether the step was applied: reading that flag is
+    the step's one wait for the device.
+    """
+    sums = {}
+    frozen_encoder = ema_decay is None
+    for k, (mel, text) in enumerate(micro_batches):
+        last = k == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or net is model else net.no_sync():
+            with autocast:
+                outputs = forward(mel, text, frozen_encoder=frozen_encoder)
+                loss, parts = step_losses(outputs, model.logit_scale, clap_loss, clap_weight, frozen_encoder)
+            scaler.scale(loss / len(micro_batches)).backward()
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0) + value.detach() / len(micro_batches)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_grad_norm)
+    finite = torch.isfinite(torch.stack([grad_norm.float(), *(v.float() for v in sums.values())])).all()
+    if net is not model:  # a loss is per rank: skip on all ranks or none
+        finite = finite.int()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    applied = bool(finite)
+    if applied:
+        scaler.step(optimizer)
+        model.clamp_logit_scale()
+        if ema_decay is not None:
+            model.ema_update(ema_decay)  # every rank holds the same online weights, so the same target
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, grad_norm, applied
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row with a non-finite loss or gradient."""
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True)
+
+
+@dataclass
+class Run:
+    """A run being trained: the stage's model with its optimiser and everything the loop reads."""
+
+    config: Config
+    recipe: Recipe
+    stage: Stage
+    data: RunData
+    ddp: Distributed
+    device: torch.device
+    out_dir: Path
+    net: torch.nn.Module              # the model, or its DistributedDataParallel wrapper
+    forward: torch.nn.Module          # net, possibly compiled
+    loader: DataLoader
+    order: data.ClipOrder
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: contextlib.AbstractContextManager
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    precision: str
+    compiled: bool
+    start_step: int = 0
+    last_saved: int | None = None
+    records: list = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)  # moved back by a resumed run's elapsed time
+    skipped_steps: int = 0                                     # non-finite steps skipped in this session
+
+    @property
+    def model(self) -> m2d.M2DCLAP:
+        return self.stage.model
+
+    def log(self, *args, **kwargs):
+        if self.ddp.main:
+            print(*args, **kwargs)
+
+    def settings(self) -> dict:
+        """What makes a run this run: a resume must match it (the peak learning rate may change)."""
+        c = self.config
+        return dict(stage=c.stage, preset=c.preset, data=self.data.name,
+                    embeddings=str(self.data.npy_path) if self.data.npy_path else None,
+                    shards=str(c.shards) if c.shards else None, text_side=self.stage.text_side,
+                    text_encoder=self.stage.text_encoder, clips=len(self.data.dataset), seed=c.seed,
+                    batch_size=self.recipe.batch_size,
+                    mask_ratio=self.model.config.mask_ratio if c.mask_ratio is None else c.mask_ratio,
+                    total_steps=self.total_steps, warmup_steps=self.warmup_steps, recipe=asdict(self.recipe))
+
+
+def train(config: Config):
+    """Train one stage: set the run up (or resume it), then step until the schedule ends."""
+    device = torch.device(config.device)
     ddp = setup_distributed(device.type)
-    if cuda and ddp.world_size > 1:
+    if device.type == "cuda" and ddp.world_size > 1:
         device = torch.device("cuda", ddp.local_rank)
-    log = print if ddp.main else (lambda *a, **k: None)
-    precision = args.precision or ("bf16" if cuda else "fp32")
-    # Compiled by default for the stage-1 step on CUDA; a text encoder's varying token counts would recompile.
-    use_compile = (cuda and stage == "1") if args.compile is None else args.compile
-    workers = args.workers if args.workers is not None else (8 if cuda else 0)
-    out_dir = args.out_dir or Path("runs") / f"stage{stage}"
-
-    resume = find_resume(args, out_dir, stage)
+    out_dir = config.out_dir or Path("runs") / f"stage{config.stage}"
+    resume = find_resume(config, out_dir)
     if resume is not None and resume["step"] >= resume["resume"]["run"]["total_steps"]:
-        log(f"{out_dir / 'last.pt'}: this run finished at step {resume['step']}; nothing to resume. Pass "
-            "--no-resume to train it again from scratch (overwrites it), or another --out-dir.")
+        if ddp.main:
+            print(f"{out_dir / 'last.pt'}: this run finished at step {resume['step']}; nothing to resume. Pass "
+                  "--no-resume to train it again from scratch (overwrites it), or another --out-dir.")
         if ddp.world_size > 1:
             dist.destroy_process_group()
         return
+    run = setup_run(config, resume, ddp, device, out_dir)
+    train_loop(run)
+    finish(run)
 
+
+def setup_run(config: Config, resume: dict | None, ddp: Distributed, device: torch.device, out_dir: Path) -> Run:
+    """Everything before the first step, in an order that keeps runs reproducible."""
     # Every rank draws its own masks; the weights start equal because
     # DistributedDataParallel copies rank 0's to the others. A resumed run
     # restores each rank's states just before its first step.
-    random.seed(args.seed + ddp.rank)
-    np.random.seed(args.seed + ddp.rank)
-    torch.manual_seed(args.seed + ddp.rank)
-
-    # --- where a stage starts: scratch, the previous stage, or its own last.pt --
+    random.seed(config.seed + ddp.rank)
+    np.random.seed(config.seed + ddp.rank)
+    torch.manual_seed(config.seed + ddp.rank)
     init_path = init = None
-    if stage != "1" and resume is None:
-        init_path = args.init or Path("runs") / f"stage{PREVIOUS_STAGE[stage]}" / "last.pt"
-        init = load_previous_stage(stage, init_path)
-    start = resume or init  # what a stage-2 run takes its preset, text side and crop length from
-    if start is not None:
-        preset = start["args"].get("preset") or "tiny"
-        if init is not None and args.preset not in (None, preset):
-            raise ValueError(f"{init_path}: a stage-{init['stage']} checkpoint of the {preset} preset, but this "
-                             f"run asks for --preset {args.preset}. Drop --preset (stages 2 and 2.1 take it from "
-                             f"the checkpoint they start from), or pass --init with a {args.preset} checkpoint.")
-        args.preset = args.preset or preset
-    args.preset = args.preset or "tiny"
-    recipe = RECIPES[(stage, args.preset)]
-    recipe = replace(recipe, **{k: v for k, v in dict(
-        batch_size=args.batch_size, clap_weight=args.clap_weight, epochs=args.epochs,
-        ema_decay=tuple(args.ema_decay) if args.ema_decay else None).items() if v is not None})
-    if recipe.batch_size % (args.accum_steps * ddp.world_size):
-        raise ValueError(f"--batch-size {recipe.batch_size} is not divisible by {args.accum_steps} accumulation "
+    if config.stage != "1" and resume is None:
+        init_path = config.init or Path("runs") / f"stage{PREVIOUS_STAGE[config.stage]}" / "last.pt"
+        init = load_previous_stage(config.stage, init_path)
+    start = resume or init  # what stages 2 and 2.1 take their preset, text side and crop length from
+    config, recipe = resolve(config, start, init_path)
+    if recipe.batch_size % (config.accum_steps * ddp.world_size):
+        raise ValueError(f"--batch-size {recipe.batch_size} is not divisible by {config.accum_steps} accumulation "
                          f"steps x {ddp.world_size} processes")
-    micro_batch = recipe.batch_size // (args.accum_steps * ddp.world_size)
-    if stage == "1":
-        text_side, text_encoder_name = "embeddings", None
-    elif stage == "2":
-        text_side, text_encoder_name = args.text_side, args.text_encoder
-    else:  # stage 2.1 keeps the text side of the stage-2 checkpoint it starts from
-        text_side = start["text_side"]
-        text_encoder_name = start["text_encoder"]["name"] if start["text_encoder"] else None
+    prepare_out_dir(out_dir, resume is None, ddp)
+    run_data = load_data(config, start, stage_text_side(config, start)[0], out_dir, ddp)
+    order = data.ClipOrder(len(run_data.dataset), recipe.batch_size, config.seed, ddp.rank, ddp.world_size,
+                           config.accum_steps)  # depends on the seed and the global batch only
+    if order.batches_per_epoch == 0:
+        raise ValueError(f"{run_data.csv_path} has {len(run_data.dataset)} usable clips, fewer than one batch of "
+                         f"{recipe.batch_size}; lower --batch-size")
+    stage = setup_stage(config, resume, init, run_data.table, run_data.dataset, run_data.source)
+    model = stage.model.to(device)
+    if stage.frozen_encoder:
+        model.train_clap()  # the frozen encoder stays in eval mode
+    else:
+        model.train()
+    cuda = device.type == "cuda"
+    net = DistributedDataParallel(model, device_ids=[ddp.local_rank] if cuda else None) if ddp.world_size > 1 \
+        else model
+    # Compiled by default for the stage-1 step on CUDA; a text encoder's varying token counts would recompile.
+    use_compile = (cuda and config.stage == "1") if config.compile is None else config.compile
+    workers = config.workers if config.workers is not None else (8 if cuda else 0)
+    # The loader gets a generator of its own: starting an epoch must not draw
+    # from the global RNG that the masks come from.
+    loader = DataLoader(run_data.dataset, batch_size=recipe.batch_size // (config.accum_steps * ddp.world_size),
+                        sampler=order, num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
+                        generator=torch.Generator())
+    total_steps = config.max_steps or max(1, round(recipe.epochs * order.batches_per_epoch))
+    peak_lr = config.lr or recipe.base_lr * recipe.batch_size / 256
+    precision = config.precision or ("bf16" if cuda else "fp32")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision != "fp32" else contextlib.nullcontext())
+    run = Run(config, recipe, stage, run_data, ddp, device, out_dir, net, compiled(net) if use_compile else net,
+              loader, order, torch.optim.AdamW(model.param_groups(recipe.weight_decay), lr=peak_lr,
+                                               betas=recipe.betas, fused=True),
+              torch.amp.GradScaler(device.type, enabled=precision == "fp16"), autocast, total_steps,
+              max(1, round(total_steps * recipe.warmup_epochs / recipe.epochs)), peak_lr, precision, use_compile)
+    if resume is not None:
+        restore(run, resume)
+    open_log(run)
+    if resume is not None:  # last, so that nothing above draws from them
+        restore_rng(run, resume)
+    return run
 
-    # --- run folder ------------------------------------------------------------
+
+def prepare_out_dir(out_dir: Path, new_run: bool, ddp: Distributed):
+    """Create the run folder; a new run first clears what an earlier run there left."""
     if ddp.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None:  # a new run: nothing of an earlier one in this folder may mix in
+        if new_run:  # nothing of an earlier run in this folder may mix in
             for stale in [*out_dir.glob("step_*.pt"), out_dir / "last.pt", out_dir / "last.pt.tmp",
                           out_dir / "bad_clips.csv"]:
                 stale.unlink(missing_ok=True)
     if ddp.world_size > 1:
         dist.barrier()
 
-    # --- data ------------------------------------------------------------------
-    if args.data is None:
-        split = "refine" if stage == "2.1" else "train"
-        if ddp.main:
-            builtin_data.builtin_dataset(split)  # renders the audio cache once, before the other ranks read it
-        if ddp.world_size > 1:
-            dist.barrier()
-        csv_path, audio_root = builtin_data.builtin_dataset(split)
-        npy_path, preload = None, True if args.preload is None else args.preload
-        data_name = f"built-in {split}"
-    else:
-        csv_path, npy_path = args.data, args.embeddings
-        audio_root = args.audio_root or args.data.parent
-        preload = bool(args.preload)
-        data_name = str(args.data)
-    # The sentence model behind the embeddings, kept for embedding new text later.
-    if args.embedding_model or args.data is None:
-        embedding_model = args.embedding_model or text_embed.DEFAULT_MODEL
-    else:
-        embedding_model = start.get("embedding_model") if start else None
-    table = (text_embed.load_captions(csv_path) if text_side == "encoder"
-             else text_embed.load_caption_embeddings(csv_path, npy_path))
-    crop_frames = (m2d.preset(args.preset).crop_frames if stage == "1"
-                   else start["model_config"]["crop_frames"])
-    source = data.ShardStore(args.shards) if args.shards else data.AudioFolder(audio_root, args.convert_audio)
-    bad_clips = data.BadClipReport(out_dir / "bad_clips.csv") if args.skip_bad else None
-    dataset = data.ClipDataset(table, source, crop_frames, preload=preload, skip_bad=bad_clips)
-    # The clip order depends on the seed and the global batch only, and starts mid-epoch on resume.
-    order = data.ClipOrder(len(dataset), recipe.batch_size, args.seed, ddp.rank, ddp.world_size, args.accum_steps)
-    if order.batches_per_epoch == 0:
-        raise ValueError(f"{csv_path} has {len(dataset)} usable clips, fewer than one batch of "
-                         f"{recipe.batch_size}; lower --batch-size")
 
-    # --- model -----------------------------------------------------------------
-    tokenizer = None
-    if resume is not None:  # the run's own weights, EMA target and normalisation statistics
-        model, tokenizer = build_model({**resume, "model_config": {
-            **resume["model_config"], "grad_checkpointing": args.grad_checkpointing}})
-    elif stage == "1":
-        if args.norm_stats:
-            norm_stats = tuple(args.norm_stats)
-        elif isinstance(source, data.ShardStore) and source.norm_stats:  # from 'python data.py stats'
-            norm_stats = source.norm_stats
-        else:
-            norm_stats = data.compute_norm_stats(dataset)
-        model = stage1_model(args, table.dim, norm_stats)
-    elif stage == "2":
-        model, tokenizer = stage2_model(args, init)
+def restore(run: Run, resume: dict):
+    """Optimiser, scaler, step, elapsed time and log of a resumed run, after checking it is the same run."""
+    check_same_run(run.out_dir / "last.pt", resume["resume"]["run"], run.settings())
+    if resume["resume"]["peak_lr"] != run.peak_lr:
+        run.log(f"peak lr changed on resume: {resume['resume']['peak_lr']:.2e} -> {run.peak_lr:.2e}")
+    run.optimizer.load_state_dict(resume["optimizer"])
+    run.scaler.load_state_dict(resume["scaler"])
+    run.start_step = run.last_saved = resume["step"]
+    run.started -= resume["resume"]["elapsed_s"]
+    run.records = read_log(run.out_dir / "log.jsonl", run.start_step)
+
+
+def restore_rng(run: Run, resume: dict):
+    states = resume["resume"]["rng"]
+    if len(states) == run.ddp.world_size:
+        set_rng_state(states[run.ddp.rank], run.device)
     else:
-        model, tokenizer = build_model(init)
-    if stage != "1":
-        model.freeze_encoder()
-    if text_side == "embeddings":
-        text_embed.check_dim(table, model.config.text_dim)
-    norm_stats = tuple(model.norm_stats.tolist())
-    model.to(device)
-    frozen_encoder = stage != "1"
-    if frozen_encoder:
-        model.train_clap()
-    else:
-        model.train()
-    net = model
-    if ddp.world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[ddp.local_rank] if cuda else None)
-    forward = compiled(net) if use_compile else net
+        run.log(f"the run had {len(states)} processes and now has {run.ddp.world_size}: masks come from new seeds, "
+                "so it is no longer bit-identical to an uninterrupted run")
+        torch.manual_seed(run.config.seed + run.ddp.rank + 1_000_003 * run.start_step)
 
-    # The loader gets a generator of its own: starting an epoch must not draw
-    # from the global RNG that the masks come from.
-    loader = DataLoader(dataset, batch_size=micro_batch, sampler=order, num_workers=workers, pin_memory=cuda,
-                        persistent_workers=workers > 0, generator=torch.Generator())
-    steps_per_epoch = order.batches_per_epoch
-    total_steps = args.max_steps or max(1, round(recipe.epochs * steps_per_epoch))
-    warmup_steps = max(1, round(total_steps * recipe.warmup_epochs / recipe.epochs))
-    peak_lr = args.lr or recipe.base_lr * recipe.batch_size / 256
 
-    clap_loss = ClapLoss()
-    optimizer = torch.optim.AdamW(model.param_groups(recipe.weight_decay), lr=peak_lr,
-                                  betas=recipe.betas, fused=True)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision != "fp32" else contextlib.nullcontext())
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    # What makes a run this run: a resume must match it (the peak learning rate may change).
-    run = dict(stage=stage, preset=args.preset, data=data_name,
-               embeddings=str(npy_path) if npy_path else None, shards=str(args.shards) if args.shards else None,
-               text_side=text_side, text_encoder=text_encoder_name, clips=len(dataset), seed=args.seed,
-               batch_size=recipe.batch_size, mask_ratio=model.config.mask_ratio if args.mask_ratio is None
-               else args.mask_ratio, total_steps=total_steps, warmup_steps=warmup_steps, recipe=asdict(recipe))
-    start_step, records, last_saved = 0, [], None
-    t_start = time.perf_counter()
-    if resume is not None:
-        check_same_run(out_dir / "last.pt", resume["resume"]["run"], run)
-        if model.config.text_proj == "linear" and "text_proj.bias" not in resume["model"]:
-            raise ValueError(f"{out_dir / 'last.pt'}: written by an earlier version whose text projector had no "
-                             "bias, so its optimiser state does not fit this one. Train it again with --no-resume, "
-                             "or go on from its weights with the next stage (--init).")
-        optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        start_step = last_saved = resume["step"]
-        t_start -= resume["resume"]["elapsed_s"]
-        records = read_log(out_dir / "log.jsonl", start_step)
-    if ddp.main:
-        with open(out_dir / "log.jsonl", "w") as log_file:  # a resumed run drops what came after its checkpoint
-            log_file.writelines(json.dumps(r) + "\n" for r in records)
-        log_file = open(out_dir / "log.jsonl", "a")
+def open_log(run: Run):
+    """Start log.jsonl (a resumed run keeps its records up to its checkpoint) and print the run's setup."""
+    if run.ddp.main:
+        with open(run.out_dir / "log.jsonl", "w") as log_file:
+            log_file.writelines(json.dumps(r) + "\n" for r in run.records)
+    c, r, model = run.config, run.recipe, run.model
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"stage {stage} | preset {args.preset} ({n_params / 1e6:.1f}M trainable parameters) | "
-        f"{len(dataset)} clips from {csv_path} | norm stats {norm_stats[0]:.4f} {norm_stats[1]:.4f}")
-    log(f"{total_steps} steps ({steps_per_epoch} per epoch) | global batch {recipe.batch_size} = "
-        f"{ddp.world_size} processes x {args.accum_steps} accumulation steps x {micro_batch} clips | "
-        f"peak lr {peak_lr:.2e} = {recipe.base_lr:.2e} x {recipe.batch_size} / 256"
-        f"{'' if args.lr is None else ' (overridden by --lr)'} | {device} {precision}"
-        f"{' compiled' if use_compile else ''} | writing {out_dir}")
-    if resume is not None:
-        epoch, batch = divmod(start_step, steps_per_epoch)
-        log(f"resuming {out_dir / 'last.pt'} at step {start_step} of {total_steps} (epoch {epoch}, batch {batch} "
-            f"of {steps_per_epoch}): weights, EMA target, optimiser, scaler, schedules, data order and RNG states")
-        if resume["resume"]["peak_lr"] != peak_lr:
-            log(f"peak lr changed on resume: {resume['resume']['peak_lr']:.2e} -> {peak_lr:.2e}")
+    norm_stats = model.norm_stats.tolist()
+    run.log(f"stage {c.stage} | preset {c.preset} ({n_params / 1e6:.1f}M trainable parameters) | "
+            f"{len(run.data.dataset)} clips from {run.data.csv_path} | norm stats {norm_stats[0]:.4f} "
+            f"{norm_stats[1]:.4f}")
+    run.log(f"{run.total_steps} steps ({run.order.batches_per_epoch} per epoch) | global batch {r.batch_size} = "
+            f"{run.ddp.world_size} processes x {c.accum_steps} accumulation steps x "
+            f"{r.batch_size // (c.accum_steps * run.ddp.world_size)} clips | peak lr {run.peak_lr:.2e} = "
+            f"{r.base_lr:.2e} x {r.batch_size} / 256{'' if c.lr is None else ' (overridden by --lr)'} | "
+            f"{run.device} {run.precision}{' compiled' if run.compiled else ''} | writing {run.out_dir}")
+    if run.start_step:
+        epoch, batch = divmod(run.start_step, run.order.batches_per_epoch)
+        run.log(f"resuming {run.out_dir / 'last.pt'} at step {run.start_step} of {run.total_steps} (epoch {epoch}, "
+                f"batch {batch} of {run.order.batches_per_epoch}): weights, EMA target, optimiser, scaler, "
+                "schedules, data order and RNG states")
 
-    def checkpoint(step: int):
-        nonlocal last_saved
-        rng = gather_rng_states(ddp, device)  # every rank takes part
-        if not ddp.main:
-            return
-        text_encoder = None
-        if model.text_encoder is not None:
-            text_encoder = {"name": text_encoder_name, "config": model.text_encoder.config.to_dict()}
-        save_checkpoint(out_dir / "last.pt", stage=stage, step=step, model=model.state_dict(),
-                        model_config=asdict(model.config), norm_stats=list(norm_stats),
-                        text_side=text_side, text_encoder=text_encoder, embedding_model=embedding_model,
-                        recipe=asdict(recipe), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                        args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                        resume=dict(run=run, peak_lr=peak_lr, rng=rng, elapsed_s=time.perf_counter() - t_start))
-        last_saved = step
 
-    def batches():
-        first_epoch, batch = divmod(start_step, steps_per_epoch)
-        for epoch in itertools.count(first_epoch):
-            order.set_position(epoch, batch if epoch == first_epoch else 0)  # a new shuffle every epoch
-            yield from loader
+def batches(run: Run):
+    """Micro-batches from the run's position on: each epoch a new shuffle, the first one mid-epoch on resume."""
+    first_epoch, batch = divmod(run.start_step, run.order.batches_per_epoch)
+    for epoch in itertools.count(first_epoch):
+        run.order.set_position(epoch, batch if epoch == first_epoch else 0)
+        yield from run.loader
 
-    if resume is not None:  # last, so that nothing above draws from them
-        states = resume["resume"]["rng"]
-        if len(states) == ddp.world_size:
-            set_rng_state(states[ddp.rank], device)
-        else:
-            log(f"the run had {len(states)} processes and now has {ddp.world_size}: masks come from new seeds, so "
-                "it is no longer bit-identical to an uninterrupted run")
-            torch.manual_seed(args.seed + ddp.rank + 1_000_003 * start_step)
 
-    batch_iter = batches()
-    t_log, logged_step = time.perf_counter(), start_step
-    bad_streak, skipped_steps, bad_reported = 0, 0, len(bad_clips.names()) if bad_clips else 0
-    for step in range(start_step, total_steps):
-        lr = lr_at(step, total_steps, warmup_steps, peak_lr)
-        for group in optimizer.param_groups:
+def train_loop(run: Run):
+    """The steps: schedules, one train_step, then logging, non-finite handling and periodic checkpoints."""
+    c, recipe, model = run.config, run.recipe, run.model
+    clap_loss, batch_iter = ClapLoss(), batches(run)
+    health = Health(run)
+    for step in range(run.start_step, run.total_steps):
+        lr = lr_at(step, run.total_steps, run.warmup_steps, run.peak_lr)
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
-        ema_decay = m2d.ema_decay_at(step, total_steps, *recipe.ema_decay)
-
+        ema_decay = None if run.stage.frozen_encoder else ema_decay_at(step, run.total_steps, *recipe.ema_decay)
         micro_batches = []
-        for _ in range(args.accum_steps):
+        for _ in range(c.accum_steps):
             mel, text = next(batch_iter)
-            if tokenizer is not None:
-                text = text_embed.tokenize(tokenizer, text)
-            micro_batches.append((to_device(mel, device), to_device(text, device)))
-        sums, grad_norm, applied = train_step(model, net, forward, optimizer, scaler, autocast, clap_loss,
-                                              micro_batches, recipe.clap_weight, recipe.clip_grad_norm,
-                                              ema_decay if stage == "1" else None)
+            if run.stage.tokenizer is not None:
+                text = text_embed.tokenize(run.stage.tokenizer, text)
+            micro_batches.append((to_device(mel, run.device), to_device(text, run.device)))
+        sums, grad_norm, applied = train_step(model, run.net, run.forward, run.optimizer, run.scaler, run.autocast,
+                                              clap_loss, micro_batches, recipe.clap_weight, recipe.clip_grad_norm,
+                                              ema_decay)
         done = step + 1
+        health.after_step(done, applied, sums, grad_norm)
+        if done % c.log_every == 0 or done == run.total_steps or done == 1:
+            log_step(run, done, sums, grad_norm, lr, ema_decay, health)
+        if done % c.save_every == 0 and done < run.total_steps and not health.bad_streak:  # keep the pre-trouble one
+            save_run(run, done)
+            if run.ddp.main and c.keep > 0:
+                keep_periodic(run.out_dir, done, c.keep)
+
+
+class Health:
+    """Skipped non-finite steps and unreadable clips (warnings, counts, the stop after too many in a row),
+    and the pace between log lines."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.bad_streak = 0
+        self.bad_clips = run.data.dataset.skip_bad
+        self.bad_reported = len(self.bad_clips.names()) if self.bad_clips else 0
+        self.logged_step, self.logged_at = run.start_step, time.perf_counter()  # for clips/s between log lines
+
+    def after_step(self, done: int, applied: bool, sums: dict, grad_norm: torch.Tensor):
         if applied:
-            bad_streak = 0
-        else:
-            bad_streak += 1
-            skipped_steps += 1
-            losses = ", ".join(f"{key.removeprefix('loss_')} {value.item():.4g}" for key, value in sums.items())
-            scale = f"; fp16 loss scale lowered to {scaler.get_scale():g}" if scaler.is_enabled() else ""
-            log(f"warning: step {done}: non-finite loss or gradient ({losses}, grad norm {grad_norm.item():.4g}); "
+            self.bad_streak = 0
+            return
+        self.bad_streak += 1
+        run = self.run
+        run.skipped_steps += 1
+        losses = ", ".join(f"{key.removeprefix('loss_')} {value.item():.4g}" for key, value in sums.items())
+        scale = f"; fp16 loss scale lowered to {run.scaler.get_scale():g}" if run.scaler.is_enabled() else ""
+        run.log(f"warning: step {done}: non-finite loss or gradient ({losses}, grad norm {grad_norm.item():.4g}); "
                 f"step skipped, weights unchanged{scale}", file=sys.stderr, flush=True)
-            if bad_streak >= args.max_bad_steps:
-                kept = (f"the last good checkpoint, {out_dir / 'last.pt'} (step {last_saved}), is intact"
-                        if last_saved else "no checkpoint had been written yet")
-                raise NonFiniteError(
-                    f"{bad_streak} steps in a row ({done - bad_streak + 1} to {done}) had a non-finite loss or "
-                    f"gradient, so the run stopped; {kept}. Lower the learning rate (--lr; a resume may change "
-                    "it), prefer --precision bf16 to fp16, or look for extreme clips or caption embeddings.")
+        if self.bad_streak >= run.config.max_bad_steps:
+            kept = (f"the last good checkpoint, {run.out_dir / 'last.pt'} (step {run.last_saved}), is intact"
+                    if run.last_saved else "no checkpoint had been written yet")
+            raise NonFiniteError(
+                f"{self.bad_streak} steps in a row ({done - self.bad_streak + 1} to {done}) had a non-finite loss or "
+                f"gradient, so the run stopped; {kept}. Lower the learning rate (--lr; a resume may change "
+                "it), prefer --precision bf16 to fp16, or look for extreme clips or caption embeddings.")
 
-        if done % args.log_every == 0 or done == total_steps or done == 1:
-            stacked = torch.stack(list(sums.values()))
-            if ddp.world_size > 1:
-                dist.all_reduce(stacked)  # the M2D loss is a per-rank mean: log the global one
-                stacked /= ddp.world_size
-            values = dict(zip(sums, stacked.tolist()))
-            now = time.perf_counter()
-            clips_per_s = (done - logged_step) * recipe.batch_size / (now - t_log)
-            t_log, logged_step = now, done
-            loss_value = values.get("loss_m2d", 0.0) + (recipe.clap_weight if stage == "1" else 1.0) * values["loss_clap"]
-            record = dict(step=done, epoch=round(done / steps_per_epoch, 3), loss=loss_value, **values, lr=lr,
-                          **({"ema_decay": ema_decay} if stage == "1" else {}),
-                          logit_scale=model.logit_scale.exp().item(),
-                          grad_norm=grad_norm.item(), clips_per_s=round(clips_per_s, 1),
-                          elapsed_s=round(now - t_start, 2), skipped_steps=skipped_steps)
-            records.append(record)
-            if ddp.main:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-            eta = (now - t_start) / done * (total_steps - done)
-            losses = " | ".join(f"{key.removeprefix('loss_')} {value:.4f}" for key, value in values.items())
-            ema = f" | ema {ema_decay:.5f}" if stage == "1" else ""
-            log(f"step {done:>6}/{total_steps} | loss {loss_value:.4f} | {losses} | lr {lr:.2e}{ema} | "
-                f"{clips_per_s:.0f} clips/s | ETA {format_duration(eta)}", flush=True)
-            n_bad = len(bad_clips.names()) if bad_clips is not None else 0
-            if n_bad > bad_reported:
-                bad_reported = n_bad
-                log(f"{n_bad} unreadable clip(s) skipped so far; listed in {bad_clips.path}", flush=True)
-        if done % args.save_every == 0 and done < total_steps and not bad_streak:  # keep the pre-trouble one
-            checkpoint(done)
-            if ddp.main and args.keep > 0:
-                keep_periodic(out_dir, done, args.keep)
+    def report_bad_clips(self):
+        n_bad = len(self.bad_clips.names()) if self.bad_clips is not None else 0
+        if n_bad > self.bad_reported:
+            self.bad_reported = n_bad
+            self.run.log(f"{n_bad} unreadable clip(s) skipped so far; listed in {self.bad_clips.path}", flush=True)
 
+
+def log_step(run: Run, done: int, sums: dict, grad_norm: torch.Tensor, lr: float, ema_decay: float | None,
+             health: Health):
+    """One record in log.jsonl and one progress line; the losses are averaged over ranks."""
+    stacked = torch.stack(list(sums.values()))
+    if run.ddp.world_size > 1:
+        dist.all_reduce(stacked)  # the M2D loss is a per-rank mean: log the global one
+        stacked /= run.ddp.world_size
+    values = dict(zip(sums, stacked.tolist()))
+    now = time.perf_counter()
+    elapsed = now - run.started
+    clips_per_s = (done - health.logged_step) * run.recipe.batch_size / (now - health.logged_at)
+    health.logged_step, health.logged_at = done, now
+    record = dict(step=done, epoch=round(done / run.order.batches_per_epoch, 3), **values, lr=lr,
+                  **({"ema_decay": ema_decay} if ema_decay is not None else {}),
+                  logit_scale=run.model.logit_scale.exp().item(), grad_norm=grad_norm.item(),
+                  clips_per_s=round(clips_per_s, 1), elapsed_s=round(elapsed, 2), skipped_steps=run.skipped_steps)
+    run.records.append(record)
+    if run.ddp.main:
+        with open(run.out_dir / "log.jsonl", "a") as log_file:
+            log_file.write(json.dumps(record) + "\n")
+    eta = elapsed / done * (run.total_steps - done)
+    losses = " | ".join(f"{key.removeprefix('loss_')} {value:.4f}" for key, value in values.items() if key != "loss")
+    ema = f" | ema {ema_decay:.5f}" if ema_decay is not None else ""
+    run.log(f"step {done:>6}/{run.total_steps} | loss {values['loss']:.4f} | {losses} | lr {lr:.2e}{ema} | "
+            f"{clips_per_s:.0f} clips/s | ETA {format_duration(eta)}", flush=True)
+    health.report_bad_clips()
+
+
+def save_run(run: Run, step: int):
+    """last.pt: the model, optimiser, scaler, settings and every rank's RNG states (every rank must call this)."""
+    rng = gather_rng_states(run.ddp, run.device)
+    if not run.ddp.main:
+        return
+    model = run.model
+    text_encoder = None
+    if model.text_encoder is not None:
+        text_encoder = {"name": run.stage.text_encoder, "config": model.text_encoder.config.to_dict()}
+    save_checkpoint(run.out_dir / "last.pt", stage=run.config.stage, step=step, model=model.state_dict(),
+                    model_config=asdict(model.config), norm_stats=model.norm_stats.tolist(),
+                    text_side=run.stage.text_side, text_encoder=text_encoder, embedding_model=run.data.embedding_model,
+                    recipe=asdict(run.recipe), optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
+                    args=run.config.saved(), resume=dict(run=run.settings(), peak_lr=run.peak_lr, rng=rng,
+                                                         elapsed_s=time.perf_counter() - run.started))
+    run.last_saved = step
+
+
+def finish(run: Run):
+    """The final checkpoint (after checking the replicas agree), a summary, and leaving the process group."""
+    ddp = run.ddp
     if ddp.world_size > 1:
-        # The replicas must agree, EMA target included: check before saving.
         gathered = [None] * ddp.world_size
-        dist.all_gather_object(gathered, parameter_checksums(model))
+        dist.all_gather_object(gathered, parameter_checksums(run.model))
         if any(g != gathered[0] for g in gathered):
             raise RuntimeError("the ranks' parameters diverged; this is a bug, please report it")
-        log(f"parameters identical on all {ddp.world_size} ranks")
-    checkpoint(total_steps)
-    if ddp.main:
-        log_file.close()
-    log(f"done in {format_duration(time.perf_counter() - t_start)}; checkpoint {out_dir / 'last.pt'}")
-    if records:
-        last = records[-10:]
-        log(f"losses, step {records[0]['step']} -> mean of the last {len(last)} logged steps: "
-            + ", ".join(f"{key} {records[0][key]:.3f} -> {sum(r[key] for r in last) / len(last):.3f}"
-                        for key in records[0] if key.startswith("loss_")))
-    if skipped_steps:
-        log(f"{skipped_steps} step(s) skipped for a non-finite loss or gradient in this session")
+        run.log(f"parameters identical on all {ddp.world_size} ranks")
+    save_run(run, run.total_steps)
+    run.log(f"done in {format_duration(time.perf_counter() - run.started)}; checkpoint {run.out_dir / 'last.pt'}")
+    if run.records:
+        last = run.records[-10:]
+        run.log(f"losses, step {run.records[0]['step']} -> mean of the last {len(last)} logged steps: "
+                + ", ".join(f"{key} {run.records[0][key]:.3f} -> {sum(r[key] for r in last) / len(last):.3f}"
+                            for key in run.records[0] if key.startswith("loss_")))
+    if run.skipped_steps:
+        run.log(f"{run.skipped_steps} step(s) skipped for a non-finite loss or gradient in this session")
+    bad_clips = run.data.dataset.skip_bad
     if bad_clips is not None:
-        log(f"{len(bad_clips.names())} unreadable clip(s) skipped; listed in {bad_clips.path}")
+        run.log(f"{len(bad_clips.names())} unreadable clip(s) skipped; listed in {bad_clips.path}")
     if ddp.world_size > 1:
         dist.barrier()  # let rank 0 finish saving before any rank leaves the group
-        del forward, net  # DistributedDataParallel must go before its process group does
+        run.net = run.forward = None  # DistributedDataParallel must go before its process group does
         dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:
+        raise SystemExit("'python train.py export' is now 'python evaluate.py export' (writing released files "
+                         "is a downstream concern)")
+    config = parse_config(argv)
+    try:
+        train(config)
+    except (ValueError, FileNotFoundError, ImportError, CheckpointWriteError, NonFiniteError) as e:
+        # AudioError and CaptionFileError are ValueErrors too
+        message = str(e)
+        if message.startswith("Caught ") and "Original Traceback" in message:  # raised in a DataLoader worker
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        sys.exit(f"error: {message}")
 
 
 if __name__ == "__main__":

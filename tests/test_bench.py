@@ -15,10 +15,11 @@ def test_baseline_and_optimised_steps_compute_the_same_loss_and_report_the_field
     result = json.loads(out.read_text())
     assert result["first_loss_difference"] < 1e-5
     assert result["baseline"]["first_loss"] == pytest.approx(result["optimized"]["first_loss"], abs=1e-5)
-    for key in ("baseline", "optimized"):
-        assert result[key]["clips_per_s"] > 0 and result[key]["ms_per_step"] > 0
-        assert result[key]["peak_memory_bytes"] > 0
-    assert result["speedup"] > 0
+    for key in ("baseline", "optimized"):  # the figures agree with each other
+        assert result[key]["clips_per_s"] == pytest.approx(4 / (result[key]["ms_per_step"] / 1000), rel=0.02)
+        assert result[key]["peak_memory_bytes"] > 4 * 2.6e6  # at least the tiny model's fp32 weights
+    assert result["speedup"] == pytest.approx(result["optimized"]["clips_per_s"] / result["baseline"]["clips_per_s"],
+                                              rel=0.02)
     # The analytic count agrees with torch's flop counter to within 10 %.
     assert result["flops_per_clip"] == pytest.approx(result["flops_per_clip_counted"], rel=0.1)
 
@@ -27,5 +28,7 @@ def test_stage2_step_too(tmp_path):
     summary = bench.run(bench.parse_args(["--stage", "2", "--device", "cpu", "--batch", "4", "--steps", "1",
                                           "--warmup", "1"]))
     assert summary["first_loss_difference"] < 1e-5
-    config = m2d.preset("tiny")
-    assert summary["flops_per_clip"] == pytest.approx(bench.analytic_flops_per_clip(config, "2"))
+    # Stage 2 backpropagates into the CLAP heads only: far fewer FLOPs than stage 1, as torch counts them.
+    assert summary["flops_per_clip"] == pytest.approx(summary["flops_per_clip_counted"], rel=0.1)
+    stage1 = bench.analytic_flops_per_clip(m2d.preset("tiny"), "1")
+    assert summary["flops_per_clip"] < 0.7 * stage1

@@ -7,12 +7,11 @@ import os
 import shutil
 import socket
 
-import numpy as np
-import soundfile as sf
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import conftest
 import model as m2d
 from losses import ClapLoss
 
@@ -79,14 +78,8 @@ def test_distributed_clap_loss_and_gradients_equal_one_process_on_the_global_bat
     assert abs(local_only.item() - loss.item()) > 1e-3
 
 
-def write_corpus(root, n_clips=16, dim=8):
-    rows = []
-    for i in range(n_clips):
-        t = np.arange(16000) / 16000
-        sf.write(root / f"c{i}.wav", 0.3 * np.sin(2 * np.pi * (200 + 100 * i) * t), 16000)
-        rows.append(f"c{i}.wav,tone number {i}")
-    (root / "captions.csv").write_text("file_name,caption\n" + "\n".join(rows) + "\n")
-    np.save(root / "captions.npy", np.random.default_rng(0).standard_normal((n_clips, dim)).astype(np.float32))
+def write_corpus(root):
+    conftest.write_corpus(root, n_clips=16, dim=8)
 
 
 def train_worker(rank, world, port, root, run="rank", steps=3):

@@ -236,12 +236,9 @@ def test_bad_manifests_stop_with_a_clear_message(tmp_path, rows, message):
         evaluate.read_manifest(path)
 
 
-@pytest.fixture(scope="module")
-def stage1_checkpoint(tmp_path_factory):
-    import train
-    out = tmp_path_factory.mktemp("s1")
-    train.main(["--stage", "1", "--max-steps", "3", "--out-dir", str(out), "--log-every", "1"])
-    return out / "last.pt"
+@pytest.fixture
+def stage1_checkpoint(stage1_run):
+    return stage1_run / "last.pt"
 
 
 def test_command_line_on_a_manifest_writes_json_and_plots(stage1_checkpoint, tmp_path, capsys):

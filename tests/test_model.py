@@ -166,13 +166,6 @@ def test_ema_update_arithmetic():
         assert torch.equal(o, p)
 
 
-def test_ema_schedule_is_linear_from_start_to_end():
-    assert m2d.ema_decay_at(0, 100) == pytest.approx(0.99995)
-    assert m2d.ema_decay_at(50, 100) == pytest.approx(0.99997)
-    assert m2d.ema_decay_at(100, 100) == pytest.approx(0.99999)
-    assert m2d.ema_decay_at(25, 100, 0.9, 1.0) == pytest.approx(0.925)
-
-
 def test_weight_decay_groups_exclude_biases_norms_and_tokens(tiny_model):
     decay, no_decay = tiny_model.param_groups(0.05)
     names = {id(p): n for n, p in tiny_model.named_parameters()}

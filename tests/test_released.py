@@ -319,14 +319,13 @@ def test_the_released_args_namespace_is_allowed(tmp_path):
 # --- export ------------------------------------------------------------------------------------
 
 
-def test_export_then_import_gives_bit_identical_parameters(tmp_path):
-    train.main(["--stage", "1", "--max-steps", "2", "--out-dir", str(tmp_path / "run")])
+def test_export_then_import_gives_bit_identical_parameters(tmp_path, stage1_run):
     out = tmp_path / "m2d_clap_vit_d192-80x192p16x16p16k" / "weights.pth"
-    train.main(["export", str(tmp_path / "run" / "last.pt"), str(out)])
+    evaluate.main(["export", str(stage1_run / "last.pt"), str(out)])
     exported = torch.load(out, weights_only=True)["model"]
     assert not any(k.startswith(("target_", "decoder_", "mask_token")) for k in exported)
     assert {"norm_stats", "audio_proj.sem_token", "text_proj.weight", "text_proj.bias"} <= set(exported)
-    ours = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    ours = torch.load(stage1_run / "last.pt", weights_only=True)["model"]
     loaded = evaluate.load_model(out)
     for key, value in exported.items():
         assert torch.equal(value, ours[key]) and torch.equal(loaded.model.state_dict()[key], value), key

@@ -9,11 +9,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
+import conftest
 import model as m2d
 import train
 from losses import ClapLoss
@@ -22,14 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS, SAVE_EVERY = 12, 3  # 4 steps an epoch: the run crosses epochs and resumes mid-epoch
 
 
-def write_corpus(root: Path, n_clips: int = 16) -> Path:
-    rows = []
-    for i in range(n_clips):  # lengths differ, so random crops matter
-        sf.write(root / f"c{i}.wav", 0.1 * np.random.default_rng(i).standard_normal(16000 + 1600 * i), 16000)
-        rows += [f"c{i}.wav,first caption of clip {i}", f"c{i}.wav,second caption of clip {i}"]
-    (root / "captions.csv").write_text("file_name,caption\n" + "\n".join(rows) + "\n")
-    np.save(root / "captions.npy", np.random.default_rng(0).standard_normal((len(rows), 16)).astype(np.float32))
-    return root / "captions.csv"
+def write_corpus(root: Path) -> Path:
+    """16 clips of different lengths, so that random crops matter, with two captions each."""
+    return conftest.write_corpus(root, n_clips=16, longer_by_s=0.1, captions_per_clip=2)
 
 
 def command(root: Path, out_dir: Path, *extra) -> list[str]:

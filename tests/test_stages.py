@@ -24,9 +24,9 @@ def run(*args):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, stage1_run):
     root = tmp_path_factory.mktemp("runs")
-    run("--stage", "1", "--max-steps", "6", "--out-dir", root / "s1")
+    (root / "s1").symlink_to(stage1_run, target_is_directory=True)  # the shared short stage-1 run
     run("--stage", "2", "--init", root / "s1" / "last.pt", "--max-steps", "3", "--batch-size", "16",
         "--log-every", "1", "--out-dir", root / "s2")
     run("--stage", "2.1", "--init", root / "s2" / "last.pt", "--max-steps", "1", "--batch-size", "16",
@@ -116,7 +116,7 @@ def test_an_exported_stage2_file_is_a_released_file(runs, tmp_path):
     import evaluate
     import text_embed
     out = tmp_path / "m2d_clap_vit_d192-80x192p16x16p16kpApTI" / "weights.pth"
-    run("export", runs / "s2" / "last.pt", out)
+    evaluate.main(["export", str(runs / "s2" / "last.pt"), str(out)])
     exported = weights(out)["model"]
     assert any(k.startswith("text_encoder.text_encoder.encoder.layer.0.") for k in exported)
     released = evaluate.load_model(out, text_encoder=text_embed.resolve_model_path(text_embed.DEFAULT_MODEL))

@@ -1,15 +1,16 @@
 """End-to-end tests of train.py: a short real run, checkpoints, and bad --data."""
 
+import contextlib
 import json
 import math
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 import model as m2d
 import train
+from losses import ClapLoss
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -20,15 +21,8 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-3
 
 
-@pytest.fixture(scope="module")
-def short_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("stage1")
-    train.main(["--stage", "1", "--max-steps", "80", "--log-every", "5", "--out-dir", str(out)])
-    return out
-
-
-def test_short_stage1_run_learns(short_run):
-    records = [json.loads(line) for line in (short_run / "log.jsonl").read_text().splitlines()]
+def test_short_stage1_run_learns(stage1_run):
+    records = [json.loads(line) for line in (stage1_run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1] + list(range(5, 81, 5))
     for key in ("loss", "loss_m2d", "loss_clap", "lr", "ema_decay", "clips_per_s"):
         assert all(math.isfinite(r[key]) for r in records), key
@@ -39,8 +33,8 @@ def test_short_stage1_run_learns(short_run):
     assert records[-1]["ema_decay"] > records[0]["ema_decay"]
 
 
-def test_checkpoint_round_trip(short_run):
-    ckpt = torch.load(short_run / "last.pt", map_location="cpu", weights_only=True)
+def test_checkpoint_round_trip(stage1_run):
+    ckpt = torch.load(stage1_run / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["stage"] == "1" and ckpt["step"] == 80
     model, tokenizer = train.build_model(ckpt)
     assert tokenizer is None
@@ -51,20 +45,25 @@ def test_checkpoint_round_trip(short_run):
     # Training moved the encoder away from a fresh initialisation, and the EMA target followed.
     fresh = m2d.M2DCLAP(model.config)
     assert not torch.equal(model.blocks[0].attn.qkv.weight, fresh.blocks[0].attn.qkv.weight)
-    model.eval()
-    x = torch.randn(2, 1, 80, 192)
-    assert torch.equal(model.encode(x), model.encode(x))
+    assert not torch.equal(model.target_blocks[0].attn.qkv.weight, fresh.target_blocks[0].attn.qkv.weight)
+    assert not torch.equal(model.target_blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
 
 
-def write_user_data(root, n_clips=4):
-    names = []
-    for i in range(n_clips):
-        names.append(f"c{i}.wav")
-        sf.write(root / names[-1], 0.1 * np.random.default_rng(i).standard_normal(16000), 16000)
-    rows = [f"{n},a caption for {n}" for n in names]
-    (root / "captions.csv").write_text("file_name,caption\n" + "\n".join(rows) + "\n")
-    np.save(root / "captions.npy", np.random.default_rng(0).standard_normal((n_clips, 16)).astype(np.float32))
-    return root / "captions.csv"
+def test_the_ema_target_moves_by_exactly_the_schedules_amount():
+    torch.manual_seed(0)
+    model = m2d.M2DCLAP(m2d.preset("tiny", depth=2, predictor_depth=1, text_dim=16))
+    optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1e-3, fused=True)
+    mel, text = torch.randn(4, 1, 80, 192) * 4 - 7, torch.randn(4, 16)
+    target_before = [p.clone() for p in model.target_parameters()]
+    online_before = [p.clone() for p in model.online_parameters()]
+    decay = train.ema_decay_at(3, 10, 0.9, 0.99)  # 0.927
+    _, _, applied = train.train_step(model, model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                     contextlib.nullcontext(), ClapLoss(), [(mel, text)], 0.01, 3.0, decay)
+    assert applied
+    for target, before, online, online_was in zip(model.target_parameters(), target_before,
+                                                  model.online_parameters(), online_before):
+        assert not torch.equal(online, online_was)  # the step moved the online network first
+        torch.testing.assert_close(target, decay * before + (1 - decay) * online, atol=1e-7, rtol=1e-6)
 
 
 def run_user_data(tmp_path, *extra):
@@ -72,29 +71,29 @@ def run_user_data(tmp_path, *extra):
             "--max-steps", "2", "--out-dir", str(tmp_path / "run"), *extra]
 
 
-def test_training_on_user_data(tmp_path):
-    write_user_data(tmp_path)
+def test_training_on_user_data(tmp_path, corpus):
+    corpus(tmp_path, n_clips=4)
     train.main(run_user_data(tmp_path))
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ckpt["model_config"]["text_dim"] == 16
 
 
-def test_unreadable_audio_stops_with_the_file_name(tmp_path, capsys):
-    write_user_data(tmp_path)
+def test_unreadable_audio_stops_with_the_file_name(tmp_path, corpus, capsys):
+    corpus(tmp_path, n_clips=4)
     (tmp_path / "c2.wav").write_bytes(b"not audio")
     with pytest.raises(SystemExit, match=r"c2.wav: cannot be decoded as audio"):
         train.main(run_user_data(tmp_path))
 
 
-def test_caption_row_for_a_missing_clip_stops_with_the_file_name(tmp_path):
-    write_user_data(tmp_path)
+def test_caption_row_for_a_missing_clip_stops_with_the_file_name(tmp_path, corpus):
+    corpus(tmp_path, n_clips=4)
     (tmp_path / "c3.wav").unlink()
     with pytest.raises(SystemExit, match=r"captions.csv: 1 of 4 audio file\(s\).*c3.wav.*--audio-root"):
         train.main(run_user_data(tmp_path))
 
 
-def test_mismatched_embedding_file_stops_with_the_file_name(tmp_path):
-    write_user_data(tmp_path)
+def test_mismatched_embedding_file_stops_with_the_file_name(tmp_path, corpus):
+    corpus(tmp_path, n_clips=4)
     np.save(tmp_path / "captions.npy", np.zeros((3, 16), np.float32))
     with pytest.raises(SystemExit, match=r"captions.npy: 3 embedding rows but .*captions.csv has 4"):
         train.main(run_user_data(tmp_path))
@@ -103,8 +102,8 @@ def test_mismatched_embedding_file_stops_with_the_file_name(tmp_path):
         train.main(run_user_data(tmp_path))
 
 
-def test_periodic_checkpoints_keep_only_the_newest(tmp_path):
-    write_user_data(tmp_path)
+def test_periodic_checkpoints_keep_only_the_newest(tmp_path, corpus):
+    corpus(tmp_path, n_clips=4)
     train.main(run_user_data(tmp_path)[:-4] + ["--max-steps", "7", "--save-every", "2", "--keep", "2",
                                                "--out-dir", str(tmp_path / "run")])
     names = sorted(p.name for p in (tmp_path / "run").glob("*.pt"))
@@ -113,8 +112,8 @@ def test_periodic_checkpoints_keep_only_the_newest(tmp_path):
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 7
 
 
-def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
-    write_user_data(tmp_path)
+def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, corpus, monkeypatch):
+    corpus(tmp_path, n_clips=4)
     real_save, saves = torch.save, []
 
     def save_until_the_disk_fills(obj, f, *args, **kwargs):
@@ -132,3 +131,38 @@ def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_loadable(tmp_pa
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "run" / "last.pt.tmp").exists()
+
+
+def test_ema_schedule_is_linear_from_the_recipes_start_to_end():
+    start, end = train.Recipe().ema_decay
+    assert (start, end) == (0.99995, 0.99999)  # the paper's
+    assert train.ema_decay_at(0, 100, start, end) == pytest.approx(0.99995)
+    assert train.ema_decay_at(50, 100, start, end) == pytest.approx(0.99997)
+    assert train.ema_decay_at(100, 100, start, end) == pytest.approx(0.99999)
+    assert train.ema_decay_at(25, 100, 0.9, 1.0) == pytest.approx(0.925)
+
+
+def test_flags_of_another_stage_stop_with_the_stage_they_belong_to(capsys):
+    for argv, message in [(["--stage", "2", "--mask-ratio", "0.5"], "--mask-ratio is for stage 1 only"),
+                          (["--stage", "1", "--text-side", "embeddings"], "--text-side is for stage 2 only"),
+                          (["--stage", "1", "--init", "x.pt"], "--init is for stage 2 and 2.1 only"),
+                          (["--stage", "2.1", "--ema-decay", "0.9", "0.99"], "--ema-decay is for stage 1 only")]:
+        with pytest.raises(SystemExit):
+            train.parse_config(argv)
+        assert message in capsys.readouterr().err
+    assert train.parse_config(["--stage", "2", "--text-side", "embeddings"]).text_side == "embeddings"
+
+
+def test_help_shows_the_defaults_and_the_recipes(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_config(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for default in ("between checkpoint saves (last.pt is replaced atomically each time) (default: 1000)",
+                    "Default: tiny in stage 1", "(default: bf16 on CUDA, fp32 on CPU)", "(default: 8 on CUDA, 0 on CPU)"):
+        assert default in shown
+    assert "Recipes" in shown and "1 tiny 64 2.00e-03 40 2 (0.9, 0.95) (0.995, 0.999) 0.01" in shown
+
+
+def test_the_export_command_says_where_it_moved():
+    with pytest.raises(SystemExit, match="python evaluate.py export"):
+        train.main(["export", "a.pt", "b.pth"])
