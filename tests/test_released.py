@@ -6,6 +6,7 @@ through the public loader.
 """
 
 import argparse
+import functools
 import math
 
 import pytest
@@ -17,7 +18,12 @@ import train
 
 
 def vit_base_encoder_state(n_time_patches: int, seed: int = 0) -> dict:
-    """The released ViT-Base encoder keys and shapes (80 mel bins, 16x16 patches)."""
+    """The released ViT-Base encoder keys and shapes (80 mel bins, 16x16 patches); a new dict each call."""
+    return dict(_vit_base_encoder_state(n_time_patches, seed))
+
+
+@functools.lru_cache(maxsize=None)  # 86 M random numbers: made once per shape and seed
+def _vit_base_encoder_state(n_time_patches: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     D, n = 768, 5 * n_time_patches
 
@@ -39,7 +45,12 @@ def vit_base_encoder_state(n_time_patches: int, seed: int = 0) -> dict:
 
 
 def training_parts_state(n_time_patches: int, audio_proj: str, text_proj: str, text_dim: int = 4096) -> dict:
-    """Target, predictor and CLAP heads of a released training file (ViT-Base)."""
+    """Target, predictor and CLAP heads of a released training file (ViT-Base); a new dict each call."""
+    return dict(_training_parts_state(n_time_patches, audio_proj, text_proj, text_dim))
+
+
+@functools.lru_cache(maxsize=None)
+def _training_parts_state(n_time_patches: int, audio_proj: str, text_proj: str, text_dim: int) -> dict:
     g = torch.Generator().manual_seed(1)
     D, P, n = 768, 512, 5 * n_time_patches
 
