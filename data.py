@@ -327,6 +327,46 @@ class BadClipReport:
             return {row["file_name"] for row in csv.DictReader(f)}
 
 
+def caption_rows_by_file(table: text_embed.CaptionTable) -> dict[str, list[int]]:
+    """The caption rows of each audio file, refusing a file spelled two ways ("a.wav" and "./a.wav")."""
+    rows_of, spelled = defaultdict(list), {}
+    for row, name in enumerate(table.file_names):
+        same = spelled.setdefault(os.path.normpath(name), name)
+        if same != name:
+            raise AudioError(f"{table.csv_path}, line {row + 2}: {name!r} and {same!r} name the same audio "
+                             "file. Spell every file the same way on all of its caption rows.")
+        rows_of[name].append(row)
+    return rows_of
+
+
+def readable_files(rows_of: dict[str, list[int]], source, preload: bool, skip_bad: BadClipReport | None,
+                   csv_path: Path) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
+    """The files that can be used, and their log-mels when preloading.
+
+    Missing files (and, when preloading, unreadable ones) stop the run, or
+    with a BadClipReport are listed there and left out.
+    """
+    missing = source.missing(list(rows_of))
+    if missing and skip_bad is None:
+        raise AudioError(f"{csv_path}: {len(missing)} of {len(rows_of)} audio file(s) listed there, e.g. "
+                         f"{missing[:3]}, are not found {source.where()}. Pass --skip-bad to train without them.")
+    for name in missing:
+        skip_bad.add(name, f"not found {source.where()}")
+        del rows_of[name]
+    mels = {}
+    for name in list(rows_of) if preload else []:
+        try:
+            mels[name] = source.log_mel(name)
+        except AudioError as e:
+            if skip_bad is None:
+                raise
+            skip_bad.add(name, str(e))
+            del rows_of[name]
+    if not rows_of:
+        raise AudioError(f"{csv_path}: none of its audio files could be read; see {skip_bad.path}")
+    return rows_of, mels
+
+
 class ClipDataset(Dataset):
     """Clips of a captions CSV, each with one of its captions drawn at random.
 
@@ -356,34 +396,7 @@ class ClipDataset(Dataset):
         self.source = source if isinstance(source, (AudioFolder, ShardStore)) else AudioFolder(source)
         self.crop_frames = crop_frames
         self.skip_bad = skip_bad
-        rows_of = defaultdict(list)
-        spelled = {}
-        for row, name in enumerate(table.file_names):
-            same = spelled.setdefault(os.path.normpath(name), name)
-            if same != name:
-                raise AudioError(f"{table.csv_path}, line {row + 2}: {name!r} and {same!r} name the same audio "
-                                 "file. Spell every file the same way on all of its caption rows.")
-            rows_of[name].append(row)
-        missing = self.source.missing(list(rows_of))
-        if missing and skip_bad is None:
-            raise AudioError(f"{table.csv_path}: {len(missing)} of {len(rows_of)} audio file(s) listed "
-                             f"there, e.g. {missing[:3]}, are not found {self.source.where()}. "
-                             "Pass --skip-bad to train without them.")
-        for name in missing:
-            skip_bad.add(name, f"not found {self.source.where()}")
-            del rows_of[name]
-        mels = {}
-        if preload:
-            for name in list(rows_of):
-                try:
-                    mels[name] = self.source.log_mel(name)
-                except AudioError as e:
-                    if skip_bad is None:
-                        raise
-                    skip_bad.add(name, str(e))
-                    del rows_of[name]
-        if not rows_of:
-            raise AudioError(f"{table.csv_path}: none of its audio files could be read; see {skip_bad.path}")
+        rows_of, mels = readable_files(caption_rows_by_file(table), self.source, preload, skip_bad, table.csv_path)
         self.files = list(rows_of)
         self.caption_rows = [torch.tensor(rows_of[name]) for name in self.files]
         self.embeddings = torch.from_numpy(table.embeddings) if table.embeddings is not None else None
