@@ -471,6 +471,12 @@ def _log_mels(audio: torch.Tensor, model: Embedder) -> Iterator[torch.Tensor]:
 
 
 @torch.no_grad()
+def normalized_log_mel(audio: torch.Tensor, model: Embedder) -> torch.Tensor:
+    """The model's input: log-mel normalised with its norm_stats, [n, 1, n_mels, frames] (uncut)."""
+    return torch.stack([model.model.normalize(mel) for mel in _log_mels(audio, model)])[:, None]
+
+
+@torch.no_grad()
 def get_scene_embeddings(audio: torch.Tensor, model: Embedder, flat: bool = False,
                          batch_size: int = 64) -> torch.Tensor:
     """Clip embeddings [n, F*D] (3840 for ViT-Base): frame features averaged over time.
