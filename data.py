@@ -283,16 +283,12 @@ class AudioFolder:
         return read_log_mel(self.root / name, self.convert)
 
 
-def read_log_mel(path: str | Path, convert: bool = True, min_frames: int = MIN_FRAMES) -> torch.Tensor:
-    """Full-length log-mel [n_mels, frames] of an audio file of at least min_frames frames.
-
-    Training asks for one patch (MIN_FRAMES); feature extraction takes any
-    length, padding the normalised log-mel as SPEC 2 says.
-    """
+def read_log_mel(path: str | Path, convert: bool = True) -> torch.Tensor:
+    """Full-length log-mel [n_mels, frames] of an audio file of at least one patch (MIN_FRAMES frames)."""
     wave = load_audio(path, convert=convert)
-    min_samples = (min_frames - 1) * HOP_SAMPLES  # centred frames: 1 + samples // hop
+    min_samples = (MIN_FRAMES - 1) * HOP_SAMPLES  # centred frames: 1 + samples // hop
     if len(wave) < min_samples:
-        raise AudioError(f"{path}: only {len(wave) / SAMPLE_RATE:.3f} s long; clips need at least {min_frames} "
+        raise AudioError(f"{path}: only {len(wave) / SAMPLE_RATE:.3f} s long; clips need at least {MIN_FRAMES} "
                          f"frames, one patch ({min_samples / SAMPLE_RATE:.2f} s). Remove it from the caption CSV.")
     return log_mel(wave)
 

@@ -209,8 +209,6 @@ def released_facts(path: Path, args) -> dict:
         facts["sample_rate"] = int(str(args.sr).rstrip("k")) * 1000
     size = re.search(r"vit_(tiny|small|base|large|huge)", str(getattr(args, "model", "") or path.parent.name))
     facts["num_heads"] = getattr(args, "num_heads", None) or (m2d.VIT_HEADS[size.group(1)] if size else None)
-    if facts.get("patch_size", (16, 16))[0] != facts.get("patch_size", (16, 16))[1]:
-        raise ValueError(f"{path}: patches {facts['patch_size']} are not square; only square patches are supported")
     if facts.get("sample_rate", data.SAMPLE_RATE) != data.SAMPLE_RATE:
         raise ValueError(f"{path}: a {facts['sample_rate']} Hz model; this front end is 16 kHz only")
     return facts
@@ -306,13 +304,13 @@ def export_released(ckpt_path: Path, out_path: Path, training_parts: bool = Fals
     ckpt = train.load_checkpoint(ckpt_path)
     if "model_config" not in ckpt:
         raise ValueError(f"{ckpt_path}: not a checkpoint written by train.py")
-    model, _ = train.build_model(ckpt, with_tokenizer=False)
+    model_config, state = train.upgraded(ckpt)
     training = ("target_", "decoder_", "mask_token")
     state = {("text_encoder." + k if k.startswith("text_encoder.") else k): v
-             for k, v in model.state_dict().items() if training_parts or not k.startswith(training)}
+             for k, v in state.items() if training_parts or not k.startswith(training)}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     train.save_checkpoint(out_path, model=state)
-    return state, model.config
+    return state, m2d.M2DConfig(**model_config)
 
 
 def conventional_folder_name(config: m2d.M2DConfig, text_encoder: bool) -> str:
@@ -788,7 +786,7 @@ def builtin_eval_set() -> EvalSet:
 
 def log_mels_from_files(paths: list[Path]) -> list[torch.Tensor]:
     """Full-length log-mels [n_mels, frames] of audio files (any format, rate, channel count and length)."""
-    return [data.read_log_mel(p, min_frames=1) for p in paths]
+    return [data.log_mel(data.load_audio(p)) for p in paths]  # feature extraction pads any length
 
 
 def log_mels_from_waves(waves: list, sample_rate: int) -> list[torch.Tensor]:

@@ -326,6 +326,20 @@ def load_checkpoint(path: str | Path) -> dict:
             "its source, re-save just its state dict: torch.save({'model': ckpt['model']}, new_path).") from e
 
 
+def upgraded(ckpt: dict) -> tuple[dict, dict]:
+    """(model config, state dict) of a checkpoint of ours, written by this version or an earlier one.
+
+    Earlier versions saved a Linear text projector without a bias (a zero bias
+    is the same function) and mean-pooled every stage-2 text encoder.
+    """
+    model_config, state = dict(ckpt["model_config"]), dict(ckpt["model"])
+    if model_config.get("text_proj") == "linear" and "text_proj.bias" not in state:
+        state["text_proj.bias"] = torch.zeros(state["text_proj.weight"].shape[0])
+    if ckpt.get("text_encoder") and "text_pooling" not in model_config:
+        model_config["text_pooling"] = "mean"
+    return model_config, state
+
+
 def build_model(ckpt: dict, with_tokenizer: bool = True) -> tuple[m2d.M2DCLAP, object | None]:
     """The model of a checkpoint and, if it has a text encoder (and with_tokenizer), its tokenizer.
 
@@ -333,13 +347,7 @@ def build_model(ckpt: dict, with_tokenizer: bool = True) -> tuple[m2d.M2DCLAP, o
     shapes, normalisation statistics, and the text encoder's architecture with
     a reference to its tokenizer.
     """
-    model_config, state = dict(ckpt["model_config"]), dict(ckpt["model"])
-    # Checkpoints of earlier versions: a Linear text projector without a bias (a zero
-    # bias is the same function), and stage-2 text encoders that were mean-pooled.
-    if model_config.get("text_proj") == "linear" and "text_proj.bias" not in state:
-        state["text_proj.bias"] = torch.zeros(state["text_proj.weight"].shape[0])
-    if ckpt.get("text_encoder") and "text_pooling" not in model_config:
-        model_config["text_pooling"] = "mean"
+    model_config, state = upgraded(ckpt)
     text_encoder = tokenizer = None
     if ckpt.get("text_encoder"):
         text_encoder = text_embed.text_encoder_from_config(ckpt["text_encoder"]["config"])
