@@ -293,7 +293,8 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, device=None,
                      used to unshuffle the predictor's sequence back to grid order.
     """
     num_visible = int(num_patches * (1 - mask_ratio))
-    noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    # (generator=None is left out: torch.compile cannot trace it with a symbolic batch size)
+    noise = torch.rand(batch, num_patches, device=device, **({"generator": generator} if generator else {}))
     ids_shuffle = noise.argsort(dim=1)                                 # [B, N]
     ids_visible = ids_shuffle[:, :num_visible].sort(dim=1).values      # [B, Nv]
     ids_masked = ids_shuffle[:, num_visible:].sort(dim=1).values       # [B, Nm]
@@ -538,9 +539,16 @@ class M2DCLAP(nn.Module):
         return [*self.target_blocks.parameters(), *self.target_norm.parameters()]
 
     @torch.no_grad()
-    def ema_update(self, decay: float):
-        """target <- decay * target + (1 - decay) * online, as one fused foreach op."""
-        torch._foreach_lerp_(self.target_parameters(), self.online_parameters(), 1.0 - decay)
+    def ema_update(self, decay: float | torch.Tensor):
+        """target <- decay * target + (1 - decay) * online, as fused foreach ops.
+
+        decay may be a 0-d tensor on the parameters' device: a decay of 1
+        leaves the target exactly as it is, so a step can be skipped without
+        the host reading a flag.
+        """
+        targets = self.target_parameters()
+        torch._foreach_mul_(targets, decay)
+        torch._foreach_add_(targets, torch._foreach_mul(self.online_parameters(), 1 - decay))
 
     # --- stages 2 and 2.1: the CLAP parts train on the frozen encoder ---------
 

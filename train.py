@@ -193,7 +193,7 @@ class Config:
                                                   type=float, nargs=2, metavar=("MEAN", "STD"))
     device: str = flag("cuda" if CUDA else "cpu", "cpu, cuda, cuda:1, ...")
     precision: str | None = flag(None, "autocast precision (default: bf16 on CUDA, fp32 on CPU); fp16 uses a "
-                                 "GradScaler", choices=["fp32", "bf16", "fp16"])
+                                 "dynamic loss scale", choices=["fp32", "bf16", "fp16"])
     compile: bool | None = flag(None, "torch.compile the model (default: on for stage 1 on CUDA, off otherwise)",
                                 action=argparse.BooleanOptionalAction)
     workers: int | None = flag(None, "DataLoader worker processes (default: 8 on CUDA, 0 on CPU)", type=int)
@@ -665,26 +665,69 @@ def step_losses(outputs, logit_scale, clap_loss, clap_weight: float, frozen_enco
     return loss, {"loss": loss, "loss_m2d": loss_m2d, "loss_clap": loss_clap}
 
 
-def compiled(module: torch.nn.Module):
-    """torch.compile, keeping eager's random numbers so that masks do not depend on compilation."""
+def compiled(module: torch.nn.Module, backend: str = "inductor"):
+    """torch.compile with static shapes, keeping eager's random numbers so that masks do not depend on compilation.
+
+    Static shapes give the fastest kernels and allow CUDA graphs; a new batch
+    size (a user's last partial batch, a second benchmark shape) compiles
+    again, and past torch's recompile limit runs eagerly: it never fails.
+    """
     import torch._inductor.config
     torch._inductor.config.fallback_random = True
-    return torch.compile(module)
+    return torch.compile(module, dynamic=False, backend=backend)
 
 
-def train_step(model, net, forward, optimizer, scaler, autocast, clap_loss, micro_batches, clap_weight: float,
-               clip_grad_norm: float, ema_decay: float | None):
+class LossScaler:
+    """Dynamic fp16 loss scaling whose state stays on the device, so that no step waits for the host.
+
+    The scale halves on a step with a non-finite gradient and doubles after
+    growth_interval good steps in a row (torch.amp.GradScaler's rule, and its
+    state_dict layout, so checkpoints written with either load in both).
+    Disabled (bf16, fp32), every method is the identity.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000):
+        self.enabled, self.growth_interval = enabled, growth_interval
+        self.scale = torch.full((1,), init_scale, device=device)
+        self.growth_tracker = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale[0] if self.enabled else loss
+
+    def unscale_(self, grads: list[torch.Tensor]):
+        if self.enabled:
+            torch._foreach_mul_(grads, self.scale[0].double().reciprocal().float())
+
+    def update(self, found_inf: torch.Tensor):
+        if self.enabled:
+            torch._amp_update_scale_(self.scale, self.growth_tracker, found_inf, 2.0, 0.5, self.growth_interval)
+
+    def state_dict(self) -> dict:
+        if not self.enabled:
+            return {}
+        return {"scale": self.scale.item(), "growth_factor": 2.0, "backoff_factor": 0.5,
+                "growth_interval": self.growth_interval, "_growth_tracker": int(self.growth_tracker.item())}
+
+    def load_state_dict(self, state: dict):
+        if self.enabled and state:
+            self.scale.fill_(state["scale"])
+            self.growth_tracker.fill_(state["_growth_tracker"])
+
+
+def train_step(model, net, forward, optimizer, scaler: LossScaler, autocast, clap_loss, micro_batches,
+               clap_weight: float, clip_grad_norm: float, ema_decay: float | None):
     """One optimiser step over the micro-batches [(log_mel, text), ...] already on the device.
 
     net is the model or its DistributedDataParallel wrapper, forward the same
     possibly compiled; gradients are averaged across ranks only on the last
     micro-batch. Stage 1 (ema_decay given) updates the EMA target after the
-    step. A non-finite loss or gradient norm on any rank skips the step on
-    every rank: no weight, optimiser state or EMA target changes (with fp16
-    the scaler lowers its scale, as it does for its own overflow skips).
-    Returns each loss averaged over micro-batches and the gradient norm, as
-    device tensors, and whether the step was applied: reading that flag is
-    the step's one wait for the device.
+    step. Nothing here waits for the device: a non-finite loss or gradient
+    norm on any rank skips the step on the device itself. The fused AdamW
+    takes the flag as found_inf, the EMA decay becomes 1, and the weights,
+    optimiser state (its step count included) and EMA target stay exactly as
+    they were; with fp16 the loss scale halves. Returns each loss averaged
+    over micro-batches, the gradient norm and the step's finite flag, all as
+    device tensors, for the caller to read when it logs.
     """
     sums = {}
     frozen_encoder = ema_decay is None
@@ -694,24 +737,27 @@ def train_step(model, net, forward, optimizer, scaler, autocast, clap_loss, micr
             with autocast:
                 outputs = forward(mel, text, frozen_encoder=frozen_encoder)
                 loss, parts = step_losses(outputs, model.logit_scale, clap_loss, clap_weight, frozen_encoder)
-            scaler.scale(loss / len(micro_batches)).backward()
+            scaler.scaled(loss / len(micro_batches)).backward()
         for key, value in parts.items():
-            sums[key] = sums.get(key, 0) + value.detach() / len(micro_batches)
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_grad_norm)
-    finite = torch.isfinite(torch.stack([grad_norm.float(), *(v.float() for v in sums.values())])).all()
+            sums[key] = sums.get(key, 0) + value.detach().float() / len(micro_batches)
+    params = [p for p in model.parameters() if p.grad is not None]
+    scaler.unscale_([p.grad for p in params])
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm, foreach=True)
+    finite = torch.isfinite(torch.stack([grad_norm.float(), *sums.values()])).all()
     if net is not model:  # a loss is per rank: skip on all ranks or none
         finite = finite.int()
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    applied = bool(finite)
-    if applied:
-        scaler.step(optimizer)
-        model.clamp_logit_scale()
-        if ema_decay is not None:
-            model.ema_update(ema_decay)  # every rank holds the same online weights, so the same target
-    scaler.update()
+        finite = finite.bool()
+    found_inf = (~finite).float()
+    optimizer.found_inf = found_inf  # the fused AdamW leaves everything as it is where this is 1
+    optimizer.step()
+    del optimizer.found_inf
+    model.clamp_logit_scale()
+    if ema_decay is not None:  # every rank holds the same online weights, so the same target
+        model.ema_update(torch.where(finite, ema_decay, 1.0))
+    scaler.update(found_inf)
     optimizer.zero_grad(set_to_none=True)
-    return sums, grad_norm, applied
+    return sums, grad_norm, finite
 
 
 # -----------------------------------------------------------------------------
@@ -749,7 +795,7 @@ class Run:
     loader: DataLoader
     order: data.ClipOrder
     optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
+    scaler: LossScaler
     autocast: contextlib.AbstractContextManager
     total_steps: int
     warmup_steps: int
@@ -851,7 +897,7 @@ def setup_run(config: Config, resume: dict | None, ddp: Distributed, device: tor
     run = Run(config, recipe, stage, run_data, ddp, device, out_dir, net, compiled(net) if use_compile else net,
               loader, order, torch.optim.AdamW(model.param_groups(recipe.weight_decay), lr=peak_lr,
                                                betas=recipe.betas, fused=True),
-              torch.amp.GradScaler(device.type, enabled=precision == "fp16"), autocast, total_steps,
+              LossScaler(device, precision == "fp16"), autocast, total_steps,
               max(1, round(total_steps * recipe.warmup_epochs / recipe.epochs)), peak_lr, precision, use_compile)
     if resume is not None:
         restore(run, resume)
@@ -942,14 +988,18 @@ def train_loop(run: Run):
             if run.stage.tokenizer is not None:
                 text = text_embed.tokenize(run.stage.tokenizer, text)
             micro_batches.append((to_device(mel, run.device), to_device(text, run.device)))
-        sums, grad_norm, applied = train_step(model, run.net, run.forward, run.optimizer, run.scaler, run.autocast,
-                                              clap_loss, micro_batches, recipe.clap_weight, recipe.clip_grad_norm,
-                                              ema_decay)
+        sums, grad_norm, finite = train_step(model, run.net, run.forward, run.optimizer, run.scaler, run.autocast,
+                                             clap_loss, micro_batches, recipe.clap_weight, recipe.clip_grad_norm,
+                                             ema_decay)
         done = step + 1
-        health.after_step(done, applied, sums, grad_norm)
-        if done % c.log_every == 0 or done == run.total_steps or done == 1:
+        health.pending.append((done, finite, sums, grad_norm))
+        log_now = done % c.log_every == 0 or done == run.total_steps or done == 1
+        save_now = done % c.save_every == 0 and done < run.total_steps
+        if log_now or save_now or done % c.max_bad_steps == 0:
+            health.check()  # these steps' one wait for the device
+        if log_now:
             log_step(run, done, sums, grad_norm, lr, ema_decay, health)
-        if done % c.save_every == 0 and done < run.total_steps and not health.bad_streak:  # keep the pre-trouble one
+        if save_now and not health.bad_streak:  # keep the pre-trouble one
             save_run(run, done)
             if run.ddp.main and c.keep > 0:
                 keep_periodic(run.out_dir, done, c.keep)
@@ -957,33 +1007,42 @@ def train_loop(run: Run):
 
 class Health:
     """Skipped non-finite steps and unreadable clips (warnings, counts, the stop after too many in a row),
-    and the pace between log lines."""
+    and the pace between log lines.
+
+    The steps' finite flags stay on the device in `pending` until check()
+    reads them all at once: at log lines, checkpoints and every
+    --max-bad-steps steps, so that the device never waits for the host.
+    """
 
     def __init__(self, run: Run):
         self.run = run
         self.bad_streak = 0
+        self.pending = []  # (step, finite flag, losses, grad norm) of the steps not yet checked
         self.bad_clips = run.data.dataset.skip_bad
         self.bad_reported = len(self.bad_clips.names()) if self.bad_clips else 0
         self.logged_step, self.logged_at = run.start_step, time.perf_counter()  # for clips/s between log lines
 
-    def after_step(self, done: int, applied: bool, sums: dict, grad_norm: torch.Tensor):
-        if applied:
-            self.bad_streak = 0
-            return
-        self.bad_streak += 1
-        run = self.run
-        run.skipped_steps += 1
-        losses = ", ".join(f"{key.removeprefix('loss_')} {value.item():.4g}" for key, value in sums.items())
-        scale = f"; fp16 loss scale lowered to {run.scaler.get_scale():g}" if run.scaler.is_enabled() else ""
-        run.log(f"warning: step {done}: non-finite loss or gradient ({losses}, grad norm {grad_norm.item():.4g}); "
-                f"step skipped, weights unchanged{scale}", file=sys.stderr, flush=True)
-        if self.bad_streak >= run.config.max_bad_steps:
-            kept = (f"the last good checkpoint, {run.out_dir / 'last.pt'} (step {run.last_saved}), is intact"
-                    if run.last_saved else "no checkpoint had been written yet")
-            raise NonFiniteError(
-                f"{self.bad_streak} steps in a row ({done - self.bad_streak + 1} to {done}) had a non-finite loss or "
-                f"gradient, so the run stopped; {kept}. Lower the learning rate (--lr; a resume may change "
-                "it), prefer --precision bf16 to fp16, or look for extreme clips or caption embeddings.")
+    def check(self):
+        pending, self.pending = self.pending, []
+        flags = torch.stack([finite for _, finite, _, _ in pending]).tolist() if pending else []
+        for (done, _, sums, grad_norm), finite in zip(pending, flags):
+            if finite:
+                self.bad_streak = 0
+                continue
+            self.bad_streak += 1
+            run = self.run
+            run.skipped_steps += 1
+            losses = ", ".join(f"{key.removeprefix('loss_')} {value.item():.4g}" for key, value in sums.items())
+            scale = f"; fp16 loss scale now {run.scaler.scale.item():g}" if run.scaler.enabled else ""
+            run.log(f"warning: step {done}: non-finite loss or gradient ({losses}, grad norm {grad_norm.item():.4g}); "
+                    f"step skipped, weights unchanged{scale}", file=sys.stderr, flush=True)
+            if self.bad_streak >= run.config.max_bad_steps:
+                kept = (f"the last good checkpoint, {run.out_dir / 'last.pt'} (step {run.last_saved}), is intact"
+                        if run.last_saved else "no checkpoint had been written yet")
+                raise NonFiniteError(
+                    f"{self.bad_streak} steps in a row ({done - self.bad_streak + 1} to {done}) had a non-finite loss "
+                    f"or gradient, so the run stopped; {kept}. Lower the learning rate (--lr; a resume may change "
+                    "it), prefer --precision bf16 to fp16, or look for extreme clips or caption embeddings.")
 
     def report_bad_clips(self):
         n_bad = len(self.bad_clips.names()) if self.bad_clips is not None else 0

@@ -57,7 +57,7 @@ def test_the_ema_target_moves_by_exactly_the_schedules_amount():
     target_before = [p.clone() for p in model.target_parameters()]
     online_before = [p.clone() for p in model.online_parameters()]
     decay = train.ema_decay_at(3, 10, 0.9, 0.99)  # 0.927
-    _, _, applied = train.train_step(model, model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+    _, _, applied = train.train_step(model, model, model, optimizer, train.LossScaler(torch.device("cpu"), False),
                                      contextlib.nullcontext(), ClapLoss(), [(mel, text)], 0.01, 3.0, decay)
     assert applied
     for target, before, online, online_was in zip(model.target_parameters(), target_before,
@@ -166,3 +166,34 @@ def test_help_shows_the_defaults_and_the_recipes(capsys):
 def test_the_export_command_says_where_it_moved():
     with pytest.raises(SystemExit, match="python evaluate.py export"):
         train.main(["export", "a.pt", "b.pth"])
+
+
+def tiny_training_model():
+    torch.manual_seed(0)
+    model = m2d.M2DCLAP(m2d.preset("tiny", depth=2, predictor_depth=1, text_dim=16))
+    return model, torch.optim.AdamW(model.param_groups(0.05), lr=1e-3, fused=True)
+
+
+def test_a_compiled_step_survives_a_batch_size_change():
+    """A user's last partial batch, or a second shape in one process, compiles again rather than failing.
+
+    aot_eager traces exactly as the default inductor backend does (where a
+    symbolic batch size used to reach torch.rand and crash), without the
+    minute of C++ compilation.
+    """
+    model, optimizer = tiny_training_model()
+    forward = train.compiled(model, backend="aot_eager")
+    for batch in (4, 3, 4):
+        mel, text = torch.randn(batch, 1, 80, 192) * 4 - 7, torch.randn(batch, 16)
+        sums, _, finite = train.train_step(model, model, forward, optimizer, train.LossScaler(torch.device("cpu"), False),
+                                           contextlib.nullcontext(), ClapLoss(), [(mel, text)], 0.01, 3.0, 0.99)
+        assert finite and torch.isfinite(sums["loss"])
+
+
+@pytest.mark.parametrize("frozen_encoder", [False, True])
+def test_the_training_forward_compiles_as_one_graph(frozen_encoder):
+    model, _ = tiny_training_model()
+    mel, text = torch.randn(2, 1, 80, 192) * 4 - 7, torch.randn(2, 16)
+    explanation = torch._dynamo.explain(model)(mel, text, frozen_encoder=frozen_encoder)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
