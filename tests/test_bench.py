@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import bench
 import model as m2d
@@ -24,11 +25,29 @@ def test_baseline_and_optimised_steps_compute_the_same_loss_and_report_the_field
     assert result["flops_per_clip"] == pytest.approx(result["flops_per_clip_counted"], rel=0.1)
 
 
-def test_stage2_step_too(tmp_path):
-    summary = bench.run(bench.parse_args(["--stage", "2", "--device", "cpu", "--batch", "4", "--steps", "1",
-                                          "--warmup", "1"]))
-    assert summary["first_loss_difference"] < 1e-5
+def test_stage2_step_too():
+    args = bench.parse_args(["--stage", "2", "--device", "cpu", "--batch", "4", "--steps", "1", "--warmup", "1"])
+    config, fresh, mel, text, variants, _ = bench.build_variants(args)
+    results = bench.measure(variants, torch.device("cpu"), args.warmup, args.steps)
+    assert results["baseline"]["first_loss"] == pytest.approx(results["optimized"]["first_loss"], abs=1e-5)
     # Stage 2 backpropagates into the CLAP heads only: far fewer FLOPs than stage 1, as torch counts them.
-    assert summary["flops_per_clip"] == pytest.approx(summary["flops_per_clip_counted"], rel=0.1)
-    stage1 = bench.analytic_flops_per_clip(m2d.preset("tiny"), "1")
-    assert summary["flops_per_clip"] < 0.7 * stage1
+    analytic = bench.analytic_flops_per_clip(config, "2")
+    assert analytic == pytest.approx(bench.counted_flops_per_clip(fresh(), mel[:2], text[:2], True), rel=0.1)
+    assert analytic < 0.7 * bench.analytic_flops_per_clip(m2d.preset("tiny"), "1")
+
+
+def test_the_prepared_gpu_run_runs_on_the_cpu(tmp_path, capsys):
+    out = tmp_path / "prepared.json"
+    bench.main(["prepared", "--device", "cpu", "--preset", "tiny", "--batch", "4", "--big-batch", "8",
+                "--large-preset", "tiny", "--large-batch", "2", "--steps", "1", "--warmup", "1", "--train-steps", "6",
+                "--json", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert list(rows) == ["authors' recipe", "ours", "ours, larger batch", "train.py, synthetic shards",
+                          "ours, tiny + grad checkpointing"]
+    assert [r["batch"] for r in rows.values()] == [4, 4, 8, 4, 2]
+    assert result["steps"]["first_loss_difference"] == 0  # the authors' recipe and ours: the same first step
+    for name in ("ours", "ours, larger batch"):
+        assert rows[name]["clips_per_s"] == pytest.approx(rows[name]["batch"] / rows[name]["ms_per_step"] * 1000)
+    printed = capsys.readouterr().out
+    assert "prepared run on cpu" in printed and "step      6/6" in printed  # train.py itself ran its 6 steps
