@@ -844,8 +844,23 @@ def train(config: Config):
             dist.destroy_process_group()
         return
     run = setup_run(config, resume, ddp, device, out_dir)
-    train_loop(run)
+    try:
+        train_loop(run)
+    finally:
+        stop_workers(run.loader)
     finish(run)
+
+
+def stop_workers(loader: DataLoader):
+    """Stop the loader's worker processes now, error or not.
+
+    After an error they would wait for the garbage collector (the traceback
+    keeps the loader in a reference cycle), which kills each one only after a
+    5-s timeout: a pause in notebooks and test suites that call train().
+    """
+    iterator = getattr(loader, "_iterator", None)  # the persistent workers' iterator
+    if hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
 
 
 def setup_run(config: Config, resume: dict | None, ddp: Distributed, device: torch.device, out_dir: Path) -> Run:

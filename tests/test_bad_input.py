@@ -2,6 +2,7 @@
 trains around unreadable clips and lists them; the readers survive random bytes."""
 
 import csv
+import multiprocessing
 import re
 import subprocess
 import sys
@@ -66,8 +67,10 @@ def test_bad_audio_stops_the_run_naming_the_file_and_the_fix(tmp_path, problem, 
     if workers and problem == "unreadable":  # the same path for every problem read in a worker
         with pytest.raises(data.AudioError, match="Caught AudioError in DataLoader worker process 0"):
             train.train(train.parse_config(args))
+    children = set(multiprocessing.active_children())
     with pytest.raises(SystemExit) as e:
         train.main(args)
+    assert set(multiprocessing.active_children()) <= children  # the loader's worker stopped with the run
     assert "c3.wav" in str(e.value)
     assert re.search(message, str(e.value)), str(e.value)
     assert "Traceback" not in str(e.value)  # a DataLoader worker's error reads like the main process's
