@@ -159,8 +159,9 @@ def test_a_non_finite_loss_skips_the_step_and_changes_nothing():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {k: v.clone() for k, v in optimizer.state[model.cls_token].items()}
     text[1, 3] = float("nan")  # one caption embedding gone bad
-    _, grad_norm, applied = step(model, optimizer, scaler, mel, text)
-    assert not applied and not torch.isfinite(grad_norm)
+    _, grad_norm, finite = step(model, optimizer, scaler, mel, text)
+    assert isinstance(finite, torch.Tensor)  # a device flag: the step itself never read it back
+    assert not finite and not torch.isfinite(grad_norm)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key  # online weights and EMA target
     assert set(moments) == {"step", "exp_avg", "exp_avg_sq"}
@@ -179,6 +180,18 @@ def test_an_fp16_scaler_overflow_is_a_skipped_step_that_lowers_the_scale():
     while not step(model, optimizer, scaler, mel, text)[2]:  # the scale keeps halving until a step fits
         pass
     assert not torch.equal(model.cls_token, before["cls_token"])
+
+
+def test_the_loss_scaler_state_is_torch_gradscalers_both_ways():
+    """Checkpoints written with torch.amp.GradScaler's state resume with LossScaler, and the other way round."""
+    theirs = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2000)
+    ours = train.LossScaler(torch.device("cpu"), True)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.scale.item() == 1024.0
+    ours.update(torch.tensor(1.0))  # an overflow halves the scale
+    theirs.load_state_dict(ours.state_dict())
+    assert theirs.get_scale() == 512.0
+    assert train.LossScaler(torch.device("cpu"), False).state_dict() == {}  # as a disabled GradScaler's
 
 
 def test_non_finite_steps_are_skipped_with_a_warning_and_too_many_stop_the_run(tmp_path, monkeypatch, capsys):
