@@ -11,7 +11,7 @@ In one process, on the same inputs and from the same weights, it times
     trip, bf16 and torch.compile by default on CUDA).
 
     python bench.py --preset tiny --device cpu --json bench.json
-    python bench.py prepared --json bench_h100.json   # the prepared GPU run, under 5 min on one H100
+    python bench.py prepared --json bench_h100.json   # the prepared GPU run, sized for under 5 min on one H100
     python bench.py loader SHARDS/ [--synthetic-clips 2000]  # loader clips/s: shards vs one .npy per clip
 
 It reports clips/s, ms/step (median over runs of up to 5 steps back to back,
@@ -416,8 +416,8 @@ def prepared_run(args) -> dict:
 
 def prepared_main(argv):
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(prog="bench.py prepared", description="The prepared GPU run (under 5 minutes on "
-                                "one H100): the authors' recipe, our step at two batch sizes, train.py end to end, "
+    p = argparse.ArgumentParser(prog="bench.py prepared", description="The prepared GPU run (sized for under 5 "
+                                "minutes on one H100): the authors' recipe, our step at two batch sizes, train.py end to end, "
                                 "and Large with gradient checkpointing. With --device cpu it checks the same path.")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--preset", default="base" if cuda else "tiny", choices=sorted(m2d.PRESETS))
