@@ -417,8 +417,9 @@ def prepared_run(args) -> dict:
 def prepared_main(argv):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="bench.py prepared", description="The prepared GPU run (sized for under 5 "
-                                "minutes on one H100): the authors' recipe, our step at two batch sizes, train.py end to end, "
-                                "and Large with gradient checkpointing. With --device cpu it checks the same path.")
+                                "minutes on one H100): the authors' recipe, our step at two batch sizes, train.py "
+                                "end to end, and Large with gradient checkpointing. With --device cpu it checks the "
+                                "same path.")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--preset", default="base" if cuda else "tiny", choices=sorted(m2d.PRESETS))
     p.add_argument("--batch", type=int, default=128 if cuda else 16)

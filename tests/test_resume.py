@@ -171,7 +171,8 @@ def test_a_non_finite_loss_skips_the_step_and_changes_nothing():
 
 
 def test_an_fp16_scaler_overflow_is_a_skipped_step_that_lowers_the_scale():
-    model, optimizer, scaler, mel, text = tiny_step_setup(train.LossScaler(torch.device("cpu"), True, init_scale=2.0**127))
+    scaler = train.LossScaler(torch.device("cpu"), True, init_scale=2.0**127)
+    model, optimizer, scaler, mel, text = tiny_step_setup(scaler)
     model.cls_token.register_hook(lambda grad: grad * 1e4)  # large enough to overflow at this loss scale
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _, _, applied = step(model, optimizer, scaler, mel, text)
