@@ -34,6 +34,7 @@ import math
 import multiprocessing
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -286,15 +287,20 @@ def cpu_step_peak_bytes(args, name: str) -> int:
     return memory_bytes(torch.device("cpu"), peak=True)
 
 
+def in_fresh_process(function, *args):
+    """function(*args) in a new spawned process (for peak memory free of what this process allocated before)."""
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(function, args)
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     config, fresh, mel, text, variants, info = build_variants(args)
     results = measure(variants, device, args.warmup, args.steps)
     if not cuda:
-        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:  # a fresh process each
-            for name in results:
-                results[name]["peak_memory_bytes"] = pool.apply(cpu_step_peak_bytes, (args, name))
+        for name in results:
+            results[name]["peak_memory_bytes"] = in_fresh_process(cpu_step_peak_bytes, args, name)
     for name in results:
         results[name].update(info[name])
     analytic = analytic_flops_per_clip(config, args.stage)
@@ -308,11 +314,9 @@ def run(args) -> dict:
                "first_loss_difference": abs(results["optimized"]["first_loss"] - results["baseline"]["first_loss"]),
                "flops_per_clip": analytic, "flops_per_clip_counted": counted}
     if cuda:
-        name = summary["device"]
-        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-        summary["peak_bf16_flops"] = peak
+        summary["peak_bf16_flops"] = peak_bf16_flops(device)
         for key in ("baseline", "optimized"):
-            results[key]["mfu"] = analytic * results[key]["clips_per_s"] / peak if peak else None
+            results[key]["mfu"] = mfu(analytic, results[key]["clips_per_s"], device)
         summary["mfu"] = results["optimized"]["mfu"]
     return summary
 
@@ -335,11 +339,16 @@ def print_table(s: dict):
 # The prepared GPU run: every figure of the README's performance table in one command
 
 
-def mfu(flops_per_clip: float, clips_per_s: float, device: torch.device) -> float | None:
-    """Model FLOPs utilisation against the GPU's dense bf16 peak (None on a CPU or an unknown GPU)."""
+def peak_bf16_flops(device: torch.device) -> float | None:
+    """The GPU's dense bf16 peak, by its name (None on a CPU or an unknown GPU)."""
     if device.type != "cuda":
         return None
-    peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(device)), None)
+    return next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(device)), None)
+
+
+def mfu(flops_per_clip: float, clips_per_s: float, device: torch.device) -> float | None:
+    """Model FLOPs utilisation against the GPU's dense bf16 peak (None where that is unknown)."""
+    peak = peak_bf16_flops(device)
     return flops_per_clip * clips_per_s / peak if peak else None
 
 
@@ -348,9 +357,8 @@ def ours_alone(args) -> dict:
     device = torch.device(args.device)
     config, _, _, _, variants, info = build_variants(args, only="optimized")
     result = {**measure(variants, device, args.warmup, args.steps)["optimized"], **info["optimized"]}
-    if device.type != "cuda":  # the CPU allocator keeps what earlier runs freed: a fresh process measures it
-        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-            result["peak_memory_bytes"] = pool.apply(cpu_step_peak_bytes, (args, "optimized"))
+    if device.type != "cuda":
+        result["peak_memory_bytes"] = in_fresh_process(cpu_step_peak_bytes, args, "optimized")
     result["clips_per_s"] = args.batch / result["ms_per_step"] * 1000
     result["mfu"] = mfu(analytic_flops_per_clip(config, args.stage), result["clips_per_s"], device)
     return result
@@ -380,7 +388,6 @@ def train_py_clips_per_s(preset: str, device: str, batch: int, steps: int, work_
 
 def prepared_run(args) -> dict:
     """The authors' recipe and our step at one batch, ours at a larger one, train.py end to end, and Large."""
-    import tempfile
     cuda = args.device.startswith("cuda")
     common = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     summary = run(parse_args(["--preset", args.preset, "--batch", str(args.batch), *common]))

@@ -293,8 +293,10 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, device=None,
                      used to unshuffle the predictor's sequence back to grid order.
     """
     num_visible = int(num_patches * (1 - mask_ratio))
-    # (generator=None is left out: torch.compile cannot trace it with a symbolic batch size)
-    noise = torch.rand(batch, num_patches, device=device, **({"generator": generator} if generator else {}))
+    if generator is None:  # not passed as None: torch.compile cannot trace that with a symbolic batch size
+        noise = torch.rand(batch, num_patches, device=device)
+    else:
+        noise = torch.rand(batch, num_patches, device=device, generator=generator)
     ids_shuffle = noise.argsort(dim=1)                                 # [B, N]
     ids_visible = ids_shuffle[:, :num_visible].sort(dim=1).values      # [B, Nv]
     ids_masked = ids_shuffle[:, num_visible:].sort(dim=1).values       # [B, Nm]

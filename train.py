@@ -1007,7 +1007,7 @@ def train_loop(run: Run):
                                              clap_loss, micro_batches, recipe.clap_weight, recipe.clip_grad_norm,
                                              ema_decay)
         done = step + 1
-        health.pending.append((done, finite, sums, grad_norm))
+        health.record(done, finite, sums, grad_norm)
         log_now = done % c.log_every == 0 or done == run.total_steps or done == 1
         save_now = done % c.save_every == 0 and done < run.total_steps
         if log_now or save_now or done % c.max_bad_steps == 0:
@@ -1037,7 +1037,12 @@ class Health:
         self.bad_reported = len(self.bad_clips.names()) if self.bad_clips else 0
         self.logged_step, self.logged_at = run.start_step, time.perf_counter()  # for clips/s between log lines
 
+    def record(self, done: int, finite: torch.Tensor, sums: dict, grad_norm: torch.Tensor):
+        """Keep a step's device flag (and what its warning would print) for the next check()."""
+        self.pending.append((done, finite, sums, grad_norm))
+
     def check(self):
+        """Read the pending flags back in one transfer; warn for each skipped step, stop after too many in a row."""
         pending, self.pending = self.pending, []
         flags = torch.stack([finite for _, finite, _, _ in pending]).tolist() if pending else []
         for (done, _, sums, grad_norm), finite in zip(pending, flags):
