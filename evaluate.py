@@ -39,9 +39,10 @@ import torch.nn.functional as F
 
 import builtin_data
 import data
+import features
 import model as m2d
+import runs
 import text_embed
-import train
 
 
 # -----------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def load_model(path: str | Path, device: str = "cpu", text_encoder: str | None =
     tokenizer / sentence model one of our checkpoints names. Without it the
     audio side works and encode_clap_text says which folder is needed.
     """
-    ckpt = train.load_checkpoint(path)
+    ckpt = runs.load_checkpoint(path)
     if isinstance(ckpt, dict) and "model_config" in ckpt:
         embedder = load_ours(ckpt, text_encoder)
     else:
@@ -119,7 +120,7 @@ def load_model(path: str | Path, device: str = "cpu", text_encoder: str | None =
 
 def load_ours(ckpt: dict, text_encoder: str | None = None) -> Embedder:
     """An Embedder of a checkpoint written by train.py."""
-    model, _ = train.build_model(ckpt, with_tokenizer=False)
+    model, _ = features.build_model(ckpt, with_tokenizer=False)
     info = {k: ckpt.get(k) for k in ("stage", "norm_stats", "text_side", "text_encoder", "embedding_model")}
     info["missing_parts"] = []
     if ckpt.get("text_side") == "encoder":
@@ -301,15 +302,15 @@ def export_released(ckpt_path: Path, out_path: Path, training_parts: bool = Fals
     the 2025 release, plus the target network and predictor with
     training_parts=True.
     """
-    ckpt = train.load_checkpoint(ckpt_path)
+    ckpt = runs.load_checkpoint(ckpt_path)
     if "model_config" not in ckpt:
         raise ValueError(f"{ckpt_path}: not a checkpoint written by train.py")
-    model_config, state = train.upgraded(ckpt)
+    model_config, state = runs.upgraded(ckpt)
     training = ("target_", "decoder_", "mask_token")
     state = {("text_encoder." + k if k.startswith("text_encoder.") else k): v
              for k, v in state.items() if training_parts or not k.startswith(training)}
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    train.save_checkpoint(out_path, model=state)
+    runs.save_checkpoint(out_path, model=state)
     return state, m2d.M2DConfig(**model_config)
 
 
@@ -334,7 +335,7 @@ def export_main(argv):
     args = p.parse_args(argv)
     try:
         state, config = export_released(args.checkpoint, args.out, args.training_parts)
-    except (ValueError, FileNotFoundError, train.CheckpointWriteError) as e:
+    except (ValueError, FileNotFoundError, runs.CheckpointWriteError) as e:
         sys.exit(f"error: {e}")
     has_text_encoder = any(k.startswith("text_encoder.") for k in state)
     print(f"wrote {args.out}: {len(state)} tensors with the released key names. Tools that read the setup "
@@ -1109,7 +1110,7 @@ class Progress:
         width = 30
         bar = "#" * int(width * done / max(self.total, 1))
         print(f"\r[{bar:<{width}}] {done}/{self.total} files | {rate:.1f} files/s | {unreadable} unreadable | "
-              f"{train.format_duration(left)} left", end="\n" if final else "", file=sys.stderr, flush=True)
+              f"{runs.format_duration(left)} left", end="\n" if final else "", file=sys.stderr, flush=True)
 
 
 def embed_main(argv=None):

@@ -37,7 +37,6 @@ import itertools
 import json
 import math
 import os
-import pickle
 import random
 import sys
 import time
@@ -52,9 +51,11 @@ from torch.utils.data import DataLoader
 
 import builtin_data
 import data
+import features
 import model as m2d
 import text_embed
 from losses import ClapLoss, m2d_loss
+from runs import CheckpointWriteError, format_duration, keep_periodic, load_checkpoint, save_checkpoint
 
 STAGES = ("1", "2", "2.1")
 PREVIOUS_STAGE = {"2": "1", "2.1": "2"}
@@ -263,101 +264,6 @@ def parse_config(argv=None) -> Config:
 # Checkpoints
 
 
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint that could not be written (a full disk, say)."""
-
-
-def save_checkpoint(path: Path, **state):
-    """Write atomically and durably: a crash or a full disk mid-save never harms `path`.
-
-    The state goes to a temporary file in the same folder, is flushed and
-    fsynced, and only then renamed over `path`, so `path` always holds either
-    the previous complete checkpoint or the new one.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(f"{path}: could not write the checkpoint ({e}); the previous checkpoint there, "
-                                   "if any, is unchanged. Free some disk space or pass another --out-dir.") from e
-    folder = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint that would have to run code from the file to be loaded."""
-
-
-def keep_periodic(out_dir: Path, step: int, keep: int):
-    """Keep last.pt of this step as step_<N>.pt (a hard link, no copy) and only the newest `keep` of them."""
-    periodic = out_dir / f"step_{step:08d}.pt"
-    periodic.unlink(missing_ok=True)
-    os.link(out_dir / "last.pt", periodic)
-    for old in sorted(out_dir.glob("step_*.pt"))[:-keep]:
-        old.unlink()
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint (ours or a released one) without unpickling arbitrary objects.
-
-    torch.load(weights_only=True) rebuilds tensors and plain containers only;
-    argparse.Namespace, which the released files keep their 'args' in, is the
-    one class allowed besides. Anything else is refused, never constructed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise UnsafeCheckpointError(
-            f"{path}: refused. The file holds a pickled object other than tensors, plain containers and "
-            f"argparse.Namespace, and loading it would run code from the file ({reason}). If you trust "
-            "its source, re-save just its state dict: torch.save({'model': ckpt['model']}, new_path).") from e
-
-
-def upgraded(ckpt: dict) -> tuple[dict, dict]:
-    """(model config, state dict) of a checkpoint of ours, written by this version or an earlier one.
-
-    Earlier versions saved a Linear text projector without a bias (a zero bias
-    is the same function) and mean-pooled every stage-2 text encoder.
-    """
-    model_config, state = dict(ckpt["model_config"]), dict(ckpt["model"])
-    if model_config.get("text_proj") == "linear" and "text_proj.bias" not in state:
-        state["text_proj.bias"] = torch.zeros(state["text_proj.weight"].shape[0])
-    if ckpt.get("text_encoder") and "text_pooling" not in model_config:
-        model_config["text_pooling"] = "mean"
-    return model_config, state
-
-
-def build_model(ckpt: dict, with_tokenizer: bool = True) -> tuple[m2d.M2DCLAP, object | None]:
-    """The model of a checkpoint and, if it has a text encoder (and with_tokenizer), its tokenizer.
-
-    A checkpoint is self-contained: model weights (text encoder included),
-    shapes, normalisation statistics, and the text encoder's architecture with
-    a reference to its tokenizer.
-    """
-    model_config, state = upgraded(ckpt)
-    text_encoder = tokenizer = None
-    if ckpt.get("text_encoder"):
-        text_encoder = text_embed.text_encoder_from_config(ckpt["text_encoder"]["config"])
-        if with_tokenizer:
-            tokenizer = text_embed.load_tokenizer(ckpt["text_encoder"]["name"])
-    model = m2d.M2DCLAP(m2d.M2DConfig(**model_config), tuple(ckpt["norm_stats"]), text_encoder)
-    model.load_state_dict(state)
-    return model, tokenizer
-
-
 def load_previous_stage(stage: str, path: Path) -> dict:
     """The checkpoint a stage starts from, checked to be of the stage before it."""
     previous = PREVIOUS_STAGE[stage]
@@ -543,7 +449,7 @@ def setup_stage2(config: Config, init: dict) -> Stage:
     embeddings come from the very model stage 2 fine-tunes (mean-pooled
     all-MiniLM-L6-v2), so stage 2 starts from stage 1's alignment.
     """
-    model, _ = build_model(init)
+    model, _ = features.build_model(init)
     if config.text_side == "embeddings":
         model.freeze_encoder()
         return Stage(model, None, "embeddings", config.text_encoder, frozen_encoder=True)
@@ -566,7 +472,7 @@ def setup_stage2(config: Config, init: dict) -> Stage:
 
 def setup_stage21(config: Config, init: dict) -> Stage:
     """Stage 2.1: stage 2 as it ended (same text side), refined on target-domain captions."""
-    model, tokenizer = build_model(init)
+    model, tokenizer = features.build_model(init)
     model.freeze_encoder()
     text_side, text_encoder = stage_text_side(config, init)
     return Stage(model, tokenizer, text_side, text_encoder, frozen_encoder=True)
@@ -578,7 +484,7 @@ def setup_resumed(config: Config, resume: dict) -> Stage:
         raise ValueError("the run's last.pt was written by an earlier version whose text projector had no bias, so its "
                          "optimiser state does not fit this one. Train it again with --no-resume, or go on "
                          "from its weights with the next stage (--init).")
-    model, tokenizer = build_model({**resume, "model_config": {
+    model, tokenizer = features.build_model({**resume, "model_config": {
         **resume["model_config"], "grad_checkpointing": config.grad_checkpointing}})
     frozen = config.stage != "1"
     if frozen:
@@ -766,11 +672,6 @@ def train_step(model, net, forward, optimizer, scaler: LossScaler, autocast, cla
 
 class NonFiniteError(RuntimeError):
     """Too many steps in a row with a non-finite loss or gradient."""
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def to_device(batch, device):

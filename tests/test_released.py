@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-import train
+import runs
 
 
 def vit_base_encoder_state(n_time_patches: int, seed: int = 0) -> dict:
@@ -315,8 +315,8 @@ def test_a_checkpoint_holding_an_arbitrary_object_is_refused_and_never_run(tmp_p
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     torch.save({"model": vit_base_encoder_state(38), "extra": Payload(marker)}, path)
-    with pytest.raises(train.UnsafeCheckpointError, match=r"evil.pth: refused.*would run code"):
-        train.load_checkpoint(path)
+    with pytest.raises(runs.UnsafeCheckpointError, match=r"evil.pth: refused.*would run code"):
+        runs.load_checkpoint(path)
     with pytest.raises(SystemExit, match=r"evil.pth: refused"):
         evaluate.main(["--checkpoint", str(path)])
     assert not marker.exists()
@@ -324,7 +324,7 @@ def test_a_checkpoint_holding_an_arbitrary_object_is_refused_and_never_run(tmp_p
 
 def test_the_released_args_namespace_is_allowed(tmp_path):
     path = save_released(tmp_path, "x", {"a": torch.zeros(1)}, args=argparse.Namespace(input_size=[80, 608]))
-    assert train.load_checkpoint(path)["args"].input_size == [80, 608]
+    assert runs.load_checkpoint(path)["args"].input_size == [80, 608]
 
 
 # --- export ------------------------------------------------------------------------------------
