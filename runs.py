@@ -24,29 +24,38 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint that could not be written (a full disk, say)."""
 
 
-def save_checkpoint(path: Path, **state):
-    """Write atomically and durably: a crash or a full disk mid-save never harms `path`.
+def atomic_write(path: str | Path, write):
+    """Call write(file) on a temporary file beside `path`, then rename it over `path`.
 
-    The state goes to a temporary file in the same folder, is flushed and
-    fsynced, and only then renamed over `path`, so `path` always holds either
-    the previous complete checkpoint or the new one.
+    The file is flushed and fsynced before the rename, and the folder after it,
+    so a crash or a full disk mid-write leaves `path` either as it was or
+    complete, never half written. OSError passes through, `path` untouched.
     """
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(f"{path}: could not write the checkpoint ({e}); the previous checkpoint there, "
-                                   "if any, is unchanged. Free some disk space or pass another --out-dir.") from e
+        raise
     folder = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def save_checkpoint(path: Path, **state):
+    """torch.save(state) atomically: a crash or a full disk mid-save never harms `path`."""
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except OSError as e:
+        raise CheckpointWriteError(f"{path}: could not write the checkpoint ({e}); the previous checkpoint there, "
+                                   "if any, is unchanged. Free some disk space or pass another --out-dir.") from e
 
 
 class UnsafeCheckpointError(ValueError):
