@@ -300,3 +300,17 @@ def test_folds_hold_out_one_fold_as_test(tmp_path):
     assert not manifest.multi_label
     assert manifest.indices("test", "2") == [1, 2] and manifest.indices("train", "2") == [0]
     assert manifest.indices("valid", "2") == []
+
+
+def test_fit_on_waveforms_selects_the_best_validation_epoch_and_tests_it_once():
+    recipe = ft.recipe("spcv2", input_frames=33, encoder_frames=48, batch_size=4, epochs=2, warmup_epochs=1,
+                       freq_mask_bins=10, time_mask_frames=8)
+    model = ft.build_model(small_encoder(), 2, recipe, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    waves = [0.1 * torch.randn(5000, generator=g) for _ in range(8)]   # longer than 33 frames: cropped
+    split = ft.ClipSet(waves, torch.eye(2).repeat(4, 1))
+    result = ft.fit(model, recipe, split, split, split, g, log=lambda line: None)
+    assert len(result["history"]) == 2 and result["best_epoch"] in (0, 1)
+    assert result["state"]["pos_embed"].shape == (1, 1 + 5 * 3, 32)
+    with pytest.raises(ValueError, match="raw_input='wave'"):
+        ft.predict(model, [torch.randn(80, 33)], recipe)
