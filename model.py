@@ -642,3 +642,94 @@ def config_from_state_dict(state: dict, n_mels: int = 80, crop_frames: int | Non
     else:  # no projector: the text feature is already D wide (GTE-base or BERT-base into ViT-Base)
         config.update(text_proj="none", text_dim=dim)
     return M2DConfig(**config)
+
+
+# -----------------------------------------------------------------------------
+# Fine-tuning: longer inputs and the structured token drop
+
+
+def stretch_pos_table(table: torch.Tensor, grid_f: int, grid_t_old: int, grid_t_new: int) -> torch.Tensor:
+    """A checkpoint's [1, 1 + F*T_old, D] position table for an input of T_new time patches.
+
+    Longer input (a 6-s model fine-tuned on 10 s): the table is STRETCHED along
+    time by bicubic interpolation (align_corners=False, no antialiasing), not
+    rebuilt as a new sin-cos table; the frequency axis keeps its size, so its
+    rows pass through unchanged. Shorter input: the first T_new columns.
+    The CLS row stays first, untouched.
+    """
+    if grid_t_new <= grid_t_old:
+        return crop_pos_table(table, grid_f, grid_t_old, grid_t_new)
+    cls, patches = table[:, :1], table[:, 1:]
+    D = table.shape[-1]
+    grid = patches.reshape(1, grid_f, grid_t_old, D).permute(0, 3, 1, 2)           # [1, D, F, T_old]
+    grid = F.interpolate(grid.float(), size=(grid_f, grid_t_new), mode="bicubic", align_corners=False)
+    patches = grid.permute(0, 2, 3, 1).reshape(1, grid_f * grid_t_new, D)          # [1, F*T_new, D]
+    return torch.cat([cls, patches.to(table.dtype)], dim=1)
+
+
+def structured_drop_counts(grid_f: int, grid_t: int, ratio: float, u: float) -> tuple[int, int]:
+    """(NF, NT): how many frequency rows and time columns a batch flags, from one uniform u in [0, 1).
+
+    NF = min(F - 1, int(F (r + 1/F) u)) rows (never all of them); the columns
+    make up the rest of the ratio: NT = int(T max(r + 0.5/T - NF/F, 0)).
+    """
+    nf = min(grid_f - 1, int(grid_f * (ratio + 1.0 / grid_f) * u))
+    nt = int(grid_t * max(ratio + 0.5 / grid_t - nf / grid_f, 0.0))
+    return nf, nt
+
+
+def structured_drop_flags(batch: int, grid_f: int, grid_t: int, ratio: float,
+                          generator: torch.Generator | None = None, u: float | None = None,
+                          device=None) -> torch.Tensor:
+    """[B, F, T] bool: per clip, NF random frequency rows and NT random time columns flagged.
+
+    NF and NT are drawn once per batch (u uniform in [0, 1), or given), so
+    every clip has the same number of unflagged positions. The rows of every
+    clip are drawn first, then the columns, as in the authors' code.
+    """
+    if u is None:
+        u = float(torch.rand(1, generator=generator))
+    nf, nt = structured_drop_counts(grid_f, grid_t, ratio, u)
+    flags = torch.zeros(batch, grid_f, grid_t, dtype=torch.bool)
+    for b in range(batch):
+        flags[b, torch.randperm(grid_f, generator=generator)[:nf]] = True
+    for b in range(batch):
+        flags[b, :, torch.randperm(grid_t, generator=generator)[:nt]] = True
+    return flags.to(device)
+
+
+def kept_token_ids(flags: torch.Tensor, keep: str = "flagged") -> torch.Tensor:
+    """[B, F, T] flags -> [B, K] indices (f * T + t) of the tokens kept; K = unflagged count.
+
+    keep="flagged" (default) reproduces the authors' code, which produced the
+    published fine-tuning figures: it sorts the flags in DESCENDING order and
+    keeps the first K, so the flagged rows and columns are kept first and
+    unflagged tokens fill the remaining places (for 5 x 62 at ratio 0.5:
+    155, 172, 168 or 124 tokens for NF = 0, 1, 2, 3). keep="unflagged" keeps
+    exactly the unflagged tokens, the apparent intent of a "drop". Ties keep
+    grid order here (a stable sort); the authors' sort is not stable, so which
+    tied tokens fill the places left over may differ from theirs, never how many.
+    """
+    if keep not in ("flagged", "unflagged"):
+        raise ValueError(f"keep must be 'flagged' (the authors' behaviour) or 'unflagged', got {keep!r}")
+    flat = flags.flatten(1).to(torch.int8)                                              # [B, F*T]
+    n_keep = int((~flags[0]).sum())
+    order = flat.sort(dim=1, descending=(keep == "flagged"), stable=True).indices       # [B, F*T]
+    return order[:, :n_keep]                                                            # [B, K]
+
+
+def structured_token_drop(tokens: torch.Tensor, grid_f: int, grid_t: int, ratio: float,
+                          generator: torch.Generator | None = None, keep: str = "flagged",
+                          u: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Structured token drop on patch tokens [B, F*T, D] (no CLS) -> (kept [B, K, D], ids [B, K]).
+
+    The fine-tuning augmentation of the authors' "training_mask" (ratio 0.5
+    in fine-tuning, 0.3 in stage 2): whole frequency rows and time columns are
+    flagged at random, the same count for the whole batch, and K tokens are
+    kept per clip (see kept_token_ids for which). Training only.
+    """
+    if tokens.shape[1] != grid_f * grid_t:
+        raise ValueError(f"{tokens.shape[1]} tokens do not fill a {grid_f} x {grid_t} grid")
+    flags = structured_drop_flags(tokens.shape[0], grid_f, grid_t, ratio, generator, u, tokens.device)
+    ids = kept_token_ids(flags, keep)
+    return gather_tokens(tokens, ids), ids
