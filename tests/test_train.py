@@ -10,8 +10,8 @@ import torch
 
 import model as m2d
 import features
+import runs
 import train
-from losses import ClapLoss
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -58,8 +58,8 @@ def test_the_ema_target_moves_by_exactly_the_schedules_amount():
     target_before = [p.clone() for p in model.target_parameters()]
     online_before = [p.clone() for p in model.online_parameters()]
     decay = train.ema_decay_at(3, 10, 0.9, 0.99)  # 0.927
-    _, _, applied = train.train_step(model, model, model, optimizer, train.LossScaler(torch.device("cpu"), False),
-                                     contextlib.nullcontext(), ClapLoss(), [(mel, text)], 0.01, 3.0, decay)
+    stepper = runs.Stepper.build(model, optimizer, torch.device("cpu"), "fp32", use_compile=False, clip_grad_norm=3.0)
+    _, _, applied = train.train_step(model, stepper, [(mel, text)], 0.01, decay)
     assert applied
     for target, before, online, online_was in zip(model.target_parameters(), target_before,
                                                   model.online_parameters(), online_before):
@@ -183,11 +183,11 @@ def test_a_compiled_step_survives_a_batch_size_change():
     minute of C++ compilation.
     """
     model, optimizer = tiny_training_model()
-    forward = train.compiled(model, backend="aot_eager")
+    stepper = runs.Stepper(model, runs.compiled(model, backend="aot_eager"), optimizer,
+                           runs.LossScaler(torch.device("cpu"), False), contextlib.nullcontext(), clip_grad_norm=3.0)
     for batch in (4, 3, 4):
         mel, text = torch.randn(batch, 1, 80, 192) * 4 - 7, torch.randn(batch, 16)
-        sums, _, finite = train.train_step(model, model, forward, optimizer, train.LossScaler(torch.device("cpu"), False),
-                                           contextlib.nullcontext(), ClapLoss(), [(mel, text)], 0.01, 3.0, 0.99)
+        sums, _, finite = train.train_step(model, stepper, [(mel, text)], 0.01, 0.99)
         assert finite and torch.isfinite(sums["loss"])
 
 
