@@ -3,6 +3,7 @@
 import contextlib
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +199,17 @@ def test_the_training_forward_compiles_as_one_graph(frozen_encoder):
     explanation = torch._dynamo.explain(model)(mel, text, frozen_encoder=frozen_encoder)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_defaults_are_settled_once_right_after_parsing(tmp_path):
+    stage1 = train.parse_config(["--stage", "1", "--device", "cpu"])
+    assert (stage1.preset, stage1.out_dir, stage1.init) == ("tiny", Path("runs/stage1"), None)
+    assert (stage1.precision, stage1.compile, stage1.workers, stage1.preload) == ("fp32", False, 0, True)
+    assert stage1.embedding_model == "all-MiniLM-L6-v2" and stage1.resume is (Path("runs/stage1/last.pt").is_file())
+    stage2 = train.parse_config(["--stage", "2", "--device", "cpu", "--data", str(tmp_path / "c.csv"),
+                                 "--out-dir", str(tmp_path), "--precision", "bf16"])
+    assert stage2.preset is None and stage2.init == Path("runs/stage1/last.pt")  # the preset comes from --init
+    assert (stage2.audio_root, stage2.preload, stage2.embedding_model) == (tmp_path, False, None)
+    assert (stage2.precision, stage2.resume) == ("bf16", False)
+    (tmp_path / "last.pt").touch()
+    assert train.parse_config(["--stage", "2", "--out-dir", str(tmp_path)]).resume is True
