@@ -6,9 +6,12 @@ In one process, on the same inputs and from the same weights, it times
     on CPU), torch's default AdamW, clipping at 3.0, the loss read back every
     step, a device synchronisation, the EMA as a Python loop and the
     logit-scale clamp;
-(b) our step: train.train_step exactly as train.py runs it (fused AdamW,
-    fused EMA, non-finite steps skipped on the device with no host round
-    trip, bf16 and torch.compile by default on CUDA).
+(b) our step, composed of the same functions as train.py's train_step:
+    losses.m2d_clap_loss driving runs.Stepper (fused AdamW, non-finite steps
+    skipped on the device with no host round trip, bf16 and torch.compile by
+    default on CUDA, as runs.amp_defaults chooses for train.py), then the
+    logit-scale clamp and the fused EMA.
+The prepared run also runs train.py itself, in a subprocess.
 
     python bench.py --preset tiny --device cpu --json bench.json
     python bench.py prepared --json bench_h100.json   # the prepared GPU run, sized for under 5 min on one H100
@@ -33,6 +36,7 @@ import json
 import math
 import multiprocessing
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,8 +48,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import model as m2d
-import train
-from losses import ClapLoss
+import runs
+from losses import ClapLoss, m2d_clap_loss
+
+CLAP_WEIGHT = 0.01  # lambda of the paper's recipe, in both variants
 
 # Dense bf16 tensor-core peaks (FLOP/s), by a name fragment of torch.cuda.get_device_name().
 PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
@@ -96,9 +102,7 @@ def analytic_flops_per_clip(config: m2d.M2DConfig, stage: str) -> float:
 def counted_flops_per_clip(model, mel, text, frozen_encoder: bool) -> float:
     """FLOPs of one forward and backward as torch.utils.flop_counter counts them, per clip."""
     with FlopCounterMode(display=False) as counter:
-        outputs = model(mel, text, frozen_encoder=frozen_encoder)
-        loss, _ = train.step_losses(outputs, model.logit_scale, ClapLoss(), 0.01, frozen_encoder)
-        loss.backward()
+        m2d_clap_loss(model(mel, text, frozen_encoder=frozen_encoder), model.logit_scale, CLAP_WEIGHT)["loss"].backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / mel.shape[0]
 
@@ -120,8 +124,8 @@ def authors_step(model, optimizer, scaler, autocast, mel, text, clap_loss, clap_
     the frozen encoder (stage 2) under no_grad, as theirs does.
     """
     with autocast:
-        outputs = model(mel, text, frozen_encoder=ema_decay is None)
-        loss, _ = train.step_losses(outputs, model.logit_scale, clap_loss, clap_weight, ema_decay is None)
+        loss = m2d_clap_loss(model(mel, text, frozen_encoder=ema_decay is None), model.logit_scale, clap_weight,
+                             clap_loss)["loss"]
     loss_value = loss.item()
     if not math.isfinite(loss_value):
         raise SystemExit(f"Loss is {loss_value}, stopping training")
@@ -210,7 +214,7 @@ def build_variants(args, only: str | None = None):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     config = m2d.preset(args.preset, text_dim=args.text_dim, grad_checkpointing=args.grad_checkpointing)
-    recipe = train.RECIPES[(args.stage, args.preset)]
+    betas = (0.9, 0.95) if args.stage == "1" else (0.9, 0.999)  # the stage's recipes (train.RECIPES)
     torch.manual_seed(0)
     reference = m2d.M2DCLAP(config, norm_stats=(-7.0, 4.0)).to(device)
     if args.stage == "2":
@@ -230,45 +234,45 @@ def build_variants(args, only: str | None = None):
 
     variants, info = {}, {}
     if only in (None, "baseline"):
-        variants["baseline"], info["baseline"] = _baseline_variant(args, fresh, mel, text, clap_loss, ema_decay,
-                                                                   recipe, device)
+        variants["baseline"], info["baseline"] = _baseline_variant(fresh, mel, text, clap_loss, ema_decay, betas,
+                                                                   device)
     if only in (None, "optimized"):
         variants["optimized"], info["optimized"] = _optimized_variant(args, fresh, mel, text, clap_loss,
-                                                                      ema_decay, recipe, device)
+                                                                      ema_decay, betas, device)
     return config, fresh, mel, text, variants, info
 
 
-def _baseline_variant(args, fresh, mel, text, clap_loss, ema_decay, recipe, device):
+def _baseline_variant(fresh, mel, text, clap_loss, ema_decay, betas, device):
     """The authors' recipe: eager, fp16 autocast with a GradScaler on GPU (fp32 on CPU), torch's default AdamW."""
     cuda = device.type == "cuda"
     model = fresh()
-    optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=recipe.betas)
+    optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=betas)
     scaler = torch.amp.GradScaler(device.type, enabled=cuda)
     autocast = torch.autocast(device.type, dtype=torch.float16) if cuda else contextlib.nullcontext()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def baseline():
-        return authors_step(model, optimizer, scaler, autocast, mel, text, clap_loss, 0.01, ema_decay, sync)
+        return authors_step(model, optimizer, scaler, autocast, mel, text, clap_loss, CLAP_WEIGHT, ema_decay, sync)
 
     return baseline, {"precision": "fp16" if cuda else "fp32", "compiled": False}
 
 
-def _optimized_variant(args, fresh, mel, text, clap_loss, ema_decay, recipe, device):
-    """Ours, as train.py runs it."""
-    cuda = device.type == "cuda"
+def _optimized_variant(args, fresh, mel, text, clap_loss, ema_decay, betas, device):
+    """Ours: the functions train.py's train_step composes, with train.py's precision and compile defaults."""
     model = fresh()
-    optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=recipe.betas, fused=True)
-    precision = args.precision or ("bf16" if cuda else "fp32")
-    scaler = train.LossScaler(device, precision == "fp16")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision != "fp32" else contextlib.nullcontext())
-    use_compile = (cuda and args.stage == "1") if args.compile is None else args.compile
-    forward = train.compiled(model) if use_compile else model
+    optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=betas, fused=True)
+    precision, use_compile = runs.amp_defaults(device.type, args.precision, args.compile,
+                                               compile_on_cuda=args.stage == "1")
+    stepper = runs.Stepper.build(model, optimizer, device, precision, use_compile, clip_grad_norm=3.0)
+    frozen_encoder = ema_decay is None
 
     def ours():
-        sums, _, _ = train.train_step(model, model, forward, optimizer, scaler, autocast, clap_loss,
-                                      [(mel, text)], 0.01, 3.0, ema_decay)
-        return sums.get("loss_m2d", 0) + (0.01 if args.stage == "1" else 1.0) * sums["loss_clap"]
+        sums, _, finite = stepper.step([(mel, text)], lambda m, t: m2d_clap_loss(
+            stepper.forward(m, t, frozen_encoder=frozen_encoder), model.logit_scale, CLAP_WEIGHT, clap_loss))
+        model.clamp_logit_scale()
+        if not frozen_encoder:
+            model.ema_update(torch.where(finite, ema_decay, 1.0))
+        return sums["loss"]
 
     return ours, {"precision": precision, "compiled": use_compile}
 
@@ -378,10 +382,14 @@ def train_py_clips_per_s(preset: str, device: str, batch: int, steps: int, work_
     (work_dir / "captions.csv").write_text("file_name,caption\n" + "".join(f"{n},clip {n}\n" for n in names))
     np.save(work_dir / "captions.npy", np.random.default_rng(0).standard_normal((n_clips, config.text_dim),
                                                                                  dtype=np.float32))
-    train.main(["--stage", "1", "--preset", preset, "--data", str(work_dir / "captions.csv"), "--shards",
-                str(work_dir / "shards"), "--device", device, "--batch-size", str(batch), "--max-steps", str(steps),
-                "--log-every", str(steps // 3), "--save-every", str(steps), "--norm-stats", "-7", "4",
-                "--out-dir", str(work_dir / "run"), "--no-resume"])
+    command = [sys.executable, str(Path(__file__).resolve().parent / "train.py"), "--stage", "1", "--preset", preset,
+               "--data", str(work_dir / "captions.csv"), "--shards", str(work_dir / "shards"), "--device", device,
+               "--batch-size", str(batch), "--max-steps", str(steps), "--log-every", str(steps // 3), "--save-every",
+               str(steps), "--norm-stats", "-7", "4", "--out-dir", str(work_dir / "run"), "--no-resume"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    print(result.stdout, end="")
+    if result.returncode != 0:
+        raise RuntimeError(f"train.py stopped (exit status {result.returncode}):\n{result.stderr}")
     records = (work_dir / "run" / "log.jsonl").read_text().splitlines()
     return json.loads(records[-1])["clips_per_s"]
 

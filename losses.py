@@ -4,6 +4,9 @@
 - ClapLoss: symmetric InfoNCE between audio and text embeddings with a learned
   temperature. How the loss is defined is separate from how features are
   gathered across data-parallel ranks (gather_features).
+- m2d_clap_loss: the training loss of a step and its parts, from the model's
+  training forward: L = L_M2D + lambda * L_CLAP in stage 1, L_CLAP alone on a
+  frozen encoder (stages 2 and 2.1).
 """
 
 from __future__ import annotations
@@ -96,3 +99,21 @@ class ClapLoss(nn.Module):
         logits = scale * audio @ text.T             # [W*B, W*B], rows audio, columns text
         labels = torch.arange(logits.shape[0], device=logits.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def m2d_clap_loss(outputs: tuple[torch.Tensor, ...], logit_scale: torch.Tensor, clap_weight: float,
+                  clap_loss: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The loss of a training step and its parts, from M2DCLAP.forward's outputs.
+
+    Stage 1, outputs (prediction, target, audio, text): L = L_M2D + lambda * L_CLAP,
+    lambda = clap_weight. On a frozen encoder, outputs (audio, text): L = L_CLAP.
+    Returns {"loss": L, "loss_m2d": L_M2D (stage 1 only), "loss_clap": L_CLAP}.
+    """
+    clap_loss = ClapLoss() if clap_loss is None else clap_loss
+    if len(outputs) == 2:
+        loss_clap = clap_loss(*outputs, logit_scale)
+        return {"loss": loss_clap, "loss_clap": loss_clap}
+    prediction, target, audio, text = outputs
+    loss_m2d = m2d_loss(prediction, target)
+    loss_clap = clap_loss(audio, text, logit_scale)
+    return {"loss": loss_m2d + clap_weight * loss_clap, "loss_m2d": loss_m2d, "loss_clap": loss_clap}

@@ -1,4 +1,4 @@
-"""Stage-wise training of M2D-CLAP.
+"""Stage-wise training of M2D-CLAP: the method and its config.
 
 Stage 1 learns general-purpose audio features and CLAP features together,
     L = L_M2D + lambda * L_CLAP,
@@ -24,38 +24,32 @@ Outputs in --out-dir (default runs/stage<STAGE>): last.pt (a checkpoint that
 loads with torch.load(weights_only=True) and holds all a resume needs),
 log.jsonl (one JSON object per logged step) and, with --skip-bad,
 bad_clips.csv. Running the same command again resumes the run exactly where
-it stopped. This file is the only place that knows about AMP, torch.compile,
-data parallelism, schedules, resuming and checkpoints. To write a checkpoint
-in the released layout: python evaluate.py export.
+it stopped. This file holds the method: recipes, schedules, one setup function
+per stage, the step and the loop; runs.py holds the run machinery they use
+(checkpoint files, torchrun, exact resume, AMP and compile, the non-finite
+guard, the log). To write a checkpoint in the released layout: python
+evaluate.py export.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
-import json
 import math
-import os
-import random
 import sys
-import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import builtin_data
 import data
 import features
 import model as m2d
+import runs
 import text_embed
-from losses import ClapLoss, m2d_loss
-from runs import CheckpointWriteError, format_duration, keep_periodic, load_checkpoint, save_checkpoint
+from losses import m2d_clap_loss
 
 STAGES = ("1", "2", "2.1")
 PREVIOUS_STAGE = {"2": "1", "2.1": "2"}
@@ -124,8 +118,9 @@ def ema_decay_at(step: int, total_steps: int, start: float, end: float) -> float
     return start + (end - start) * min(step, total_steps) / max(total_steps, 1)
 
 
+
 # -----------------------------------------------------------------------------
-# The command line: one dataclass, one flag per field
+# The command line: one dataclass, one flag per field, defaults settled once
 
 
 def flag(default, help: str, stages: tuple[str, ...] = STAGES, **argparse_options):
@@ -145,7 +140,10 @@ CUDA = torch.cuda.is_available()
 
 @dataclass
 class Config:
-    """Everything a run is told. A default of None means "as described", and resolve() decides it."""
+    """Everything a run is told. settle_defaults() fills in every default the command line decides, right
+    after parsing; a field still None afterwards means what its help says (the recipe's value, the built-in
+    data, the checkpoint a stage starts from, statistics measured on the clips).
+    """
 
     stage: str = flag(MISSING, "training stage", choices=STAGES)
     preset: str | None = flag(None, "model size and recipe: tiny (CPU, built-in data), base (the paper) or large. "
@@ -157,7 +155,8 @@ class Config:
                                    ".npy)", type=Path)
     embedding_model: str | None = flag(None, "name or path of the sentence model that made --embeddings, recorded "
                                        "in the checkpoint so that new text (zero-shot prompts) can be embedded the "
-                                       "same way (default: all-MiniLM-L6-v2 for the built-in data)")
+                                       "same way (default: all-MiniLM-L6-v2 for the built-in data; with --data, the "
+                                       "one the checkpoint a run starts from records)")
     audio_root: Path | None = flag(None, "folder the CSV's file_name paths are relative to (default: the CSV's "
                                    "folder)", type=Path)
     shards: Path | None = flag(None, "read log-mels from the shards 'python data.py prepare' wrote, instead of "
@@ -235,7 +234,8 @@ def recipes_table() -> str:
 
 
 def parse_config(argv=None) -> Config:
-    """The Config of a command line: one flag per field, stage-specific flags checked against --stage."""
+    """The Config of a command line: one flag per field, stage-specific flags checked against --stage, then
+    every default the command line decides settled (settle_defaults)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Recipes (every default of batch, epochs, learning rate, EMA and lambda; "
                                        "AdamW, weight decay 0.05, clipping at 3.0):\n" + recipes_table())
@@ -257,11 +257,48 @@ def parse_config(argv=None) -> Config:
                     f"not stage {config.stage}")
     if config.data is None and (config.embeddings or config.audio_root):
         p.error("--embeddings and --audio-root describe your own data; pass --data CSV with them")
-    return config
+    return settle_defaults(config)
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints
+def settle_defaults(config: Config) -> Config:
+    """Every default that the command line decides, in one place (the --help texts say the same)."""
+    stage, cuda = config.stage, torch.device(config.device).type == "cuda"
+    out_dir = config.out_dir or Path("runs") / f"stage{stage}"
+    # Compiled by default for the stage-1 step on CUDA; a text encoder's varying token counts would recompile.
+    precision, use_compile = runs.amp_defaults("cuda" if cuda else "cpu", config.precision, config.compile,
+                                               compile_on_cuda=stage == "1")
+    return replace(
+        config, out_dir=out_dir, precision=precision, compile=use_compile,
+        preset=config.preset or ("tiny" if stage == "1" else None),
+        init=config.init or (Path("runs") / f"stage{PREVIOUS_STAGE[stage]}" / "last.pt" if stage != "1" else None),
+        audio_root=config.audio_root or (config.data.parent if config.data else None),
+        embedding_model=config.embedding_model or (text_embed.DEFAULT_MODEL if config.data is None else None),
+        workers=(8 if cuda else 0) if config.workers is None else config.workers,
+        preload=config.data is None if config.preload is None else config.preload,
+        resume=(out_dir / "last.pt").is_file() if config.resume is None else config.resume)
+
+
+def resolve(config: Config, resume: dict | None, init: dict | None) -> tuple[Config, Recipe]:
+    """What a run takes from the checkpoint it starts from, and its recipe with the command line's overrides.
+
+    Stages 2 and 2.1 take the preset of the checkpoint they start from (a
+    different --preset stops the run), a resumed run its own; with your own
+    --data and no --embedding-model, the sentence model is the start's.
+    """
+    start, preset = resume or init, config.preset
+    if start is not None:
+        preset = start["args"].get("preset") or "tiny"
+        if init is not None and config.preset not in (None, preset):  # a new run of stage 2 or 2.1
+            raise ValueError(f"{config.init}: a stage-{init['stage']} checkpoint of the {preset} preset, but this "
+                             f"run asks for --preset {config.preset}. Drop --preset (stages 2 and 2.1 take it "
+                             f"from the checkpoint they start from), or pass --init with a {config.preset} "
+                             "checkpoint.")
+    embedding_model = config.embedding_model or (start.get("embedding_model") if start else None)
+    config = replace(config, preset=preset, embedding_model=embedding_model)
+    overrides = dict(batch_size=config.batch_size, clap_weight=config.clap_weight, epochs=config.epochs,
+                     ema_decay=tuple(config.ema_decay) if config.ema_decay else None)
+    recipe = replace(RECIPES[(config.stage, preset)], **{k: v for k, v in overrides.items() if v is not None})
+    return config, recipe
 
 
 def load_previous_stage(stage: str, path: Path) -> dict:
@@ -270,7 +307,7 @@ def load_previous_stage(stage: str, path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no stage-{previous} checkpoint to start stage {stage} from. "
                                 f"Run 'python train.py --stage {previous}' first, or pass --init PATH.")
-    ckpt = load_checkpoint(path)
+    ckpt = runs.load_checkpoint(path)
     if ckpt.get("stage") != previous:
         raise ValueError(f"{path}: is a stage-{ckpt.get('stage')} checkpoint, but stage {stage} starts "
                          f"from stage {previous}. Run 'python train.py --stage {previous}' first, or pass "
@@ -279,132 +316,39 @@ def load_previous_stage(stage: str, path: Path) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Data parallelism and resuming
+# The data of a run
 
 
 @dataclass
-class Distributed:
-    """This process's place in a torchrun job (a single process: rank 0 of 1)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+class RunData:
+    name: str                       # for the log and the resume check
+    csv_path: Path
+    npy_path: Path | None
+    table: text_embed.CaptionTable
+    source: data.AudioFolder | data.ShardStore
+    dataset: data.ClipDataset
+    embedding_model: str | None     # the sentence model behind the embeddings, to embed new text later
 
 
-def setup_distributed(device_type: str) -> Distributed:
-    """Join the process group torchrun describes in the environment: NCCL on GPUs, Gloo on CPUs."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        return Distributed()
-    ddp = Distributed(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), world_size)
-    if device_type == "cuda":
-        torch.cuda.set_device(ddp.local_rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return ddp
-
-
-def parameter_checksums(model: torch.nn.Module) -> list[float]:
-    """One float64 sum per parameter tensor: equal lists mean equal replicas, to rounding."""
-    return [p.detach().double().sum().item() for p in model.parameters()]
-
-
-def rng_state(device: torch.device) -> dict:
-    """This process's Python, NumPy and torch RNG states, in types that load with weights_only=True."""
-    numpy_state = np.random.get_state(legacy=False)
-    numpy_state["state"] = {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-                            "pos": numpy_state["state"]["pos"]}
-    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device):
-    random.setstate(state["python"])
-    numpy_state = dict(state["numpy"])
-    numpy_state["state"] = {"key": state["numpy"]["state"]["key"].numpy().astype(np.uint32),
-                            "pos": state["numpy"]["state"]["pos"]}
-    np.random.set_state(numpy_state)
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def gather_rng_states(ddp: Distributed, device: torch.device) -> list[dict]:
-    """Every rank's RNG states, in rank order (every rank must call this)."""
-    if ddp.world_size == 1:
-        return [rng_state(device)]
-    states = [None] * ddp.world_size
-    dist.all_gather_object(states, rng_state(device))
-    return states
-
-
-def check_same_run(path: Path, saved: dict, now: dict):
-    """A resume must continue the same run: data, model, batch, seed and schedule length."""
-    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in now.items() if saved.get(key) != value]
-    if changed:
-        raise ResumeError(f"{path}: cannot resume with other settings than the run's ({'; '.join(changed)}). "
-                          "Run the interrupted command again unchanged (--lr may change), or pass "
-                          "--no-resume (starts over, overwriting the run) or another --out-dir.")
-
-
-def read_log(path: Path, last_step: int) -> list[dict]:
-    """The records of log.jsonl up to last_step: what a resumed run keeps of its log."""
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["step"] <= last_step]
-
-
-# -----------------------------------------------------------------------------
-# Where a run starts: a new run of a stage, or its own last.pt
-
-
-class ResumeError(ValueError):
-    """A run folder that cannot be resumed as asked."""
-
-
-def find_resume(config: Config, out_dir: Path) -> dict | None:
-    """The checkpoint to go on from, or None for a new run: --resume, --no-resume, or last.pt if present."""
-    path = out_dir / "last.pt"
-    if config.resume is False or (config.resume is None and not path.is_file()):
-        return None
-    if not path.is_file():
-        raise ResumeError(f"{path}: not found, so there is nothing to resume. Check --out-dir, or drop "
-                          "--resume to start a new run.")
-    ckpt = load_checkpoint(path)
-    if ckpt.get("stage") != config.stage:
-        raise ResumeError(f"{path}: a stage-{ckpt.get('stage')} run, so stage {config.stage} cannot resume it. "
-                          "Pass another --out-dir, or --no-resume to start over there (it overwrites that run).")
-    if "resume" not in ckpt:
-        raise ResumeError(f"{path}: holds no resume state. Pass --no-resume to start over (it overwrites the "
-                          "run), or another --out-dir.")
-    return ckpt
-
-
-def resolve(config: Config, start: dict | None, init_path: Path | None = None) -> tuple[Config, Recipe]:
-    """The config with its preset decided, and the recipe with the command line's overrides.
-
-    Stages 2 and 2.1 take the preset of the checkpoint they start from (a
-    different --preset stops the run); stage 1 defaults to tiny.
-    """
-    preset = config.preset or "tiny"
-    if start is not None:
-        preset = start["args"].get("preset") or "tiny"
-        if init_path is not None and config.preset not in (None, preset):  # a new run of stage 2 or 2.1
-            raise ValueError(f"{init_path}: a stage-{start['stage']} checkpoint of the {preset} preset, but this "
-                             f"run asks for --preset {config.preset}. Drop --preset (stages 2 and 2.1 take it "
-                             f"from the checkpoint they start from), or pass --init with a {config.preset} "
-                             "checkpoint.")
-    config = replace(config, preset=preset)
-    overrides = dict(batch_size=config.batch_size, clap_weight=config.clap_weight, epochs=config.epochs,
-                     ema_decay=tuple(config.ema_decay) if config.ema_decay else None)
-    recipe = replace(RECIPES[(config.stage, preset)], **{k: v for k, v in overrides.items() if v is not None})
-    return config, recipe
+def load_data(config: Config, start: dict | None, ddp: runs.Distributed) -> RunData:
+    """Captions (with embeddings for the embeddings text side), audio source and dataset of a run."""
+    if config.data is None:
+        split = "refine" if config.stage == "2.1" else "train"
+        if ddp.main:
+            builtin_data.builtin_dataset(split)  # renders the audio cache once, before the other ranks read it
+        ddp.barrier()
+        csv_path, audio_root = builtin_data.builtin_dataset(split)
+        npy_path, name = None, f"built-in {split}"
+    else:
+        csv_path, npy_path, name, audio_root = config.data, config.embeddings, str(config.data), config.audio_root
+    table = (text_embed.load_captions(csv_path) if stage_text_side(config, start)[0] == "encoder"
+             else text_embed.load_caption_embeddings(csv_path, npy_path))
+    crop_frames = (m2d.preset(config.preset).crop_frames if config.stage == "1"
+                   else start["model_config"]["crop_frames"])
+    source = data.ShardStore(config.shards) if config.shards else data.AudioFolder(audio_root, config.convert_audio)
+    bad_clips = data.BadClipReport(config.out_dir / "bad_clips.csv") if config.skip_bad else None
+    dataset = data.ClipDataset(table, source, crop_frames, preload=config.preload, skip_bad=bad_clips)
+    return RunData(name, csv_path, npy_path, table, source, dataset, config.embedding_model)
 
 
 # -----------------------------------------------------------------------------
@@ -431,16 +375,22 @@ def stage_text_side(config: Config, start: dict | None) -> tuple[str, str | None
     return start["text_side"], start["text_encoder"]["name"] if start["text_encoder"] else None
 
 
-def setup_stage1(config: Config, text_dim: int, norm_stats: tuple[float, float]) -> Stage:
+def setup_stage1(config: Config, init: None, run_data: RunData) -> Stage:
     """Stage 1 from scratch: M2D and CLAP together, with precomputed sentence embeddings as the text."""
-    overrides = {"text_dim": text_dim, "grad_checkpointing": config.grad_checkpointing}
+    if config.norm_stats:
+        norm_stats = tuple(config.norm_stats)
+    elif isinstance(run_data.source, data.ShardStore) and run_data.source.norm_stats:  # from 'data.py stats'
+        norm_stats = run_data.source.norm_stats
+    else:
+        norm_stats = data.compute_norm_stats(run_data.dataset)
+    overrides = {"text_dim": run_data.table.dim, "grad_checkpointing": config.grad_checkpointing}
     if config.mask_ratio is not None:
         overrides["mask_ratio"] = config.mask_ratio
     model = m2d.M2DCLAP(m2d.preset(config.preset, **overrides), norm_stats)
     return Stage(model, None, "embeddings", None, frozen_encoder=False)
 
 
-def setup_stage2(config: Config, init: dict) -> Stage:
+def setup_stage2(config: Config, init: dict, run_data: RunData) -> Stage:
     """Stage 2: the stage-1 model with the encoder frozen and a new text side.
 
     With a text encoder, a projector is added only when its width differs from
@@ -470,12 +420,16 @@ def setup_stage2(config: Config, init: dict) -> Stage:
     return Stage(model, tokenizer, "encoder", config.text_encoder, frozen_encoder=True)
 
 
-def setup_stage21(config: Config, init: dict) -> Stage:
+def setup_stage21(config: Config, init: dict, run_data: RunData) -> Stage:
     """Stage 2.1: stage 2 as it ended (same text side), refined on target-domain captions."""
     model, tokenizer = features.build_model(init)
     model.freeze_encoder()
     text_side, text_encoder = stage_text_side(config, init)
     return Stage(model, tokenizer, text_side, text_encoder, frozen_encoder=True)
+
+
+# How each stage starts a new run: setup(config, the previous stage's checkpoint, the run's data) -> Stage.
+NEW_STAGE = {"1": setup_stage1, "2": setup_stage2, "2.1": setup_stage21}
 
 
 def setup_resumed(config: Config, resume: dict) -> Stage:
@@ -493,176 +447,39 @@ def setup_resumed(config: Config, resume: dict) -> Stage:
     return Stage(model, tokenizer, text_side, text_encoder, frozen_encoder=frozen)
 
 
-def setup_stage(config: Config, resume: dict | None, init: dict | None, table, dataset, source) -> Stage:
-    """The Stage of this run: its own last.pt, or a new run of stage 1, 2 or 2.1."""
-    if resume is not None:
-        stage = setup_resumed(config, resume)
-    elif config.stage == "1":
-        if config.norm_stats:
-            norm_stats = tuple(config.norm_stats)
-        elif isinstance(source, data.ShardStore) and source.norm_stats:  # from 'python data.py stats'
-            norm_stats = source.norm_stats
-        else:
-            norm_stats = data.compute_norm_stats(dataset)
-        stage = setup_stage1(config, table.dim, norm_stats)
-    else:
-        stage = (setup_stage2 if config.stage == "2" else setup_stage21)(config, init)
+def setup_stage(config: Config, resume: dict | None, init: dict | None, run_data: RunData) -> Stage:
+    """The Stage of this run: its own last.pt, or a new run of its stage."""
+    stage = setup_resumed(config, resume) if resume is not None else NEW_STAGE[config.stage](config, init, run_data)
     if stage.text_side == "embeddings":
-        text_embed.check_dim(table, stage.model.config.text_dim)
+        text_embed.check_dim(run_data.table, stage.model.config.text_dim)
     return stage
-
-
-# -----------------------------------------------------------------------------
-# The data of a run
-
-
-@dataclass
-class RunData:
-    name: str                       # for the log and the resume check
-    csv_path: Path
-    npy_path: Path | None
-    table: text_embed.CaptionTable
-    source: data.AudioFolder | data.ShardStore
-    dataset: data.ClipDataset
-    embedding_model: str | None     # the sentence model behind the embeddings, to embed new text later
-
-
-def load_data(config: Config, start: dict | None, text_side: str, out_dir: Path, ddp: Distributed) -> RunData:
-    """Captions (with embeddings for the embeddings text side), audio source and dataset of a run."""
-    if config.data is None:
-        split = "refine" if config.stage == "2.1" else "train"
-        if ddp.main:
-            builtin_data.builtin_dataset(split)  # renders the audio cache once, before the other ranks read it
-        if ddp.world_size > 1:
-            dist.barrier()
-        csv_path, audio_root = builtin_data.builtin_dataset(split)
-        npy_path, preload, name = None, config.preload is not False, f"built-in {split}"
-    else:
-        csv_path, npy_path, name = config.data, config.embeddings, str(config.data)
-        audio_root, preload = config.audio_root or config.data.parent, bool(config.preload)
-    if config.embedding_model or config.data is None:
-        embedding_model = config.embedding_model or text_embed.DEFAULT_MODEL
-    else:
-        embedding_model = start.get("embedding_model") if start else None
-    table = (text_embed.load_captions(csv_path) if text_side == "encoder"
-             else text_embed.load_caption_embeddings(csv_path, npy_path))
-    crop_frames = (m2d.preset(config.preset).crop_frames if config.stage == "1"
-                   else start["model_config"]["crop_frames"])
-    source = data.ShardStore(config.shards) if config.shards else data.AudioFolder(audio_root, config.convert_audio)
-    bad_clips = data.BadClipReport(out_dir / "bad_clips.csv") if config.skip_bad else None
-    dataset = data.ClipDataset(table, source, crop_frames, preload=preload, skip_bad=bad_clips)
-    return RunData(name, csv_path, npy_path, table, source, dataset, embedding_model)
 
 
 # -----------------------------------------------------------------------------
 # One optimiser step
 
 
-def step_losses(outputs, logit_scale, clap_loss, clap_weight: float, frozen_encoder: bool = False):
-    """The step's loss and its parts: L = L_M2D + lambda * L_CLAP in stage 1, L = L_CLAP in stages 2 and 2.1."""
-    if frozen_encoder:
-        audio_embed, text_embed_ = outputs
-        loss_clap = clap_loss(audio_embed, text_embed_, logit_scale)
-        return loss_clap, {"loss": loss_clap, "loss_clap": loss_clap}
-    prediction, target, audio_embed, text_embed_ = outputs
-    loss_m2d = m2d_loss(prediction, target)
-    loss_clap = clap_loss(audio_embed, text_embed_, logit_scale)
-    loss = loss_m2d + clap_weight * loss_clap
-    return loss, {"loss": loss, "loss_m2d": loss_m2d, "loss_clap": loss_clap}
+def train_step(model: m2d.M2DCLAP, stepper: runs.Stepper, micro_batches: list, clap_weight: float,
+               ema_decay: float | None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """One optimiser step of M2D-CLAP over the micro-batches [(log_mel, text), ...] already on the device.
 
-
-def compiled(module: torch.nn.Module, backend: str = "inductor"):
-    """torch.compile with static shapes, keeping eager's random numbers so that masks do not depend on compilation.
-
-    Static shapes give the fastest kernels and allow CUDA graphs; a new batch
-    size (a user's last partial batch, a second benchmark shape) compiles
-    again, and past torch's recompile limit runs eagerly: it never fails.
+    The losses of losses.m2d_clap_loss drive runs.Stepper.step (accumulation,
+    autocast, loss scaling, clipping, fused AdamW, a non-finite step skipped
+    on the device). After the step the logit scale is clamped and, in stage 1
+    (ema_decay given), the EMA target follows the online encoder; on a
+    skipped step the decay becomes 1, so the target stays exactly as it was.
+    Returns each loss averaged over micro-batches, the gradient norm and the
+    step's finite flag, all as device tensors.
     """
-    import torch._inductor.config
-    torch._inductor.config.fallback_random = True
-    return torch.compile(module, dynamic=False, backend=backend)
-
-
-class LossScaler:
-    """Dynamic fp16 loss scaling whose state stays on the device, so that no step waits for the host.
-
-    The scale halves on a step with a non-finite gradient and doubles after
-    growth_interval good steps in a row (torch.amp.GradScaler's rule, and its
-    state_dict layout, so checkpoints written with either load in both).
-    Disabled (bf16, fp32), every method is the identity.
-    """
-
-    def __init__(self, device: torch.device, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000):
-        self.enabled, self.growth_interval = enabled, growth_interval
-        self.scale = torch.full((1,), init_scale, device=device)
-        self.growth_tracker = torch.zeros(1, dtype=torch.int32, device=device)
-
-    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.scale[0] if self.enabled else loss
-
-    def unscale_(self, grads: list[torch.Tensor]):
-        if self.enabled:
-            torch._foreach_mul_(grads, self.scale[0].double().reciprocal().float())
-
-    def update(self, found_inf: torch.Tensor):
-        if self.enabled:
-            torch._amp_update_scale_(self.scale, self.growth_tracker, found_inf, 2.0, 0.5, self.growth_interval)
-
-    def state_dict(self) -> dict:
-        if not self.enabled:
-            return {}
-        return {"scale": self.scale.item(), "growth_factor": 2.0, "backoff_factor": 0.5,
-                "growth_interval": self.growth_interval, "_growth_tracker": int(self.growth_tracker.item())}
-
-    def load_state_dict(self, state: dict):
-        if self.enabled and state:
-            self.scale.fill_(state["scale"])
-            self.growth_tracker.fill_(state["_growth_tracker"])
-
-
-def train_step(model, net, forward, optimizer, scaler: LossScaler, autocast, clap_loss, micro_batches,
-               clap_weight: float, clip_grad_norm: float, ema_decay: float | None):
-    """One optimiser step over the micro-batches [(log_mel, text), ...] already on the device.
-
-    net is the model or its DistributedDataParallel wrapper, forward the same
-    possibly compiled; gradients are averaged across ranks only on the last
-    micro-batch. Stage 1 (ema_decay given) updates the EMA target after the
-    step. Nothing here waits for the device: a non-finite loss or gradient
-    norm on any rank skips the step on the device itself. The fused AdamW
-    takes the flag as found_inf, the EMA decay becomes 1, and the weights,
-    optimiser state (its step count included) and EMA target stay exactly as
-    they were; with fp16 the loss scale halves. Returns each loss averaged
-    over micro-batches, the gradient norm and the step's finite flag, all as
-    device tensors, for the caller to read when it logs.
-    """
-    sums = {}
     frozen_encoder = ema_decay is None
-    for k, (mel, text) in enumerate(micro_batches):
-        last = k == len(micro_batches) - 1
-        with contextlib.nullcontext() if last or net is model else net.no_sync():
-            with autocast:
-                outputs = forward(mel, text, frozen_encoder=frozen_encoder)
-                loss, parts = step_losses(outputs, model.logit_scale, clap_loss, clap_weight, frozen_encoder)
-            scaler.scaled(loss / len(micro_batches)).backward()
-        for key, value in parts.items():
-            sums[key] = sums.get(key, 0) + value.detach().float() / len(micro_batches)
-    params = [p for p in model.parameters() if p.grad is not None]
-    scaler.unscale_([p.grad for p in params])
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm, foreach=True)
-    finite = torch.isfinite(torch.stack([grad_norm.float(), *sums.values()])).all()
-    if net is not model:  # a loss is per rank: skip on all ranks or none
-        finite = finite.int()
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        finite = finite.bool()
-    found_inf = (~finite).float()
-    optimizer.found_inf = found_inf  # the fused AdamW leaves everything as it is where this is 1
-    optimizer.step()
-    del optimizer.found_inf
+
+    def losses(mel, text):
+        return m2d_clap_loss(stepper.forward(mel, text, frozen_encoder=frozen_encoder), model.logit_scale, clap_weight)
+
+    sums, grad_norm, finite = stepper.step(micro_batches, losses)
     model.clamp_logit_scale()
-    if ema_decay is not None:  # every rank holds the same online weights, so the same target
+    if not frozen_encoder:  # every rank holds the same online weights, so the same target
         model.ema_update(torch.where(finite, ema_decay, 1.0))
-    scaler.update(found_inf)
-    optimizer.zero_grad(set_to_none=True)
     return sums, grad_norm, finite
 
 
@@ -670,52 +487,31 @@ def train_step(model, net, forward, optimizer, scaler: LossScaler, autocast, cla
 # Training
 
 
-class NonFiniteError(RuntimeError):
-    """Too many steps in a row with a non-finite loss or gradient."""
-
-
-def to_device(batch, device):
-    if isinstance(batch, dict):
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    return batch.to(device, non_blocking=True)
-
-
 @dataclass
 class Run:
-    """A run being trained: the stage's model with its optimiser and everything the loop reads."""
+    """A run being trained: the stage's model with its optimiser step and everything the loop reads."""
 
     config: Config
     recipe: Recipe
     stage: Stage
     data: RunData
-    ddp: Distributed
+    ddp: runs.Distributed
     device: torch.device
-    out_dir: Path
-    net: torch.nn.Module              # the model, or its DistributedDataParallel wrapper
-    forward: torch.nn.Module          # net, possibly compiled
+    stepper: runs.Stepper | None     # None once the run has finished
     loader: DataLoader
     order: data.ClipOrder
-    optimizer: torch.optim.Optimizer
-    scaler: LossScaler
-    autocast: contextlib.AbstractContextManager
+    log: runs.RunLog
+    guard: runs.NonFiniteGuard
     total_steps: int
     warmup_steps: int
     peak_lr: float
-    precision: str
-    compiled: bool
     start_step: int = 0
     last_saved: int | None = None
-    records: list = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)  # moved back by a resumed run's elapsed time
-    skipped_steps: int = 0                                     # non-finite steps skipped in this session
+    bad_clips_reported: int = 0
 
     @property
     def model(self) -> m2d.M2DCLAP:
         return self.stage.model
-
-    def log(self, *args, **kwargs):
-        if self.ddp.main:
-            print(*args, **kwargs)
 
     def settings(self) -> dict:
         """What makes a run this run: a resume must match it (the peak learning rate may change)."""
@@ -731,318 +527,185 @@ class Run:
 
 def train(config: Config):
     """Train one stage: set the run up (or resume it), then step until the schedule ends."""
-    device = torch.device(config.device)
-    ddp = setup_distributed(device.type)
-    if device.type == "cuda" and ddp.world_size > 1:
-        device = torch.device("cuda", ddp.local_rank)
-    out_dir = config.out_dir or Path("runs") / f"stage{config.stage}"
-    resume = find_resume(config, out_dir)
+    ddp, device = runs.setup_distributed(torch.device(config.device))
+    resume = runs.find_resume(config.out_dir / "last.pt", config.resume, config.stage)
     if resume is not None and resume["step"] >= resume["resume"]["run"]["total_steps"]:
         if ddp.main:
-            print(f"{out_dir / 'last.pt'}: this run finished at step {resume['step']}; nothing to resume. Pass "
-                  "--no-resume to train it again from scratch (overwrites it), or another --out-dir.")
-        if ddp.world_size > 1:
-            dist.destroy_process_group()
+            print(f"{config.out_dir / 'last.pt'}: this run finished at step {resume['step']}; nothing to resume. "
+                  "Pass --no-resume to train it again from scratch (overwrites it), or another --out-dir.")
+        ddp.leave()
         return
-    run = setup_run(config, resume, ddp, device, out_dir)
+    run = setup_run(config, resume, ddp, device)
     try:
         train_loop(run)
     finally:
-        stop_workers(run.loader)
+        runs.stop_workers(run.loader)
     finish(run)
 
 
-def stop_workers(loader: DataLoader):
-    """Stop the loader's worker processes now, error or not.
-
-    After an error they would wait for the garbage collector (the traceback
-    keeps the loader in a reference cycle), which kills each one only after a
-    5-s timeout: a pause in notebooks and test suites that call train().
-    """
-    iterator = getattr(loader, "_iterator", None)  # the persistent workers' iterator
-    if hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
-
-
-def setup_run(config: Config, resume: dict | None, ddp: Distributed, device: torch.device, out_dir: Path) -> Run:
+def setup_run(config: Config, resume: dict | None, ddp: runs.Distributed, device: torch.device) -> Run:
     """Everything before the first step, in an order that keeps runs reproducible."""
     # Every rank draws its own masks; the weights start equal because
     # DistributedDataParallel copies rank 0's to the others. A resumed run
     # restores each rank's states just before its first step.
-    random.seed(config.seed + ddp.rank)
-    np.random.seed(config.seed + ddp.rank)
-    torch.manual_seed(config.seed + ddp.rank)
-    init_path = init = None
-    if config.stage != "1" and resume is None:
-        init_path = config.init or Path("runs") / f"stage{PREVIOUS_STAGE[config.stage]}" / "last.pt"
-        init = load_previous_stage(config.stage, init_path)
-    start = resume or init  # what stages 2 and 2.1 take their preset, text side and crop length from
-    config, recipe = resolve(config, start, init_path)
+    runs.seed_everything(config.seed + ddp.rank)
+    init = load_previous_stage(config.stage, config.init) if config.stage != "1" and resume is None else None
+    config, recipe = resolve(config, resume, init)
     if recipe.batch_size % (config.accum_steps * ddp.world_size):
         raise ValueError(f"--batch-size {recipe.batch_size} is not divisible by {config.accum_steps} accumulation "
                          f"steps x {ddp.world_size} processes")
-    prepare_out_dir(out_dir, resume is None, ddp)
-    run_data = load_data(config, start, stage_text_side(config, start)[0], out_dir, ddp)
+    runs.prepare_out_dir(config.out_dir, resume is None, ddp, also_stale=("bad_clips.csv",))
+    run_data = load_data(config, resume or init, ddp)
     order = data.ClipOrder(len(run_data.dataset), recipe.batch_size, config.seed, ddp.rank, ddp.world_size,
                            config.accum_steps)  # depends on the seed and the global batch only
     if order.batches_per_epoch == 0:
         raise ValueError(f"{run_data.csv_path} has {len(run_data.dataset)} usable clips, fewer than one batch of "
                          f"{recipe.batch_size}; lower --batch-size")
-    stage = setup_stage(config, resume, init, run_data.table, run_data.dataset, run_data.source)
+    stage = setup_stage(config, resume, init, run_data)
     model = stage.model.to(device)
-    if stage.frozen_encoder:
-        model.train_clap()  # the frozen encoder stays in eval mode
-    else:
-        model.train()
-    cuda = device.type == "cuda"
-    net = DistributedDataParallel(model, device_ids=[ddp.local_rank] if cuda else None) if ddp.world_size > 1 \
-        else model
-    # Compiled by default for the stage-1 step on CUDA; a text encoder's varying token counts would recompile.
-    use_compile = (cuda and config.stage == "1") if config.compile is None else config.compile
-    workers = config.workers if config.workers is not None else (8 if cuda else 0)
+    model.train_clap() if stage.frozen_encoder else model.train()  # a frozen encoder stays in eval mode
+    total_steps = config.max_steps or max(1, round(recipe.epochs * order.batches_per_epoch))
+    peak_lr = config.lr or recipe.base_lr * recipe.batch_size / 256
+    optimizer = torch.optim.AdamW(model.param_groups(recipe.weight_decay), lr=peak_lr, betas=recipe.betas, fused=True)
     # The loader gets a generator of its own: starting an epoch must not draw
     # from the global RNG that the masks come from.
     loader = DataLoader(run_data.dataset, batch_size=recipe.batch_size // (config.accum_steps * ddp.world_size),
-                        sampler=order, num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
-                        generator=torch.Generator())
-    total_steps = config.max_steps or max(1, round(recipe.epochs * order.batches_per_epoch))
-    peak_lr = config.lr or recipe.base_lr * recipe.batch_size / 256
-    precision = config.precision or ("bf16" if cuda else "fp32")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision != "fp32" else contextlib.nullcontext())
-    run = Run(config, recipe, stage, run_data, ddp, device, out_dir, net, compiled(net) if use_compile else net,
-              loader, order, torch.optim.AdamW(model.param_groups(recipe.weight_decay), lr=peak_lr,
-                                               betas=recipe.betas, fused=True),
-              LossScaler(device, precision == "fp16"), autocast, total_steps,
-              max(1, round(total_steps * recipe.warmup_epochs / recipe.epochs)), peak_lr, precision, use_compile)
-    if resume is not None:
-        restore(run, resume)
-    open_log(run)
-    if resume is not None:  # last, so that nothing above draws from them
-        restore_rng(run, resume)
+                        sampler=order, num_workers=config.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=config.workers > 0, generator=torch.Generator())
+    log = runs.RunLog(config.out_dir / "log.jsonl", total_steps, ddp.main)
+    run = Run(config=config, recipe=recipe, stage=stage, data=run_data, ddp=ddp, device=device,
+              stepper=runs.Stepper.build(ddp.wrap(model, device), optimizer, device, config.precision,
+                                         config.compile, recipe.clip_grad_norm),
+              loader=loader, order=order, log=log,
+              guard=runs.NonFiniteGuard(config.max_bad_steps, config.out_dir / "last.pt", log.print),
+              total_steps=total_steps, warmup_steps=max(1, round(total_steps * recipe.warmup_epochs / recipe.epochs)),
+              peak_lr=peak_lr)
+    start(run, resume)
     return run
 
 
-def prepare_out_dir(out_dir: Path, new_run: bool, ddp: Distributed):
-    """Create the run folder; a new run first clears what an earlier run there left."""
-    if ddp.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if new_run:  # nothing of an earlier run in this folder may mix in
-            for stale in [*out_dir.glob("step_*.pt"), out_dir / "last.pt", out_dir / "last.pt.tmp",
-                          out_dir / "bad_clips.csv"]:
-                stale.unlink(missing_ok=True)
-    if ddp.world_size > 1:
-        dist.barrier()
+def start(run: Run, resume: dict | None):
+    """Open the log and print the run's setup; a resumed run first restores its optimiser, scaler, step and
+    clock, and last of all (so that nothing before draws from them) its RNG states."""
+    elapsed_s = 0.0
+    if resume is not None:
+        run.start_step, elapsed_s = runs.restore_training(resume, run.config.out_dir / "last.pt", run.settings(),
+                                                          run.peak_lr, run.stepper.optimizer, run.stepper.scaler,
+                                                          run.log.print)
+        run.last_saved = run.start_step
+    run.log.start(run.start_step, elapsed_s)
+    c, r, stepper = run.config, run.recipe, run.stepper
+    n_params = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    norm_stats = run.model.norm_stats.tolist()
+    run.log.print(f"stage {c.stage} | preset {c.preset} ({n_params / 1e6:.1f}M trainable parameters) | "
+                  f"{len(run.data.dataset)} clips from {run.data.csv_path} | norm stats {norm_stats[0]:.4f} "
+                  f"{norm_stats[1]:.4f}")
+    run.log.print(f"{run.total_steps} steps ({run.order.batches_per_epoch} per epoch) | global batch "
+                  f"{r.batch_size} = {run.ddp.world_size} processes x {c.accum_steps} accumulation steps x "
+                  f"{r.batch_size // (c.accum_steps * run.ddp.world_size)} clips | peak lr {run.peak_lr:.2e} = "
+                  f"{r.base_lr:.2e} x {r.batch_size} / 256{'' if c.lr is None else ' (overridden by --lr)'} | "
+                  f"{run.device} {stepper.precision}{' compiled' if stepper.compiled else ''} | writing {c.out_dir}")
+    run.bad_clips_reported = bad_clip_count(run)
+    if resume is None:
+        return
+    epoch, batch = divmod(run.start_step, run.order.batches_per_epoch)
+    run.log.print(f"resuming {c.out_dir / 'last.pt'} at step {run.start_step} of {run.total_steps} (epoch {epoch}, "
+                  f"batch {batch} of {run.order.batches_per_epoch}): weights, EMA target, optimiser, scaler, "
+                  "schedules, data order and RNG states")
+    runs.restore_rng(resume["resume"]["rng"], run.ddp, run.device, c.seed, run.start_step, run.log.print)
 
 
-def restore(run: Run, resume: dict):
-    """Optimiser, scaler, step, elapsed time and log of a resumed run, after checking it is the same run."""
-    check_same_run(run.out_dir / "last.pt", resume["resume"]["run"], run.settings())
-    if resume["resume"]["peak_lr"] != run.peak_lr:
-        run.log(f"peak lr changed on resume: {resume['resume']['peak_lr']:.2e} -> {run.peak_lr:.2e}")
-    run.optimizer.load_state_dict(resume["optimizer"])
-    run.scaler.load_state_dict(resume["scaler"])
-    run.start_step = run.last_saved = resume["step"]
-    run.started -= resume["resume"]["elapsed_s"]
-    run.records = read_log(run.out_dir / "log.jsonl", run.start_step)
-
-
-def restore_rng(run: Run, resume: dict):
-    states = resume["resume"]["rng"]
-    if len(states) == run.ddp.world_size:
-        set_rng_state(states[run.ddp.rank], run.device)
-    else:
-        run.log(f"the run had {len(states)} processes and now has {run.ddp.world_size}: masks come from new seeds, "
-                "so it is no longer bit-identical to an uninterrupted run")
-        torch.manual_seed(run.config.seed + run.ddp.rank + 1_000_003 * run.start_step)
-
-
-def open_log(run: Run):
-    """Start log.jsonl (a resumed run keeps its records up to its checkpoint) and print the run's setup."""
-    if run.ddp.main:
-        with open(run.out_dir / "log.jsonl", "w") as log_file:
-            log_file.writelines(json.dumps(r) + "\n" for r in run.records)
-    c, r, model = run.config, run.recipe, run.model
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    norm_stats = model.norm_stats.tolist()
-    run.log(f"stage {c.stage} | preset {c.preset} ({n_params / 1e6:.1f}M trainable parameters) | "
-            f"{len(run.data.dataset)} clips from {run.data.csv_path} | norm stats {norm_stats[0]:.4f} "
-            f"{norm_stats[1]:.4f}")
-    run.log(f"{run.total_steps} steps ({run.order.batches_per_epoch} per epoch) | global batch {r.batch_size} = "
-            f"{run.ddp.world_size} processes x {c.accum_steps} accumulation steps x "
-            f"{r.batch_size // (c.accum_steps * run.ddp.world_size)} clips | peak lr {run.peak_lr:.2e} = "
-            f"{r.base_lr:.2e} x {r.batch_size} / 256{'' if c.lr is None else ' (overridden by --lr)'} | "
-            f"{run.device} {run.precision}{' compiled' if run.compiled else ''} | writing {run.out_dir}")
-    if run.start_step:
-        epoch, batch = divmod(run.start_step, run.order.batches_per_epoch)
-        run.log(f"resuming {run.out_dir / 'last.pt'} at step {run.start_step} of {run.total_steps} (epoch {epoch}, "
-                f"batch {batch} of {run.order.batches_per_epoch}): weights, EMA target, optimiser, scaler, "
-                "schedules, data order and RNG states")
-
-
-def batches(run: Run):
-    """Micro-batches from the run's position on: each epoch a new shuffle, the first one mid-epoch on resume."""
+def micro_batches(run: Run):
+    """Each step's micro-batches on the device, from the run's position on: each epoch a new shuffle, the first
+    one mid-epoch on resume, captions tokenised for a text encoder."""
     first_epoch, batch = divmod(run.start_step, run.order.batches_per_epoch)
     for epoch in itertools.count(first_epoch):
         run.order.set_position(epoch, batch if epoch == first_epoch else 0)
-        yield from run.loader
+        for mel, text in run.loader:
+            if run.stage.tokenizer is not None:
+                text = text_embed.tokenize(run.stage.tokenizer, text)
+            yield runs.to_device(mel, run.device), runs.to_device(text, run.device)
 
 
 def train_loop(run: Run):
     """The steps: schedules, one train_step, then logging, non-finite handling and periodic checkpoints."""
     c, recipe, model = run.config, run.recipe, run.model
-    clap_loss, batch_iter = ClapLoss(), batches(run)
-    health = Health(run)
+    batch_iter = micro_batches(run)
     for step in range(run.start_step, run.total_steps):
         lr = lr_at(step, run.total_steps, run.warmup_steps, run.peak_lr)
-        for group in run.optimizer.param_groups:
+        for group in run.stepper.optimizer.param_groups:
             group["lr"] = lr
         ema_decay = None if run.stage.frozen_encoder else ema_decay_at(step, run.total_steps, *recipe.ema_decay)
-        micro_batches = []
-        for _ in range(c.accum_steps):
-            mel, text = next(batch_iter)
-            if run.stage.tokenizer is not None:
-                text = text_embed.tokenize(run.stage.tokenizer, text)
-            micro_batches.append((to_device(mel, run.device), to_device(text, run.device)))
-        sums, grad_norm, finite = train_step(model, run.net, run.forward, run.optimizer, run.scaler, run.autocast,
-                                             clap_loss, micro_batches, recipe.clap_weight, recipe.clip_grad_norm,
-                                             ema_decay)
+        sums, grad_norm, finite = train_step(model, run.stepper, [next(batch_iter) for _ in range(c.accum_steps)],
+                                             recipe.clap_weight, ema_decay)
         done = step + 1
-        health.record(done, finite, sums, grad_norm)
+        run.guard.record(done, finite, sums, grad_norm)
         log_now = done % c.log_every == 0 or done == run.total_steps or done == 1
         save_now = done % c.save_every == 0 and done < run.total_steps
         if log_now or save_now or done % c.max_bad_steps == 0:
-            health.check()  # these steps' one wait for the device
+            run.guard.check(run.last_saved, run.stepper.scaler)  # these steps' one wait for the device
         if log_now:
-            log_step(run, done, sums, grad_norm, lr, ema_decay, health)
-        if save_now and not health.bad_streak:  # keep the pre-trouble one
+            log_step(run, done, sums, grad_norm, lr, ema_decay)
+        if save_now and not run.guard.bad_streak:  # keep the pre-trouble one
             save_run(run, done)
             if run.ddp.main and c.keep > 0:
-                keep_periodic(run.out_dir, done, c.keep)
+                runs.keep_periodic(c.out_dir, done, c.keep)
 
 
-class Health:
-    """Skipped non-finite steps and unreadable clips (warnings, counts, the stop after too many in a row),
-    and the pace between log lines.
-
-    The steps' finite flags stay on the device in `pending` until check()
-    reads them all at once: at log lines, checkpoints and every
-    --max-bad-steps steps, so that the device never waits for the host.
-    """
-
-    def __init__(self, run: Run):
-        self.run = run
-        self.bad_streak = 0
-        self.pending = []  # (step, finite flag, losses, grad norm) of the steps not yet checked
-        self.bad_clips = run.data.dataset.skip_bad
-        self.bad_reported = len(self.bad_clips.names()) if self.bad_clips else 0
-        self.logged_step, self.logged_at = run.start_step, time.perf_counter()  # for clips/s between log lines
-
-    def record(self, done: int, finite: torch.Tensor, sums: dict, grad_norm: torch.Tensor):
-        """Keep a step's device flag (and what its warning would print) for the next check()."""
-        self.pending.append((done, finite, sums, grad_norm))
-
-    def check(self):
-        """Read the pending flags back in one transfer; warn for each skipped step, stop after too many in a row."""
-        pending, self.pending = self.pending, []
-        flags = torch.stack([finite for _, finite, _, _ in pending]).tolist() if pending else []
-        for (done, _, sums, grad_norm), finite in zip(pending, flags):
-            if finite:
-                self.bad_streak = 0
-                continue
-            self.bad_streak += 1
-            run = self.run
-            run.skipped_steps += 1
-            losses = ", ".join(f"{key.removeprefix('loss_')} {value.item():.4g}" for key, value in sums.items())
-            scale = f"; fp16 loss scale now {run.scaler.scale.item():g}" if run.scaler.enabled else ""
-            run.log(f"warning: step {done}: non-finite loss or gradient ({losses}, grad norm {grad_norm.item():.4g}); "
-                    f"step skipped, weights unchanged{scale}", file=sys.stderr, flush=True)
-            if self.bad_streak >= run.config.max_bad_steps:
-                kept = (f"the last good checkpoint, {run.out_dir / 'last.pt'} (step {run.last_saved}), is intact"
-                        if run.last_saved else "no checkpoint had been written yet")
-                raise NonFiniteError(
-                    f"{self.bad_streak} steps in a row ({done - self.bad_streak + 1} to {done}) had a non-finite loss "
-                    f"or gradient, so the run stopped; {kept}. Lower the learning rate (--lr; a resume may change "
-                    "it), prefer --precision bf16 to fp16, or look for extreme clips or caption embeddings.")
-
-    def report_bad_clips(self):
-        n_bad = len(self.bad_clips.names()) if self.bad_clips is not None else 0
-        if n_bad > self.bad_reported:
-            self.bad_reported = n_bad
-            self.run.log(f"{n_bad} unreadable clip(s) skipped so far; listed in {self.bad_clips.path}", flush=True)
-
-
-def log_step(run: Run, done: int, sums: dict, grad_norm: torch.Tensor, lr: float, ema_decay: float | None,
-             health: Health):
+def log_step(run: Run, done: int, sums: dict, grad_norm: torch.Tensor, lr: float, ema_decay: float | None):
     """One record in log.jsonl and one progress line; the losses are averaged over ranks."""
-    stacked = torch.stack(list(sums.values()))
-    if run.ddp.world_size > 1:
-        dist.all_reduce(stacked)  # the M2D loss is a per-rank mean: log the global one
-        stacked /= run.ddp.world_size
-    values = dict(zip(sums, stacked.tolist()))
-    now = time.perf_counter()
-    elapsed = now - run.started
-    clips_per_s = (done - health.logged_step) * run.recipe.batch_size / (now - health.logged_at)
-    health.logged_step, health.logged_at = done, now
-    record = dict(step=done, epoch=round(done / run.order.batches_per_epoch, 3), **values, lr=lr,
-                  **({"ema_decay": ema_decay} if ema_decay is not None else {}),
-                  logit_scale=run.model.logit_scale.exp().item(), grad_norm=grad_norm.item(),
-                  clips_per_s=round(clips_per_s, 1), elapsed_s=round(elapsed, 2), skipped_steps=run.skipped_steps)
-    run.records.append(record)
-    if run.ddp.main:
-        with open(run.out_dir / "log.jsonl", "a") as log_file:
-            log_file.write(json.dumps(record) + "\n")
-    eta = elapsed / done * (run.total_steps - done)
-    losses = " | ".join(f"{key.removeprefix('loss_')} {value:.4f}" for key, value in values.items() if key != "loss")
-    ema = f" | ema {ema_decay:.5f}" if ema_decay is not None else ""
-    run.log(f"step {done:>6}/{run.total_steps} | loss {values['loss']:.4f} | {losses} | lr {lr:.2e}{ema} | "
-            f"{clips_per_s:.0f} clips/s | ETA {format_duration(eta)}", flush=True)
-    health.report_bad_clips()
+    values = dict(zip(sums, run.ddp.mean(torch.stack(list(sums.values()))).tolist()))  # the M2D loss is per rank
+    clips_per_s = run.log.pace(done, run.recipe.batch_size)
+    ema = {"ema_decay": ema_decay} if ema_decay is not None else {}
+    run.log.write(dict(step=done, epoch=round(done / run.order.batches_per_epoch, 3), **values, lr=lr, **ema,
+                       logit_scale=run.model.logit_scale.exp().item(), grad_norm=grad_norm.item(),
+                       clips_per_s=round(clips_per_s, 1), elapsed_s=round(run.log.elapsed_s(), 2),
+                       skipped_steps=run.guard.skipped_steps))
+    run.log.progress(done, values, [f"lr {lr:.2e}", *(f"ema {d:.5f}" for d in ema.values())], clips_per_s)
+    n_bad = bad_clip_count(run)
+    if n_bad > run.bad_clips_reported:
+        run.bad_clips_reported = n_bad
+        run.log.print(f"{n_bad} unreadable clip(s) skipped so far; listed in {run.data.dataset.skip_bad.path}",
+                      flush=True)
+
+
+def bad_clip_count(run: Run) -> int:
+    """Unreadable clips skipped with --skip-bad so far (listed in bad_clips.csv)."""
+    return len(run.data.dataset.skip_bad.names()) if run.data.dataset.skip_bad is not None else 0
 
 
 def save_run(run: Run, step: int):
     """last.pt: the model, optimiser, scaler, settings and every rank's RNG states (every rank must call this)."""
-    rng = gather_rng_states(run.ddp, run.device)
+    rng = runs.gather_rng_states(run.ddp, run.device)
     if not run.ddp.main:
         return
     model = run.model
     text_encoder = None
     if model.text_encoder is not None:
         text_encoder = {"name": run.stage.text_encoder, "config": model.text_encoder.config.to_dict()}
-    save_checkpoint(run.out_dir / "last.pt", stage=run.config.stage, step=step, model=model.state_dict(),
-                    model_config=asdict(model.config), norm_stats=model.norm_stats.tolist(),
-                    text_side=run.stage.text_side, text_encoder=text_encoder, embedding_model=run.data.embedding_model,
-                    recipe=asdict(run.recipe), optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
-                    args=run.config.saved(), resume=dict(run=run.settings(), peak_lr=run.peak_lr, rng=rng,
-                                                         elapsed_s=time.perf_counter() - run.started))
+    runs.save_checkpoint(
+        run.config.out_dir / "last.pt", stage=run.config.stage, step=step, model=model.state_dict(),
+        model_config=asdict(model.config), norm_stats=model.norm_stats.tolist(), text_side=run.stage.text_side,
+        text_encoder=text_encoder, embedding_model=run.data.embedding_model, recipe=asdict(run.recipe),
+        optimizer=run.stepper.optimizer.state_dict(), scaler=run.stepper.scaler.state_dict(),
+        args=run.config.saved(), resume=runs.resume_state(run.settings(), run.peak_lr, rng, run.log.elapsed_s()))
     run.last_saved = step
 
 
 def finish(run: Run):
     """The final checkpoint (after checking the replicas agree), a summary, and leaving the process group."""
-    ddp = run.ddp
-    if ddp.world_size > 1:
-        gathered = [None] * ddp.world_size
-        dist.all_gather_object(gathered, parameter_checksums(run.model))
-        if any(g != gathered[0] for g in gathered):
-            raise RuntimeError("the ranks' parameters diverged; this is a bug, please report it")
-        run.log(f"parameters identical on all {ddp.world_size} ranks")
+    if run.ddp.check_replicas(run.model):
+        run.log.print(f"parameters identical on all {run.ddp.world_size} ranks")
     save_run(run, run.total_steps)
-    run.log(f"done in {format_duration(time.perf_counter() - run.started)}; checkpoint {run.out_dir / 'last.pt'}")
-    if run.records:
-        last = run.records[-10:]
-        run.log(f"losses, step {run.records[0]['step']} -> mean of the last {len(last)} logged steps: "
-                + ", ".join(f"{key} {run.records[0][key]:.3f} -> {sum(r[key] for r in last) / len(last):.3f}"
-                            for key in run.records[0] if key.startswith("loss_")))
-    if run.skipped_steps:
-        run.log(f"{run.skipped_steps} step(s) skipped for a non-finite loss or gradient in this session")
-    bad_clips = run.data.dataset.skip_bad
-    if bad_clips is not None:
-        run.log(f"{len(bad_clips.names())} unreadable clip(s) skipped; listed in {bad_clips.path}")
-    if ddp.world_size > 1:
-        dist.barrier()  # let rank 0 finish saving before any rank leaves the group
-        run.net = run.forward = None  # DistributedDataParallel must go before its process group does
-        dist.destroy_process_group()
+    run.log.print(f"done in {runs.format_duration(run.log.elapsed_s())}; checkpoint {run.config.out_dir / 'last.pt'}")
+    if run.log.records:
+        run.log.print(run.log.summary())
+    if run.guard.skipped_steps:
+        run.log.print(f"{run.guard.skipped_steps} step(s) skipped for a non-finite loss or gradient in this session")
+    if run.data.dataset.skip_bad is not None:
+        run.log.print(f"{bad_clip_count(run)} unreadable clip(s) skipped; listed in {run.data.dataset.skip_bad.path}")
+    run.stepper = None  # DistributedDataParallel must go before its process group does
+    run.ddp.leave()
 
 
 # -----------------------------------------------------------------------------
@@ -1052,13 +715,12 @@ def finish(run: Run):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["export"]:
-        raise SystemExit("'python train.py export' is now 'python evaluate.py export' (writing released files "
-                         "is a downstream concern)")
+        raise SystemExit("'python train.py export' is now 'python evaluate.py export'")
     config = parse_config(argv)
     try:
         train(config)
-    except (ValueError, FileNotFoundError, ImportError, CheckpointWriteError, NonFiniteError) as e:
-        # AudioError and CaptionFileError are ValueErrors too
+    except (ValueError, FileNotFoundError, ImportError, runs.CheckpointWriteError, runs.NonFiniteError) as e:
+        # AudioError, CaptionFileError and ResumeError are ValueErrors too
         message = str(e)
         if message.startswith("Caught ") and "Original Traceback" in message:  # raised in a DataLoader worker
             message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]

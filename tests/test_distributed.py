@@ -83,11 +83,12 @@ def write_corpus(root):
 
 
 def train_worker(rank, world, port, root, run="rank", steps=3):
+    import runs
     import train
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     # Let every rank write its own checkpoint, to compare the replicas from outside.
-    train.Distributed.main = property(lambda self: True)
+    runs.Distributed.main = property(lambda self: True)
     train.main(["--stage", "1", "--data", str(root / "captions.csv"), "--batch-size", "8", "--max-steps", str(steps),
                 "--save-every", "2", "--log-every", "1", "--out-dir", str(root / f"{run}{rank}")])
 

@@ -14,8 +14,8 @@ import torch
 
 import conftest
 import model as m2d
+import runs
 import train
-from losses import ClapLoss
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, SAVE_EVERY = 12, 3  # 4 steps an epoch: the run crosses epochs and resumes mid-epoch
@@ -143,14 +143,14 @@ def tiny_step_setup(scaler=None):
     torch.manual_seed(0)
     model = m2d.M2DCLAP(m2d.preset("tiny", text_dim=16))
     optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1e-3, fused=True)
-    scaler = scaler or train.LossScaler(torch.device("cpu"), enabled=False)
+    scaler = scaler or runs.LossScaler(torch.device("cpu"), enabled=False)
     mel, text = torch.randn(4, 1, 80, 192) * 4 - 7, torch.randn(4, 16)
     return model, optimizer, scaler, mel, text
 
 
 def step(model, optimizer, scaler, mel, text):
-    return train.train_step(model, model, model, optimizer, scaler, torch.autocast("cpu", enabled=False),
-                            ClapLoss(), [(mel, text)], 0.01, 3.0, 0.99)
+    stepper = runs.Stepper(model, model, optimizer, scaler, torch.autocast("cpu", enabled=False), clip_grad_norm=3.0)
+    return train.train_step(model, stepper, [(mel, text)], 0.01, 0.99)
 
 
 def test_a_non_finite_loss_skips_the_step_and_changes_nothing():
@@ -171,7 +171,7 @@ def test_a_non_finite_loss_skips_the_step_and_changes_nothing():
 
 
 def test_an_fp16_scaler_overflow_is_a_skipped_step_that_lowers_the_scale():
-    scaler = train.LossScaler(torch.device("cpu"), True, init_scale=2.0**127)
+    scaler = runs.LossScaler(torch.device("cpu"), True, init_scale=2.0**127)
     model, optimizer, scaler, mel, text = tiny_step_setup(scaler)
     model.cls_token.register_hook(lambda grad: grad * 1e4)  # large enough to overflow at this loss scale
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -186,28 +186,28 @@ def test_an_fp16_scaler_overflow_is_a_skipped_step_that_lowers_the_scale():
 def test_the_loss_scaler_state_is_torch_gradscalers_both_ways():
     """Checkpoints written with torch.amp.GradScaler's state resume with LossScaler, and the other way round."""
     theirs = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2000)
-    ours = train.LossScaler(torch.device("cpu"), True)
+    ours = runs.LossScaler(torch.device("cpu"), True)
     ours.load_state_dict(theirs.state_dict())
     assert ours.scale.item() == 1024.0
     ours.update(torch.tensor(1.0))  # an overflow halves the scale
     theirs.load_state_dict(ours.state_dict())
     assert theirs.get_scale() == 512.0
-    assert train.LossScaler(torch.device("cpu"), False).state_dict() == {}  # as a disabled GradScaler's
+    assert runs.LossScaler(torch.device("cpu"), False).state_dict() == {}  # as a disabled GradScaler's
 
 
 def test_non_finite_steps_are_skipped_with_a_warning_and_too_many_stop_the_run(tmp_path, monkeypatch, capsys):
     write_corpus(tmp_path)
-    real_losses, calls = train.step_losses, []
+    real_losses, calls = train.m2d_clap_loss, []
 
     def losses_bad_at(bad_calls):
-        def step_losses(*args):
+        def m2d_clap_loss(*args):
             calls.append(1)
-            loss, parts = real_losses(*args)
-            return (loss * float("nan"), parts) if len(calls) in bad_calls else (loss, parts)
-        return step_losses
+            losses = real_losses(*args)
+            return {**losses, "loss": losses["loss"] * float("nan")} if len(calls) in bad_calls else losses
+        return m2d_clap_loss
 
     args = command(tmp_path, tmp_path / "once")[:-2] + ["--workers", "0", "--max-bad-steps", "3"]
-    monkeypatch.setattr(train, "step_losses", losses_bad_at({5, 6}))  # two bad steps, then good ones
+    monkeypatch.setattr(train, "m2d_clap_loss", losses_bad_at({5, 6}))  # two bad steps, then good ones
     train.main(args)
     out = capsys.readouterr()
     assert "warning: step 5: non-finite" in out.err and "warning: step 6: non-finite" in out.err
@@ -218,7 +218,7 @@ def test_non_finite_steps_are_skipped_with_a_warning_and_too_many_stop_the_run(t
     # The flags are read back every --max-bad-steps steps between log lines: the stop still names the first three.
     args = command(tmp_path, tmp_path / "run")[:-2] + ["--workers", "0", "--max-bad-steps", "3", "--log-every", "50"]
     calls.clear()
-    monkeypatch.setattr(train, "step_losses", losses_bad_at(range(8, 100)))
+    monkeypatch.setattr(train, "m2d_clap_loss", losses_bad_at(range(8, 100)))
     with pytest.raises(SystemExit, match=r"3 steps in a row \(8 to 10\) had a non-finite loss or gradient.*"
                                          r"last good checkpoint, .*last.pt \(step 6\), is intact.*--lr"):
         train.main(args)

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +11,8 @@ import torch
 
 import model as m2d
 import features
+import runs
 import train
-from losses import ClapLoss
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -58,8 +59,8 @@ def test_the_ema_target_moves_by_exactly_the_schedules_amount():
     target_before = [p.clone() for p in model.target_parameters()]
     online_before = [p.clone() for p in model.online_parameters()]
     decay = train.ema_decay_at(3, 10, 0.9, 0.99)  # 0.927
-    _, _, applied = train.train_step(model, model, model, optimizer, train.LossScaler(torch.device("cpu"), False),
-                                     contextlib.nullcontext(), ClapLoss(), [(mel, text)], 0.01, 3.0, decay)
+    stepper = runs.Stepper.build(model, optimizer, torch.device("cpu"), "fp32", use_compile=False, clip_grad_norm=3.0)
+    _, _, applied = train.train_step(model, stepper, [(mel, text)], 0.01, decay)
     assert applied
     for target, before, online, online_was in zip(model.target_parameters(), target_before,
                                                   model.online_parameters(), online_before):
@@ -183,11 +184,11 @@ def test_a_compiled_step_survives_a_batch_size_change():
     minute of C++ compilation.
     """
     model, optimizer = tiny_training_model()
-    forward = train.compiled(model, backend="aot_eager")
+    stepper = runs.Stepper(model, runs.compiled(model, backend="aot_eager"), optimizer,
+                           runs.LossScaler(torch.device("cpu"), False), contextlib.nullcontext(), clip_grad_norm=3.0)
     for batch in (4, 3, 4):
         mel, text = torch.randn(batch, 1, 80, 192) * 4 - 7, torch.randn(batch, 16)
-        sums, _, finite = train.train_step(model, model, forward, optimizer, train.LossScaler(torch.device("cpu"), False),
-                                           contextlib.nullcontext(), ClapLoss(), [(mel, text)], 0.01, 3.0, 0.99)
+        sums, _, finite = train.train_step(model, stepper, [(mel, text)], 0.01, 0.99)
         assert finite and torch.isfinite(sums["loss"])
 
 
@@ -198,3 +199,17 @@ def test_the_training_forward_compiles_as_one_graph(frozen_encoder):
     explanation = torch._dynamo.explain(model)(mel, text, frozen_encoder=frozen_encoder)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_defaults_are_settled_once_right_after_parsing(tmp_path):
+    stage1 = train.parse_config(["--stage", "1", "--device", "cpu"])
+    assert (stage1.preset, stage1.out_dir, stage1.init) == ("tiny", Path("runs/stage1"), None)
+    assert (stage1.precision, stage1.compile, stage1.workers, stage1.preload) == ("fp32", False, 0, True)
+    assert stage1.embedding_model == "all-MiniLM-L6-v2" and stage1.resume is (Path("runs/stage1/last.pt").is_file())
+    stage2 = train.parse_config(["--stage", "2", "--device", "cpu", "--data", str(tmp_path / "c.csv"),
+                                 "--out-dir", str(tmp_path), "--precision", "bf16"])
+    assert stage2.preset is None and stage2.init == Path("runs/stage1/last.pt")  # the preset comes from --init
+    assert (stage2.audio_root, stage2.preload, stage2.embedding_model) == (tmp_path, False, None)
+    assert (stage2.precision, stage2.resume) == ("bf16", False)
+    (tmp_path / "last.pt").touch()
+    assert train.parse_config(["--stage", "2", "--out-dir", str(tmp_path)]).resume is True
