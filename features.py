@@ -3,8 +3,9 @@
 Loads our checkpoints and every released M2D / M2D-CLAP layout, cuts clips of
 any length as the authors' runtime does, and gives features and CLAP
 embeddings of raw waveforms. The functions follow HEAR's convention, so this
-module can be handed to HEAR's evaluation kit as it is
-(`hear-validator features --model runs/stage1/last.pt`).
+module can be handed to HEAR's evaluation kit as it is, from the checkout:
+    PYTHONPATH=. hear-validator features --model runs/stage1/last.pt
+(without --model, load_model() takes the newest run under runs/).
 
 Audio is a float tensor [n_clips, n_samples]: mono, 16 kHz, in [-1, 1].
     model = load_model("runs/stage2.1/last.pt")          # ours, or a released .pth
@@ -676,6 +677,21 @@ def save_npy(path: Path, array: np.ndarray):
 INDEX_COLUMNS = ("file_name", "seconds", "columns", "clip", "frames", "clap")
 
 
+@torch.no_grad()
+def save_features(embedder: Embedder, patches: torch.Tensor, out: Path, name: str, frames: bool,
+                  flat: bool) -> dict:
+    """Write one file's features under out/features/; their paths relative to out ("" where not written)."""
+    arrays = {"clip": clip_feature(patches, flat),
+              "frames": frames_of(patches, flat) if frames else None,
+              "clap": clap_audio_of(embedder.model, patches) if embedder.has_clap else None}
+    paths = {}
+    for kind, array in arrays.items():
+        paths[kind] = "" if array is None else f"features/{name}.{kind}.npy"
+        if array is not None:
+            save_npy(out / paths[kind], array.cpu().numpy())
+    return paths
+
+
 def embed_corpus(embedder: Embedder, root: Path, names: list[str], out: Path, frames: bool = False,
                  flat: bool = False, batch_size: int = 64, workers: int = 0) -> dict:
     """Write features of every readable file under out/, resuming where out/index.csv stops.
@@ -715,20 +731,10 @@ def embed_corpus(embedder: Embedder, root: Path, names: list[str], out: Path, fr
             yield mel
 
     progress = Progress(len(todo))
-    model = embedder.model
-    for k, patches in enumerate(iter_patch_features(model, log_mels(), batch_size)):
+    for k, patches in enumerate(iter_patch_features(embedder.model, log_mels(), batch_size)):
         name, seconds = readable[k]
-        stem = out / "features" / name
-        row = {"file_name": name, "seconds": f"{seconds:.3f}", "columns": patches.shape[1], "frames": "", "clap": ""}
-        save_npy(stem.with_name(stem.name + ".clip.npy"), clip_feature(patches, flat).cpu().numpy())
-        row["clip"] = f"features/{name}.clip.npy"
-        if frames:
-            save_npy(stem.with_name(stem.name + ".frames.npy"), frames_of(patches, flat).cpu().numpy())
-            row["frames"] = f"features/{name}.frames.npy"
-        if embedder.has_clap:
-            with torch.no_grad():
-                save_npy(stem.with_name(stem.name + ".clap.npy"), clap_audio_of(model, patches).cpu().numpy())
-            row["clap"] = f"features/{name}.clap.npy"
+        row = {"file_name": name, "seconds": f"{seconds:.3f}", "columns": patches.shape[1],
+               **save_features(embedder, patches, out, name, frames, flat)}
         index.writerow([row[c] for c in INDEX_COLUMNS])
         index_file.flush()  # a file counts as done only once its features are all on disk
         counts["written"] += 1
