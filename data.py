@@ -20,6 +20,7 @@ import json
 import math
 import multiprocessing
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -507,7 +508,8 @@ def compute_norm_stats(dataset: ClipDataset, max_clips: int = 1000) -> tuple[flo
 # OUT_DIR/report.csv           file_name, error: every file that could not be read
 # OUT_DIR/norm_stats.json      {"mean": ..., "std": ...} from 'python data.py stats'
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+# Every format soundfile reads, by file-name suffix (plus the other names of AIFF, Ogg and Opus files).
+AUDIO_SUFFIXES = frozenset({"." + f.lower() for f in sf.available_formats()} | {".aif", ".oga", ".opus"})
 SHARD_DTYPE = np.dtype("<f2")
 
 
@@ -592,7 +594,7 @@ class ShardWriter:
 
 def prepare(audio_dir: Path, out_dir: Path, workers: int = os.cpu_count() or 1,
             shard_mb: int = 1024) -> tuple[int, int]:
-    """Convert every wav/flac/ogg under audio_dir into shards; returns (clips written, files failed).
+    """Convert every audio file under audio_dir into shards; returns (clips written, files failed).
 
     Resumable: files already in the index are skipped, and a killed run goes on
     where it stopped. Each clip is appended to its shard before its index row,
@@ -659,11 +661,9 @@ def main(argv=None):
     stats = commands.add_parser("stats", help="normalisation statistics of prepared shards")
     stats.add_argument("out_dir", type=Path)
     stats.add_argument("--max-clips", type=int, default=10000)
-    for name, replacement in MOVED_COMMANDS.items():
-        commands.add_parser(name, help=f"moved: {replacement}")
-    args, _ = p.parse_known_args(argv)
-    if args.command in MOVED_COMMANDS:
-        raise SystemExit(f"'python data.py {args.command}' is now '{MOVED_COMMANDS[args.command]}'")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in MOVED_COMMANDS:
+        raise SystemExit(f"'python data.py {argv[0]}' is now '{MOVED_COMMANDS[argv[0]]}'")
     args = p.parse_args(argv)
     if args.command == "prepare":
         written, failed = prepare(args.audio_dir, args.out_dir, args.workers, args.shard_mb)

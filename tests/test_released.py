@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
+import features
 import runs
 
 
@@ -112,7 +113,7 @@ def assert_all_landed(model, state):
 ])
 def test_vit_base_encoder_loads_with_no_missing_or_unexpected_keys(tmp_path, frames, folder, prefix):
     state = vit_base_encoder_state(frames // 16)
-    loaded = evaluate.load_model(save_released(tmp_path, folder, state, prefix))
+    loaded = features.load_model(save_released(tmp_path, folder, state, prefix))
     model = loaded.model
     assert (model.config.n_mels, model.config.crop_frames, model.config.embed_dim, model.config.depth,
             model.config.num_heads) == (80, frames, 768, 12, 12)
@@ -120,7 +121,7 @@ def test_vit_base_encoder_loads_with_no_missing_or_unexpected_keys(tmp_path, fra
     assert loaded.text.kind == "none" and "encoder-only" in loaded.text.unavailable
     assert set(loaded.info["missing_parts"]) == {"target", "predictor", "audio_proj", "logit_scale"}
     with pytest.raises(ValueError, match="no CLAP audio projector"):
-        evaluate.encode_clap_audio(torch.zeros(1, 16000), loaded)
+        features.encode_clap_audio(torch.zeros(1, 16000), loaded)
 
 
 def reference_encoder(state: dict, log_mel: torch.Tensor) -> torch.Tensor:
@@ -145,11 +146,11 @@ def reference_encoder(state: dict, log_mel: torch.Tensor) -> torch.Tensor:
 
 def test_features_of_released_weights_equal_a_direct_computation(tmp_path):
     state = vit_base_encoder_state(38, seed=3)
-    model = evaluate.load_model(save_released(tmp_path, "m2d_vit_base-80x608p16x16-220930", state)).model
+    model = features.load_model(save_released(tmp_path, "m2d_vit_base-80x608p16x16-220930", state)).model
     log_mel = torch.randn(80, 608, generator=torch.Generator().manual_seed(0)) * 4 - 7
     with torch.no_grad():
         expected = reference_encoder(state, log_mel)[1:]                              # [5 * 38, D]
-    frames = evaluate.frame_features(model, [log_mel])[0]                             # [38, 5 * D]
+    frames = features.frame_features(model, [log_mel])[0]                             # [38, 5 * D]
     by_hand = expected.reshape(5, 38, 768).permute(1, 0, 2).reshape(38, 5 * 768)
     torch.testing.assert_close(frames, by_hand, atol=1e-4, rtol=1e-4)
 
@@ -158,7 +159,7 @@ def test_features_of_released_weights_equal_a_direct_computation(tmp_path):
 def test_full_training_files_load_every_part(tmp_path, audio_proj, text_proj):
     state = {**vit_base_encoder_state(38), **training_parts_state(38, audio_proj, text_proj)}
     args = argparse.Namespace(input_size="80x608", patch_size=16, sr="16k", model="m2d_clap_vit_base")
-    loaded = evaluate.load_model(save_released(tmp_path, "run", state, args=args))
+    loaded = features.load_model(save_released(tmp_path, "run", state, args=args))
     model = loaded.model
     assert model.config.audio_proj == audio_proj and model.config.text_proj == text_proj
     assert model.config.text_dim == 4096 and model.config.predictor_depth == 8
@@ -167,13 +168,13 @@ def test_full_training_files_load_every_part(tmp_path, audio_proj, text_proj):
     assert loaded.info["missing_parts"] == []
     # No text letter in the folder name: the authors' runtime takes GTE-base, which this file does not hold.
     with pytest.raises(ValueError, match=r"pass text_encoder=FOLDER.*thenlper/gte-base"):
-        evaluate.encode_clap_text(["a dog barks"], loaded)
+        features.encode_clap_text(["a dog barks"], loaded)
 
 
 def test_a_linear_text_projector_saved_without_its_bias_gets_a_zero_bias(tmp_path):
     state = {**vit_base_encoder_state(38), **training_parts_state(38, "semantic", "linear")}
     del state["text_proj.bias"]
-    model = evaluate.load_model(save_released(tmp_path, "m2d_clap_vit_base-80x608p16x16p16kpN", state)).model
+    model = features.load_model(save_released(tmp_path, "m2d_clap_vit_base-80x608p16x16p16kpN", state)).model
     assert model.config.text_proj == "linear" and not model.text_proj.bias.any()
     assert_all_landed(model, state)
 
@@ -193,7 +194,7 @@ def test_semantic_projectors_of_1_to_4_blocks_load(tmp_path, depth):
                  "mlp.fc1.bias": (hidden,), "mlp.fc2.weight": (D, hidden), "mlp.fc2.bias": (D,)}
         state.update({f"audio_proj.sem_blocks.{i}.{k}": v if isinstance(v, torch.Tensor) else
                       torch.randn(*v, generator=g) * 0.02 for k, v in block.items()})
-    loaded = evaluate.load_model(save_released(tmp_path, "m2d_clap_vit_base-80x1001p16x16p16kpB", state))
+    loaded = features.load_model(save_released(tmp_path, "m2d_clap_vit_base-80x1001p16x16p16kpB", state))
     assert loaded.model.config.audio_proj_depth == depth
     assert_all_landed(loaded.model, state)
     patches = torch.randn(2, 40, D, generator=g)
@@ -209,26 +210,26 @@ def test_semantic_projectors_of_1_to_4_blocks_load(tmp_path, depth):
 def test_head_counts_come_from_the_files_args(tmp_path):
     state = vit_base_encoder_state(38)
     args = argparse.Namespace(input_size=[80, 608], model="m2d_vit_base", num_heads=6)
-    assert evaluate.load_model(save_released(tmp_path, "x", state, args=args)).model.config.num_heads == 6
+    assert features.load_model(save_released(tmp_path, "x", state, args=args)).model.config.num_heads == 6
     args = argparse.Namespace(input_size=[80, 608], model="m2d_vit_base")
-    assert evaluate.load_model(save_released(tmp_path, "y", state, args=args)).model.config.num_heads == 12
+    assert features.load_model(save_released(tmp_path, "y", state, args=args)).model.config.num_heads == 12
 
 
 def test_files_that_cannot_be_mapped_say_why(tmp_path):
     state = vit_base_encoder_state(38)
     del state["norm.weight"]
     with pytest.raises(ValueError, match=r"not an M2D audio encoder.*norm.weight"):
-        evaluate.load_model(save_released(tmp_path, "a", state))
+        features.load_model(save_released(tmp_path, "a", state))
     state = {**vit_base_encoder_state(38), "head.weight": torch.zeros(10, 768)}
     with pytest.raises(ValueError, match=r"no place for: \['head.weight'\]"):
-        evaluate.load_model(save_released(tmp_path, "b", state))
+        features.load_model(save_released(tmp_path, "b", state))
     state = {**vit_base_encoder_state(38), **training_parts_state(38, "semantic", "mlp")}
     state["text_proj.0.weight"], state["text_proj.0.bias"] = torch.zeros(512, 4096), torch.zeros(512)
     with pytest.raises(ValueError, match=r"512-wide hidden layer"):
-        evaluate.load_model(save_released(tmp_path, "c", state))
+        features.load_model(save_released(tmp_path, "c", state))
     path_32k = save_released(tmp_path, "m2d_vit_base-80x608p16x16p32k", vit_base_encoder_state(38))
     with pytest.raises(ValueError, match="a 32000 Hz model; this front end is 16 kHz only"):
-        evaluate.load_model(path_32k)
+        features.load_model(path_32k)
 
 
 @pytest.fixture(scope="module")
@@ -254,12 +255,12 @@ def test_stage2_file_with_a_text_encoder(tmp_path, small_bert_folder, prefix):
     state.update(text_state)
     path = save_released(tmp_path, "m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025", state)
 
-    audio_only = evaluate.load_model(path)
-    assert evaluate.encode_clap_audio(torch.zeros(1, 1600), audio_only).shape == (1, 768)
+    audio_only = features.load_model(path)
+    assert features.encode_clap_audio(torch.zeros(1, 1600), audio_only).shape == (1, 768)
     with pytest.raises(ValueError, match=r"pass text_encoder=FOLDER.*bert-base-uncased"):
-        evaluate.encode_clap_text(["a dog barks"], audio_only)
+        features.encode_clap_text(["a dog barks"], audio_only)
 
-    loaded = evaluate.load_model(path, text_encoder=str(folder))
+    loaded = features.load_model(path, text_encoder=str(folder))
     assert loaded.model.config.text_pooling == "cls" and loaded.model.config.text_proj == "linear"
     assert_all_landed(loaded.model, {k: v for k, v in state.items() if not k.startswith("text_encoder.")})
     captions = ["A dog barks twice.", "Rain on a tin roof while a very long caption " + "goes on " * 100]
@@ -268,7 +269,7 @@ def test_stage2_file_with_a_text_encoder(tmp_path, small_bert_folder, prefix):
     with torch.no_grad():  # BERT's CLS token, then the text projector with its bias
         cls = bert(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])[0][:, 0]
         expected = cls @ state["text_proj.weight"].T + state["text_proj.bias"]
-    torch.testing.assert_close(evaluate.encode_clap_text(captions, loaded), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(features.encode_clap_text(captions, loaded), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_a_text_encoder_that_does_not_fit_the_folder_is_refused(tmp_path, small_bert_folder):
@@ -278,22 +279,22 @@ def test_a_text_encoder_that_does_not_fit_the_folder_is_refused(tmp_path, small_
                   if not k.startswith("encoder.layer.1.")})  # one layer short
     path = save_released(tmp_path, "m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025", state)
     with pytest.raises(ValueError, match=r"does not fit the architecture of .*config.json: missing \['encoder.layer.1"):
-        evaluate.load_model(path, text_encoder=str(folder))
+        features.load_model(path, text_encoder=str(folder))
 
 
 def test_norm_stats_default_to_the_2022_values_when_absent(tmp_path):
     state = vit_base_encoder_state(38)
     del state["norm_stats"]
-    loaded = evaluate.load_model(save_released(tmp_path, "m2d_vit_base-80x608p16x16-220930", state))
+    loaded = features.load_model(save_released(tmp_path, "m2d_vit_base-80x608p16x16-220930", state))
     model = loaded.model
     assert loaded.info["norm_stats"] == pytest.approx([-7.1, 4.2])
     assert model.norm_stats.tolist() == pytest.approx([-7.1, 4.2])
 
 
 def test_folder_names_give_the_setup():
-    assert evaluate.parse_folder_name("m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025") == {
+    assert features.parse_folder_name("m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025") == {
         "n_mels": 80, "crop_frames": 1001, "patch_size": (16, 16), "sample_rate": 16000, "text_kind": "B"}
-    assert evaluate.parse_folder_name("m2d_vit_base-80x608p16x16-221006") == {
+    assert features.parse_folder_name("m2d_vit_base-80x608p16x16-221006") == {
         "n_mels": 80, "crop_frames": 608, "patch_size": (16, 16)}
 
 
@@ -332,12 +333,12 @@ def test_the_released_args_namespace_is_allowed(tmp_path):
 
 def test_export_then_import_gives_bit_identical_parameters(tmp_path, stage1_run):
     out = tmp_path / "m2d_clap_vit_d192-80x192p16x16p16k" / "weights.pth"
-    evaluate.main(["export", str(stage1_run / "last.pt"), str(out)])
+    features.main(["export", str(stage1_run / "last.pt"), str(out)])
     exported = torch.load(out, weights_only=True)["model"]
     assert not any(k.startswith(("target_", "decoder_", "mask_token")) for k in exported)
     assert {"norm_stats", "audio_proj.sem_token", "text_proj.weight", "text_proj.bias"} <= set(exported)
     ours = torch.load(stage1_run / "last.pt", weights_only=True)["model"]
-    loaded = evaluate.load_model(out)
+    loaded = features.load_model(out)
     for key, value in exported.items():
         assert torch.equal(value, ours[key]) and torch.equal(loaded.model.state_dict()[key], value), key
     assert loaded.model.config.crop_frames == 192 and loaded.info["missing_parts"] == ["target", "predictor"]
@@ -357,7 +358,7 @@ def test_a_gte_style_file_takes_its_whole_text_encoder_from_the_folder(tmp_path,
     folder, bert = small_bert_folder
     state = small_clap_state("none", 64)
     assert not any(k.startswith("text_proj.") for k in state)  # identity: the text feature is already D wide
-    loaded = evaluate.load_model(save_released(tmp_path, "m2d_clap_vit_d64-80x192p16x16p16kpA", state),
+    loaded = features.load_model(save_released(tmp_path, "m2d_clap_vit_d64-80x192p16x16p16kpA", state),
                                  text_encoder=str(folder))
     assert loaded.model.config.text_proj == "none" and loaded.model.config.text_pooling == "mean"
     captions = ["A dog barks.", "Rain on a roof, then thunder far away."]
@@ -366,7 +367,7 @@ def test_a_gte_style_file_takes_its_whole_text_encoder_from_the_folder(tmp_path,
         hidden = bert(**{k: tokens[k] for k in ("input_ids", "attention_mask")})[0]
         mask = tokens["attention_mask"][..., None].float()
         expected = (hidden * mask).sum(1) / mask.sum(1)
-    torch.testing.assert_close(evaluate.encode_clap_text(captions, loaded), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(features.encode_clap_text(captions, loaded), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_an_nv_embed_file_uses_the_sentence_model_with_an_end_of_sequence_token(tmp_path):
@@ -374,7 +375,7 @@ def test_an_nv_embed_file_uses_the_sentence_model_with_an_end_of_sequence_token(
     pytest.importorskip("sentence_transformers")
     import text_embed
     state = small_clap_state("linear", 384)
-    loaded = evaluate.load_model(save_released(tmp_path, "m2d_clap_vit_d64-80x192p16x16p16kpN", state),
+    loaded = features.load_model(save_released(tmp_path, "m2d_clap_vit_d64-80x192p16x16p16kpN", state),
                                  text_encoder=str(minilm.get_model_path()))
     assert loaded.text.kind == "sentence" and loaded.text.append_eos and loaded.text.trust_remote_code
     # all-MiniLM-L6-v2 stands in for NV-Embed-v2 here; give its tokenizer an end-of-sequence token.
@@ -384,4 +385,4 @@ def test_an_nv_embed_file_uses_the_sentence_model_with_an_end_of_sequence_token(
     captions = ["A dog barks.", "Rain on a roof."]
     embedded = torch.from_numpy(sentence.encode([c + "[SEP]" for c in captions], convert_to_numpy=True))
     expected = embedded @ state["text_proj.weight"].T + state["text_proj.bias"]
-    torch.testing.assert_close(evaluate.encode_clap_text(captions, loaded), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(features.encode_clap_text(captions, loaded), expected, atol=1e-5, rtol=1e-5)
