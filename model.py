@@ -416,8 +416,7 @@ class M2DCLAP(nn.Module):
 
     def forward_online(self, patches: torch.Tensor, ids_visible: torch.Tensor) -> torch.Tensor:
         """Online encoder on the visible patches: [B, N, D] -> [B, 1+Nv, D] (CLS first)."""
-        x = self._with_cls(gather_tokens(patches, ids_visible))
-        return self.norm(self._run_blocks(self.blocks, x))
+        return self.encode_tokens(gather_tokens(patches, ids_visible))
 
     @torch.no_grad()
     def forward_target(self, patches: torch.Tensor, ids_masked: torch.Tensor) -> torch.Tensor:
@@ -445,13 +444,14 @@ class M2DCLAP(nn.Module):
         x = self.decoder_pred(self.decoder_norm(self._run_blocks(self.decoder_blocks, x)))  # [B, 1+N, D]
         return gather_tokens(x[:, 1:], ids_masked)                          # [B, Nm, D]
 
-    def forward(self, x: torch.Tensor, text, frozen_encoder: bool = False) -> tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor, text, frozen_encoder: bool = False,
+                token_drop: float = 0.0) -> tuple[torch.Tensor, ...]:
         """One training forward pass: forward_m2d_clap (stage 1) or, with frozen_encoder, forward_clap.
 
         The choice is an argument of forward, not two entry points, so that a
         DistributedDataParallel or compiled wrapper sees every pass.
         """
-        return self.forward_clap(x, text) if frozen_encoder else self.forward_m2d_clap(x, text)
+        return self.forward_clap(x, text, token_drop) if frozen_encoder else self.forward_m2d_clap(x, text)
 
     def forward_m2d_clap(self, x: torch.Tensor, text) -> tuple[torch.Tensor, ...]:
         """Stage 1: M2D on the masked input, and CLAP audio from the visible patches.
@@ -470,14 +470,22 @@ class M2DCLAP(nn.Module):
         audio_embed = self.audio_proj(online[:, 1:])                        # [B, D]
         return prediction, target, audio_embed, self.text_features(text)
 
-    def forward_clap(self, x: torch.Tensor, text) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_clap(self, x: torch.Tensor, text, token_drop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Stages 2 and 2.1: CLAP parts on the frozen encoder -> (audio_embed, text_embed), [B, D] each.
 
-        No masking, target or predictor: the encoder runs without autograd on
-        the whole input, and only the CLAP parts see gradients.
+        No masking, target or predictor: the encoder runs without autograd,
+        and only the CLAP parts see gradients. While the audio projector
+        trains, token_drop > 0 passes the encoder's input patches through the
+        structured token drop (stage 2: 0.3, the authors' training_mask), so
+        the projector learns from random subsets of frequency rows and time
+        columns; in eval mode the encoder always sees the whole input.
         """
         with torch.no_grad():
-            patches = self.encode(x)[:, 1:]                                 # [B, N, D], CLS dropped
+            patches = self.embed_patches(self.normalize(x))                 # [B, N, D]
+            if token_drop > 0 and self.audio_proj.training:
+                grid_f, grid_t = x.shape[-2] // self.config.patch_size, x.shape[-1] // self.config.patch_size
+                patches, _ = structured_token_drop(patches, grid_f, grid_t, token_drop)  # [B, K, D]
+            patches = self.encode_tokens(patches)[:, 1:]                    # [B, K, D], CLS dropped
         return self.audio_proj(patches), self.text_features(text)
 
     # --- inference ------------------------------------------------------------
@@ -492,7 +500,11 @@ class M2DCLAP(nn.Module):
         T may be shorter than a training crop (the position table is cropped),
         never longer.
         """
-        return self.norm(self._run_blocks(self.blocks, self._with_cls(self.embed_patches(x))))
+        return self.encode_tokens(self.embed_patches(x))
+
+    def encode_tokens(self, patches: torch.Tensor) -> torch.Tensor:
+        """Online encoder on patch tokens that carry their positions: [B, K, D] -> [B, 1+K, D] (CLS first)."""
+        return self.norm(self._run_blocks(self.blocks, self._with_cls(patches)))
 
     def text_features(self, text) -> torch.Tensor:
         """CLAP text features [B, D] before L2 normalisation.

@@ -242,3 +242,27 @@ def test_text_feature_is_the_cls_token_or_the_mean_over_real_tokens():
                                        text_pooling=pooling), text_encoder=Tokens())
         model.text_proj = torch.nn.Identity()
         assert model.text_features(text)[:, 0].tolist() == expected
+
+
+def test_stage2_token_drop_feeds_the_projector_a_structured_subset_while_training_only():
+    """forward_clap with token_drop: in training the projector sees the patches of a structured subset of
+    the grid, encoded alone; in eval mode (and at ratio 0) it sees the whole grid."""
+    torch.manual_seed(0)
+    model = m2d.M2DCLAP(TINY).eval()
+    x, text = torch.randn(3, 1, 80, TINY.crop_frames), torch.randn(3, TINY.text_dim)
+    whole = model.audio_proj(model.encode(x)[:, 1:])
+    model.freeze_encoder()
+    model.train_clap()
+    assert torch.equal(model.forward_clap(x, text, token_drop=0.0)[0], whole)
+    torch.manual_seed(5)
+    dropped = model.forward_clap(x, text, token_drop=0.3)[0]
+    assert not torch.allclose(dropped, whole, atol=1e-4)
+    # The same draw, written out: the kept patches go through the encoder alone.
+    torch.manual_seed(5)
+    patches = model.embed_patches(model.normalize(x))
+    grid_f, grid_t = TINY.grid_size
+    kept, ids = m2d.structured_token_drop(patches, grid_f, grid_t, 0.3)
+    assert ids.shape[1] < grid_f * grid_t
+    assert torch.allclose(dropped, model.audio_proj(model.encode_tokens(kept)[:, 1:]), atol=1e-6)
+    model.eval()
+    assert torch.equal(model.forward_clap(x, text, token_drop=0.3)[0], whole)
