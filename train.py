@@ -5,15 +5,21 @@ Stage 1 learns general-purpose audio features and CLAP features together,
 with the online/target M2D networks and frozen precomputed sentence
 embeddings on the text side (a trainable text projector maps them to the
 audio width).
-Stage 2 freezes that audio encoder and trains the CLAP parts on it: the audio
-projector and the text side, either a pretrained Transformer text encoder
-(--text-side encoder, the paper) or the precomputed sentence embeddings with a
-projector (--text-side embeddings, no text model needed).
-Stage 2.1 continues stage 2 on a smaller target-domain caption set with a
-lower learning rate.
+Stage 1.1 fine-tunes that encoder on labelled clips (AudioSet in the paper)
+and lengthens its input; finetune.py implements it, and `--stage 1.1` hands
+its arguments over (python finetune.py --help lists them).
+Stage 2 freezes the stage-1.1 encoder and trains CLAP parts on it: a fresh
+semantic audio projector, the logit scale (restarted at log 100) and the text
+side, either a pretrained Transformer text encoder (--text-side encoder, the
+paper) or the precomputed sentence embeddings with a projector (--text-side
+embeddings, no text model needed). While it trains, the encoder's input
+passes through the structured token drop (--token-drop, 0.3).
+Stage 2.1 continues stage 2 on a smaller target-domain caption set, without
+the token drop.
 
     python train.py --stage 1        # tiny preset, built-in data, CPU friendly
-    python train.py --stage 2        # from runs/stage1/last.pt
+    python train.py --stage 1.1      # from runs/stage1/last.pt, on the built-in event labels
+    python train.py --stage 2        # from runs/stage1.1/last.pt
     python train.py --stage 2.1      # from runs/stage2/last.pt
     python train.py --stage 1 --preset base --data captions.csv --audio-root /audio
                                      # the paper's ViT-Base recipe
@@ -28,7 +34,7 @@ it stopped. This file holds the method: recipes, schedules, one setup function
 per stage, the step and the loop; runs.py holds the run machinery they use
 (checkpoint files, torchrun, exact resume, AMP and compile, the non-finite
 guard, the log). To write a checkpoint in the released layout: python
-evaluate.py export.
+features.py export.
 """
 
 from __future__ import annotations
@@ -46,13 +52,17 @@ from torch.utils.data import DataLoader
 import builtin_data
 import data
 import features
+import finetune
 import model as m2d
 import runs
 import text_embed
 from losses import m2d_clap_loss
 
-STAGES = ("1", "2", "2.1")
-PREVIOUS_STAGE = {"2": "1", "2.1": "2"}
+STAGES = ("1", "2", "2.1")                       # the stages this file trains
+ALL_STAGES = ("1", "1.1", "2", "2.1")            # 1.1, supervised fine-tuning, is finetune.py's
+PREVIOUS_STAGE = {"2": "1.1", "2.1": "2"}        # the checkpoint each stage starts from by default
+STAGE2_INITS = ("1.1", "finetune", "1")          # what stage 2 may start from (--init): SPEC's 1.1 first
+TOKEN_DROP = {"2": 0.3, "2.1": 0.0}              # the structured token drop on the frozen encoder's input
 
 
 # -----------------------------------------------------------------------------
@@ -77,11 +87,11 @@ class Recipe:
     clap_weight: float = 0.01         # lambda
 
 
-# Stages 2 and 2.1 of the paper recipe are not specified in the method
-# description; these are our choices: fine-tuning-sized learning rates for the
-# pretrained text encoder, and a short refinement at a quarter of stage 2's.
-PAPER_STAGE2 = Recipe(batch_size=256, base_lr=5e-5, epochs=20, warmup_epochs=1, betas=(0.9, 0.999))
-PAPER_STAGE21 = Recipe(batch_size=256, base_lr=1.25e-5, epochs=10, warmup_epochs=0.5, betas=(0.9, 0.999))
+# Stages 2 and 2.1 as the authors released them (SPEC 6): lr = 3e-6 x batch / 256
+# (2.4e-5 at their 2048 = 512 x 4 GPUs), 30 epochs with 5 of warm-up, AdamW
+# (0.9, 0.95) with weight decay 0.05, clipping at 3.0; 2.1 as 2 on its subset.
+PAPER_STAGE2 = Recipe(batch_size=2048, base_lr=3e-6, epochs=30, warmup_epochs=5)
+PAPER_STAGE21 = PAPER_STAGE2
 
 RECIPES: dict[tuple[str, str], Recipe] = {
     # A few hundred steps on the built-in data: a larger learning rate and a
@@ -145,7 +155,7 @@ class Config:
     data, the checkpoint a stage starts from, statistics measured on the clips).
     """
 
-    stage: str = flag(MISSING, "training stage", choices=STAGES)
+    stage: str = flag(MISSING, "training stage (1.1 is finetune.py's: see its --help)", choices=ALL_STAGES)
     preset: str | None = flag(None, "model size and recipe: tiny (CPU, built-in data), base (the paper) or large. "
                               "Default: tiny in stage 1; stages 2 and 2.1 take it from --init",
                               choices=sorted(m2d.PRESETS))
@@ -161,8 +171,12 @@ class Config:
                                    "folder)", type=Path)
     shards: Path | None = flag(None, "read log-mels from the shards 'python data.py prepare' wrote, instead of "
                                "decoding audio", type=Path)
-    init: Path | None = flag(None, "checkpoint to start from (default: runs/stage1/last.pt for stage 2, "
-                             "runs/stage2/last.pt for stage 2.1)", ("2", "2.1"), type=Path)
+    init: Path | None = flag(None, "checkpoint to start from (default: runs/stage1.1/last.pt for stage 2, "
+                             "runs/stage2/last.pt for stage 2.1; stage 2 also starts from a stage-1 file or "
+                             "a finetune.py result)", ("2", "2.1"), type=Path)
+    token_drop: float | None = flag(None, "ratio of the structured token drop on the frozen encoder's input "
+                                    "while training (default: 0.3 in stage 2, 0 in stage 2.1, as the authors; "
+                                    "a resumed run keeps its own)", ("2", "2.1"), type=float)
     text_side: str = flag("encoder", "train a pretrained text encoder on caption text (encoder, needs the "
                           "transformers extra), or a projector on the precomputed sentence embeddings",
                           ("2",), choices=["encoder", "embeddings"])
@@ -271,6 +285,7 @@ def settle_defaults(config: Config) -> Config:
         config, out_dir=out_dir, precision=precision, compile=use_compile,
         preset=config.preset or ("tiny" if stage == "1" else None),
         init=config.init or (Path("runs") / f"stage{PREVIOUS_STAGE[stage]}" / "last.pt" if stage != "1" else None),
+        token_drop=TOKEN_DROP.get(stage) if config.token_drop is None else config.token_drop,
         audio_root=config.audio_root or (config.data.parent if config.data else None),
         embedding_model=config.embedding_model or (text_embed.DEFAULT_MODEL if config.data is None else None),
         workers=(8 if cuda else 0) if config.workers is None else config.workers,
@@ -294,7 +309,8 @@ def resolve(config: Config, resume: dict | None, init: dict | None) -> tuple[Con
                              f"from the checkpoint they start from), or pass --init with a {config.preset} "
                              "checkpoint.")
     embedding_model = config.embedding_model or (start.get("embedding_model") if start else None)
-    config = replace(config, preset=preset, embedding_model=embedding_model)
+    token_drop = (resume["args"].get("token_drop") or 0.0) if resume is not None else config.token_drop
+    config = replace(config, preset=preset, embedding_model=embedding_model, token_drop=token_drop)
     overrides = dict(batch_size=config.batch_size, clap_weight=config.clap_weight, epochs=config.epochs,
                      ema_decay=tuple(config.ema_decay) if config.ema_decay else None)
     recipe = replace(RECIPES[(config.stage, preset)], **{k: v for k, v in overrides.items() if v is not None})
@@ -302,13 +318,17 @@ def resolve(config: Config, resume: dict | None, init: dict | None) -> tuple[Con
 
 
 def load_previous_stage(stage: str, path: Path) -> dict:
-    """The checkpoint a stage starts from, checked to be of the stage before it."""
+    """The checkpoint a stage starts from, checked to be of the stage before it.
+
+    Stage 2 starts from stage 1.1 as the authors do, and also from a stage-1
+    file (the 2024 recipe) or any finetune.py result, when --init names one.
+    """
     previous = PREVIOUS_STAGE[stage]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no stage-{previous} checkpoint to start stage {stage} from. "
                                 f"Run 'python train.py --stage {previous}' first, or pass --init PATH.")
     ckpt = runs.load_checkpoint(path)
-    if ckpt.get("stage") != previous:
+    if ckpt.get("stage") not in (STAGE2_INITS if stage == "2" else (previous,)):
         raise ValueError(f"{path}: is a stage-{ckpt.get('stage')} checkpoint, but stage {stage} starts "
                          f"from stage {previous}. Run 'python train.py --stage {previous}' first, or pass "
                          f"--init with a stage-{previous} checkpoint.")
@@ -391,33 +411,41 @@ def setup_stage1(config: Config, init: None, run_data: RunData) -> Stage:
 
 
 def setup_stage2(config: Config, init: dict, run_data: RunData) -> Stage:
-    """Stage 2: the stage-1 model with the encoder frozen and a new text side.
+    """Stage 2 as the authors released it: new CLAP parts on the frozen stage-1.1 encoder.
 
-    With a text encoder, a projector is added only when its width differs from
-    the audio width. When the encoder is as wide as stage 1's sentence
-    embeddings, stage 1's projector is kept: on the built-in data stage 1's
-    embeddings come from the very model stage 2 fine-tunes (mean-pooled
-    all-MiniLM-L6-v2), so stage 2 starts from stage 1's alignment.
+    The audio projector is replaced by a freshly initialised semantic projector
+    (one block), the logit scale restarts at log(100), and the text side is new:
+    a pretrained text encoder (with a fresh projector only when its width
+    differs from the audio width, none for BERT-base into ViT-Base), or a fresh
+    projector on the precomputed sentence embeddings. Only the encoder, its
+    normalisation statistics and the unused M2D parts are kept from --init.
     """
     model, _ = features.build_model(init)
-    if config.text_side == "embeddings":
-        model.freeze_encoder()
-        return Stage(model, None, "embeddings", config.text_encoder, frozen_encoder=True)
-    encoder, tokenizer = text_embed.load_text_encoder(config.text_encoder)
-    width = encoder.config.hidden_size
-    pooling = (text_embed.default_text_pooling(config.text_encoder) if config.text_pooling == "auto"
-               else config.text_pooling)
-    model_config = replace(model.config, text_dim=width, text_pooling=pooling,
-                           text_proj="none" if width == model.config.embed_dim else "linear")
-    keep_proj = (model_config.text_dim, model_config.text_proj) == (model.config.text_dim, model.config.text_proj)
-    state = {k: v for k, v in model.state_dict().items() if keep_proj or not k.startswith("text_proj.")}
+    encoder = tokenizer = None
+    text_dim, pooling = model.config.text_dim, model.config.text_pooling
+    if config.text_side == "encoder":
+        encoder, tokenizer = text_embed.load_text_encoder(config.text_encoder)
+        text_dim = encoder.config.hidden_size
+        pooling = (text_embed.default_text_pooling(config.text_encoder) if config.text_pooling == "auto"
+                   else config.text_pooling)
+    text_proj = "none" if text_dim == model.config.embed_dim else "linear"
+    model_config = replace(model.config, audio_proj="semantic", audio_proj_depth=1, text_dim=text_dim,
+                           text_proj=text_proj, text_pooling=pooling)
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith(("audio_proj.", "text_proj.", "text_encoder.", "logit_scale"))}
     model = m2d.M2DCLAP(model_config, tuple(init["norm_stats"]), encoder)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith(("text_encoder.", "text_proj.")) for k in missing)
-    print(f"text side: {config.text_encoder} ({width}-d, {pooling} feature), "
-          f"{'stage-1 projector kept' if keep_proj else f'new {model_config.text_proj} projector'}")
+    assert not unexpected and all(k.startswith(("audio_proj.", "text_proj.", "text_encoder.", "logit_scale"))
+                                  for k in missing)
+    with torch.no_grad():
+        model.logit_scale.fill_(m2d.MAX_LOGIT_SCALE)
+    print(f"stage 2 from a stage-{init['stage']} encoder | new semantic audio projector | logit scale log(100) | "
+          f"text side: {config.text_encoder if encoder is not None else 'sentence embeddings'} ({text_dim}-d"
+          f"{f', {pooling} feature' if encoder is not None else ''}, "
+          f"{'no projector' if text_proj == 'none' else 'new linear projector'}) | token drop {config.token_drop:g}")
     model.freeze_encoder()
-    return Stage(model, tokenizer, "encoder", config.text_encoder, frozen_encoder=True)
+    return Stage(model, tokenizer, config.text_side, config.text_encoder if encoder is not None else None,
+                 frozen_encoder=True)
 
 
 def setup_stage21(config: Config, init: dict, run_data: RunData) -> Stage:
@@ -460,7 +488,7 @@ def setup_stage(config: Config, resume: dict | None, init: dict | None, run_data
 
 
 def train_step(model: m2d.M2DCLAP, stepper: runs.Stepper, micro_batches: list, clap_weight: float,
-               ema_decay: float | None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+               ema_decay: float | None, token_drop: float = 0.0) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """One optimiser step of M2D-CLAP over the micro-batches [(log_mel, text), ...] already on the device.
 
     The losses of losses.m2d_clap_loss drive runs.Stepper.step (accumulation,
@@ -474,7 +502,8 @@ def train_step(model: m2d.M2DCLAP, stepper: runs.Stepper, micro_batches: list, c
     frozen_encoder = ema_decay is None
 
     def losses(mel, text):
-        return m2d_clap_loss(stepper.forward(mel, text, frozen_encoder=frozen_encoder), model.logit_scale, clap_weight)
+        outputs = stepper.forward(mel, text, frozen_encoder=frozen_encoder, token_drop=token_drop)
+        return m2d_clap_loss(outputs, model.logit_scale, clap_weight)
 
     sums, grad_norm, finite = stepper.step(micro_batches, losses)
     model.clamp_logit_scale()
@@ -637,7 +666,7 @@ def train_loop(run: Run):
             group["lr"] = lr
         ema_decay = None if run.stage.frozen_encoder else ema_decay_at(step, run.total_steps, *recipe.ema_decay)
         sums, grad_norm, finite = train_step(model, run.stepper, [next(batch_iter) for _ in range(c.accum_steps)],
-                                             recipe.clap_weight, ema_decay)
+                                             recipe.clap_weight, ema_decay, c.token_drop or 0.0)
         done = step + 1
         run.guard.record(done, finite, sums, grad_norm)
         log_now = done % c.log_every == 0 or done == run.total_steps or done == 1
@@ -715,7 +744,11 @@ def finish(run: Run):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["export"]:
-        raise SystemExit("'python train.py export' is now 'python evaluate.py export'")
+        raise SystemExit("'python train.py export' is now 'python features.py export'")
+    stage = argparse.ArgumentParser(add_help=False)
+    stage.add_argument("--stage")
+    if stage.parse_known_args(argv)[0].stage == "1.1":  # supervised fine-tuning: finetune.py's flags
+        return finetune.main(["--stage", "1.1", *stage.parse_known_args(argv)[1]])
     config = parse_config(argv)
     try:
         train(config)

@@ -5,6 +5,7 @@ transformers extra), never a mock.
 """
 
 import json
+import math
 import sys
 
 import pytest
@@ -46,7 +47,7 @@ def test_stage2_keeps_the_encoder_bit_identical_and_trains_the_clap_parts(runs):
     assert len(frozen) > 50
     for key in frozen:
         assert torch.equal(s1["model"][key], s2["model"][key]), key
-    # The projector kept from stage 1 (same width as MiniLM) and the audio projector moved.
+    # The CLAP parts are new and trained: semantic audio projector, text projector, logit scale.
     for key in ("audio_proj.sem_token", "audio_proj.sem_blocks.0.attn.qkv.weight", "text_proj.weight"):
         assert not torch.equal(s1["model"][key], s2["model"][key]), key
     assert not torch.equal(s1["model"]["logit_scale"], s2["model"]["logit_scale"])
@@ -114,16 +115,48 @@ def test_stage2_text_feature_follows_the_encoder_and_the_flag(runs, tmp_path):
 
 
 def test_an_exported_stage2_file_is_a_released_file(runs, tmp_path):
-    import evaluate
     import text_embed
     out = tmp_path / "m2d_clap_vit_d192-80x192p16x16p16kpApTI" / "weights.pth"
-    evaluate.main(["export", str(runs / "s2" / "last.pt"), str(out)])
+    features.main(["export", str(runs / "s2" / "last.pt"), str(out)])
     exported = weights(out)["model"]
     assert any(k.startswith("text_encoder.text_encoder.encoder.layer.0.") for k in exported)
-    released = evaluate.load_model(out, text_encoder=text_embed.resolve_model_path(text_embed.DEFAULT_MODEL))
-    ours = evaluate.load_model(runs / "s2" / "last.pt")
+    released = features.load_model(out, text_encoder=text_embed.resolve_model_path(text_embed.DEFAULT_MODEL))
+    ours = features.load_model(runs / "s2" / "last.pt")
     captions = ["A fast click train.", "A low rumble, then a knock."]
     audio = torch.rand(2, 40000) * 2 - 1
-    torch.testing.assert_close(evaluate.encode_clap_text(captions, released),
-                               evaluate.encode_clap_text(captions, ours))
-    torch.testing.assert_close(evaluate.encode_clap_audio(audio, released), evaluate.encode_clap_audio(audio, ours))
+    torch.testing.assert_close(features.encode_clap_text(captions, released),
+                               features.encode_clap_text(captions, ours))
+    torch.testing.assert_close(features.encode_clap_audio(audio, released), features.encode_clap_audio(audio, ours))
+
+
+def test_stage2_starts_new_clap_parts_with_the_logit_scale_at_log_100(runs):
+    init = weights(runs / "s1" / "last.pt")
+    config = train.parse_config(["--stage", "2", "--init", str(runs / "s1" / "last.pt"), "--text-side", "embeddings"])
+    model = train.setup_stage2(config, init, None).model
+    assert model.logit_scale.item() == pytest.approx(math.log(100))
+    assert (model.config.audio_proj, model.config.audio_proj_depth) == ("semantic", 1)
+    state = model.state_dict()
+    for key, value in init["model"].items():
+        if key.startswith(ENCODER_PREFIXES):
+            assert torch.equal(value, state[key]), key
+    for key in ("audio_proj.sem_token", "audio_proj.sem_blocks.0.attn.qkv.weight", "text_proj.weight"):
+        assert not torch.equal(init["model"][key], state[key]), key
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad and n.startswith(ENCODER_PREFIXES)) == []
+
+
+def test_stage2_trains_with_the_token_drop_and_stage21_without(runs):
+    assert weights(runs / "s2" / "last.pt")["args"]["token_drop"] == 0.3
+    assert weights(runs / "s21" / "last.pt")["args"]["token_drop"] == 0.0
+
+
+def test_a_stage2_run_written_before_the_token_drop_resumes_without_it(runs):
+    resume = weights(runs / "s2" / "last.pt")
+    del resume["args"]["token_drop"]
+    config = train.parse_config(["--stage", "2", "--out-dir", str(runs / "s2")])
+    assert config.token_drop == 0.3
+    assert train.resolve(config, resume, None)[0].token_drop == 0.0
+
+
+def test_stage2_says_which_command_makes_its_missing_stage11_start(tmp_path):
+    with pytest.raises(SystemExit, match=r"stage1.1/last.pt: no stage-1.1 checkpoint.*python train.py --stage 1.1"):
+        run("--stage", "2", "--out-dir", tmp_path / "s2", "--init", tmp_path / "stage1.1" / "last.pt")

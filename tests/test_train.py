@@ -166,7 +166,7 @@ def test_help_shows_the_defaults_and_the_recipes(capsys):
 
 
 def test_the_export_command_says_where_it_moved():
-    with pytest.raises(SystemExit, match="python evaluate.py export"):
+    with pytest.raises(SystemExit, match="python features.py export"):
         train.main(["export", "a.pt", "b.pth"])
 
 
