@@ -66,7 +66,7 @@ import data
 import features
 import model as m2d
 import runs
-from evaluate import ManifestError, mean_average_precision
+from evaluate import ManifestError, builtin_eval_set, mean_average_precision
 
 
 # -----------------------------------------------------------------------------
@@ -760,14 +760,8 @@ def load_task(manifest_path: Path, audio_root: Path | None = None, shards: Path 
 
 def builtin_task(workers: int = 1) -> Task:
     """The built-in data's event labels: several per clip (multi-label, like AudioSet); train, then test."""
-    manifest = FinetuneManifest("built-in data", [], [], [])
-    for part in ("train", "test"):
-        builtin_data.builtin_dataset(part)  # renders the audio on first use
-        for row in builtin_data.builtin_rows(part):
-            if row["file_name"] not in manifest.files[-1:]:  # a clip's caption rows are consecutive
-                manifest.files.append(row["file_name"])
-                manifest.labels.append(row["label"].split(";"))
-                manifest.split.append(part)
+    clips = builtin_eval_set()  # renders the audio on first use
+    manifest = FinetuneManifest("built-in data", clips.files, clips.labels, clips.split)
     return Task(manifest, data.AudioFolder(builtin_data.builtin_cache_dir()), [None], workers=workers)
 
 
