@@ -153,7 +153,10 @@ def load_ours(ckpt: dict, text_encoder: str | None = None) -> Embedder:
     else:
         text = TextSide("none", unavailable="this checkpoint does not record which sentence model made its "
                         "caption embeddings: pass text_encoder=FOLDER (--text-encoder) of that model")
-    return Embedder(model, info, text)
+    embedder = Embedder(model, info, text)
+    if "head" in ckpt:  # a fine-tuned file (finetune.py): its classifier too
+        attach_head(embedder, ckpt)
+    return embedder
 
 
 def newest_run(root: Path = Path("runs")) -> Path:
@@ -804,6 +807,78 @@ def main(argv=None):
         sys.exit(f"usage: python features.py {{{','.join(COMMANDS)}}} ...; see the top of features.py, "
                  "or python features.py embed --help")
     return COMMANDS[argv[0]](argv[1:])
+
+
+# -----------------------------------------------------------------------------
+# Fine-tuned files: class scores (finetune.py writes them)
+
+
+def attach_head(embedder: Embedder, ckpt: dict):
+    """Give an Embedder of a fine-tuned checkpoint its classifier: .head, .classes, .task (the recipe's fields)."""
+    weight = ckpt["head"]["head.weight"]                                   # [C, feature]
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(weight.shape[1], affine=False),
+                               torch.nn.Linear(weight.shape[1], weight.shape[0]))
+    head.load_state_dict({k.replace("head_norm.", "0.").replace("head.", "1."): v for k, v in ckpt["head"].items()})
+    embedder.head = head.eval()
+    embedder.classes = list(ckpt["classes"])
+    embedder.task = {**ckpt["recipe"], "multi_label": bool(ckpt["multi_label"])}
+
+
+@torch.no_grad()
+def tag_audio(audio: torch.Tensor, model: Embedder, batch_size: int = 64) -> torch.Tensor:
+    """Class scores [n, n_classes] of a fine-tuned model: sigmoid (multi-label) or softmax.
+
+    As the fine-tuning evaluation computes them: one crop from the start at
+    the task's length (zeros appended to shorter input), no token drop,
+    BatchNorm in eval mode. Class names: model.classes.
+    """
+    if getattr(model, "head", None) is None:
+        raise ValueError(f"{model.info.get('path')}: not a fine-tuned checkpoint (no classification head); "
+                         "tag_audio needs a file written by finetune.py")
+    task, config = model.task, model.model.config
+    audio = check_audio(audio).to(model.device)
+    logits = []
+    for clips in audio.split(batch_size):
+        if task["raw_input"] == "wave":  # crop the waveform, then the log-mel
+            log_mel = model.frontend(start_crop(clips, (task["input_frames"] - 1) * data.HOP_SAMPLES))
+        else:  # the log-mel of the whole clip, then the crop
+            log_mel = start_crop(model.frontend(clips), task["input_frames"])  # [n, F, T]
+        x = model.model.normalize(log_mel.unsqueeze(1))                          # [n, 1, F, T]
+        x = F.pad(x, (0, config.crop_frames - x.shape[-1]))                      # zeros after normalisation
+        tokens = model.model.encode_normalized(x)[:, 1:]                         # [n, F*T, D], CLS dropped
+        if task["feature"] == "stacked":
+            grid_f = config.n_mels // config.patch_size
+            B, N, D = tokens.shape
+            columns = tokens.reshape(B, grid_f, N // grid_f, D).permute(0, 2, 1, 3)  # [n, T, F, D]
+            feature = columns.reshape(B, N // grid_f, grid_f * D).mean(dim=1)       # [n, F*D]
+        else:
+            feature = tokens.mean(dim=1)                                             # [n, D]
+        logits.append(model.head(feature).cpu())
+    logits = torch.cat(logits)
+    return logits.sigmoid() if task["multi_label"] else logits.softmax(dim=-1)
+
+
+def start_crop(x: torch.Tensor, length: int) -> torch.Tensor:
+    """[..., L] -> [..., length]: the start, zeros appended when shorter."""
+    return F.pad(x[..., :length], (0, max(length - x.shape[-1], 0)))
+
+
+def tag_main(argv):
+    """python features.py tag --checkpoint best.pt FILES...: each file's top classes."""
+    p = argparse.ArgumentParser(prog="features.py tag", description=tag_main.__doc__)
+    p.add_argument("--checkpoint", type=Path, required=True, help="a fine-tuned file (finetune.py's best.pt)")
+    p.add_argument("--top", type=int, default=3)
+    p.add_argument("files", nargs="+", type=Path)
+    args = p.parse_args(argv)
+    model = load_model(args.checkpoint)
+    for path in args.files:
+        scores = tag_audio(data.load_audio(path)[None], model)[0]
+        top = scores.topk(min(args.top, len(model.classes)))
+        print(f"{path}: " + ", ".join(f"{model.classes[k]} {v:.3f}" for v, k in zip(top.values.tolist(),
+                                                                                    top.indices.tolist())))
+
+
+COMMANDS["tag"] = tag_main
 
 
 if __name__ == "__main__":

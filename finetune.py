@@ -45,9 +45,15 @@ then fit(model, RECIPES["esc50"], train_set, valid_set, test_set, generator).
 from __future__ import annotations
 
 import copy
+import argparse
 import csv
+import json
 import math
-from dataclasses import dataclass, field, replace
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +61,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import builtin_data
 import data
+import features
 import model as m2d
-from evaluate import ManifestError, mean_average_precision
+import runs
+from evaluate import ManifestError, builtin_eval_set, mean_average_precision
 
 
 # -----------------------------------------------------------------------------
@@ -115,6 +124,13 @@ RECIPES: dict[str, FinetuneRecipe] = {
     "vc1": FinetuneRecipe(optimizer="adamw", lr=5e-4, batch_size=64, epochs=50, random_resized_crop=False,
                           token_drop_ratio=0.0, input_frames=821, feature="stacked",
                           report="best_valid_then_test"),
+    # Stage 1.1 on the built-in data, AS2M's recipe scaled to the tiny preset on a 2-core CPU: 2-s clips
+    # (201 frames) in 13 patches (the stage-1 table has 12: the stretch lengthens it), the time band
+    # 192 / 1001 of the input, one epoch = the 1000 training clips drawn by weight, one seed.
+    "builtin": FinetuneRecipe(lr=2.0, batch_size=64, epochs=20, warmup_epochs=4, mixup_alpha=0.5,
+                              time_mask_frames=40, random_resized_crop=False, raw_input="log_mel",
+                              input_frames=208, loss="bce", sampling="weighted", clips_per_epoch=1000,
+                              seeds=(43,)),
 }
 
 
@@ -368,11 +384,14 @@ def to_log_mel(model: FinetuneModel, x: torch.Tensor, recipe: FinetuneRecipe) ->
 
 def train_step(model: FinetuneModel, optimizer: torch.optim.Optimizer, clips: list[torch.Tensor],
                targets: torch.Tensor, recipe: FinetuneRecipe, generator: torch.Generator, lr: float) -> float:
-    """One optimiser step on raw clips and their targets [B, C]; returns the loss."""
+    """One optimiser step on raw clips and their targets [B, C]; returns the loss.
+
+    model may be wrapped in DistributedDataParallel (it averages the gradients).
+    """
     device = targets.device
     x = crop_batch(clips, recipe.crop_length, generator).to(device)                   # (1)
     x, targets = mixup(x, targets, recipe.mixup_alpha, generator)                     # (2)
-    x = to_log_mel(model, x, recipe)                                                  # (3) [B, 1, F, T]
+    x = to_log_mel(getattr(model, "module", model), x, recipe)                        # (3) [B, 1, F, T]
     x = band_masks(x, recipe.freq_mask_bins, recipe.time_mask_frames, generator)      # (4)
     if recipe.random_resized_crop:
         x = random_resized_crop(x, generator)                                         # (5)
@@ -426,36 +445,83 @@ def epoch_batches(n_clips: int, recipe: FinetuneRecipe, generator: torch.Generat
     return list(order.split(recipe.batch_size))
 
 
+@dataclass
+class FitState:
+    """Where a fit stands after some epochs: what a resumed run needs besides weights and generators."""
+
+    epoch: int = 0                        # epochs done
+    step: int = 0                         # optimiser steps done
+    history: list[dict] = field(default_factory=list)
+    best_score: float = 0.0
+    best_epoch: int | None = None
+    best_state: dict | None = None        # the best epoch's state dict
+    best_scores: torch.Tensor | None = None  # the selecting split's logits [N, C] at the best epoch
+
+
+def train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, train: ClipSet, recipe: FinetuneRecipe,
+                order: torch.Generator, augment: torch.Generator, state: FitState, weights=None,
+                rank: int = 0, world_size: int = 1) -> tuple[float, float]:
+    """One epoch of steps; with several processes each takes its share of every batch. (mean loss, last lr)."""
+    batches = epoch_batches(len(train), recipe, order, weights)
+    device, losses = train.targets.device, []
+    for ids in batches:
+        ids = ids[rank::world_size]
+        lr = lr_of_iteration(state.step, len(batches), recipe)
+        losses.append(train_step(net, optimizer, [train.clips[i] for i in ids], train.targets[ids.to(device)],
+                                 recipe, augment, lr))
+        state.step += 1
+    return float(np.mean(losses)), lr
+
+
 def fit(model: FinetuneModel, recipe: FinetuneRecipe, train: ClipSet, valid: ClipSet | None, test: ClipSet,
-        generator: torch.Generator, log=print) -> dict:
+        generator: torch.Generator, log=print, optimizer: torch.optim.Optimizer | None = None,
+        state: FitState | None = None, on_epoch=None, net: nn.Module | None = None,
+        augment: torch.Generator | None = None, rank: int = 0, world_size: int = 1) -> dict:
     """Fine-tune for recipe.epochs, evaluating after every epoch; returns the reported score and history.
 
     Without a validation split, the test split selects the epoch (the best
     test score over epochs, as the authors report AudioSet and ESC-50); with
-    one, the best validation epoch's weights are tested once.
+    one, the best validation epoch's weights are tested once. A run that
+    resumes passes its optimizer and FitState; on_epoch(state) is called after
+    every epoch (to save a checkpoint). `generator` orders the batches, and
+    draws the augmentations too unless `augment` is given (one per process).
+    Only rank 0 evaluates, on the whole split.
     """
-    device = train.targets.device
-    optimizer = make_optimizer(model, recipe)
+    optimizer = optimizer or make_optimizer(model, recipe)
+    state = state or FitState()
     weights = audioset_sampling_weights(train.targets) if recipe.sampling == "weighted" else None
     selector = valid if valid is not None and len(valid) else test
-    history, best, step = [], {"score": 0.0, "epoch": None, "state": None}, 0
-    for epoch in range(recipe.epochs):
-        batches = epoch_batches(len(train), recipe, generator, weights)
-        for ids in batches:
-            lr = lr_of_iteration(step, len(batches), recipe)
-            loss = train_step(model, optimizer, [train.clips[i] for i in ids], train.targets[ids.to(device)],
-                              recipe, generator, lr)
-            step += 1
-        score = selection_score(predict(model, selector.clips, recipe), selector.targets.cpu(), recipe.loss)
-        history.append(score)
-        log(f"epoch {epoch}: loss {loss:.5f}, lr {lr:.3g}, {'valid' if selector is valid else 'test'} {score:.3f}")
-        if score > best["score"]:  # strictly better, from 0, as the authors keep the best
-            best = {"score": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
-    reported = best["score"]
-    if selector is valid and best["state"] is not None:
-        model.load_state_dict(best["state"])
-        reported = selection_score(predict(model, test.clips, recipe), test.targets.cpu(), recipe.loss)
-    return {"score": reported, "best_epoch": best["epoch"], "history": history, "state": best["state"]}
+    part = "valid" if selector is valid else "test"
+    while state.epoch < recipe.epochs:
+        loss, lr = train_epoch(net or model, optimizer, train, recipe, generator, augment or generator, state,
+                               weights, rank, world_size)
+        record = {"epoch": state.epoch, "loss": loss, "lr": lr}
+        if rank == 0:
+            scores = predict(model, selector.clips, recipe)
+            record[part] = finetune_metrics(scores, selector.targets.cpu())
+            score = selection_score(scores, selector.targets.cpu(), recipe.loss)
+            if score > state.best_score:  # strictly better, from 0, as the authors keep the best
+                state.best_score, state.best_epoch, state.best_scores = score, state.epoch, scores
+                state.best_state = copy.deepcopy(model.state_dict())
+            log(f"epoch {state.epoch}: loss {loss:.5f}, lr {lr:.3g}, {part} {score:.3f}")
+        state.history.append(record)
+        state.epoch += 1
+        if on_epoch is not None:
+            on_epoch(state)
+    return fit_result(model, recipe, test, state, selector is valid)
+
+
+def fit_result(model: FinetuneModel, recipe: FinetuneRecipe, test: ClipSet, state: FitState,
+               test_once: bool) -> dict:
+    """The reported score, the best epoch, and the test logits and metrics at the best epoch."""
+    scores = state.best_scores
+    if test_once and state.best_state is not None:
+        model.load_state_dict(state.best_state)
+        scores = predict(model, test.clips, recipe)
+    metrics = finetune_metrics(scores, test.targets.cpu()) if scores is not None else {}
+    reported = selection_score(scores, test.targets.cpu(), recipe.loss) if scores is not None else 0.0
+    return {"score": reported, "best_epoch": state.best_epoch, "history": state.history,
+            "state": state.best_state, "test_scores": scores, "metrics": metrics}
 
 
 # -----------------------------------------------------------------------------
@@ -467,14 +533,18 @@ def roc_auc(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
 
     A class whose labels are all 0 or all 1 has no ROC curve: it is skipped.
     """
-    aucs = []
-    for s, y in zip(scores.double().T.numpy(), targets.T.numpy() > 0.5):
-        n_pos = int(y.sum())
-        if n_pos in (0, len(y)):
-            continue
-        ranks = average_ranks(s)
-        aucs.append((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(y) - n_pos)))
+    aucs = [a for a in (class_roc_auc(s, y) for s, y in zip(scores.T, targets.T)) if a is not None]
     return (float(np.mean(aucs)) if aucs else float("nan")), scores.shape[1] - len(aucs)
+
+
+def class_roc_auc(scores: torch.Tensor, targets: torch.Tensor) -> float | None:
+    """One class's ROC-AUC from its scores [N] and 0/1 targets [N]; None when it has no ROC curve."""
+    s, y = scores.double().numpy(), targets.numpy() > 0.5
+    n_pos = int(y.sum())
+    if n_pos in (0, len(y)):
+        return None
+    ranks = average_ranks(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(y) - n_pos)))
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -603,9 +673,27 @@ def label_targets(labels: list[list[str]], classes: list[str], where: str = "") 
     return targets
 
 
+class LazyClips:
+    """Clips read on demand (AudioSet-scale shards): indexed like a list, nothing kept in memory."""
+
+    def __init__(self, read, names: list[str]):
+        self.read, self.names = read, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self.read(n) for n in self.names[index]]
+        return self.read(self.names[index])
+
+
 def load_clip_set(manifest: FinetuneManifest, indices: list[int], recipe: FinetuneRecipe,
-                  source: data.AudioFolder | data.ShardStore) -> ClipSet:
-    """The raw clips of some manifest rows: waveforms from audio files, or log-mels (files or shards)."""
+                  source: data.AudioFolder | data.ShardStore, lazy: bool = False, workers: int = 1) -> ClipSet:
+    """The raw clips of some manifest rows: waveforms from audio files, or log-mels (files or shards).
+
+    lazy: read each clip when a batch needs it (shards); else read them all now, with `workers` threads.
+    """
     names = [manifest.files[i] for i in indices]
     missing = source.missing(names)
     if missing:
@@ -614,8 +702,414 @@ def load_clip_set(manifest: FinetuneManifest, indices: list[int], recipe: Finetu
     if recipe.raw_input == "wave":
         if not isinstance(source, data.AudioFolder):
             raise ManifestError(f"{manifest.name}: raw_input='wave' needs audio files, not log-mel shards")
-        clips = [data.load_audio(source.root / n) for n in names]
+        read = lambda name: data.load_audio(source.root / name)  # noqa: E731
     else:
-        clips = [source.log_mel(n) for n in names]
+        read = source.log_mel
     targets = label_targets([manifest.labels[i] for i in indices], manifest.classes, manifest.name)
-    return ClipSet(clips, targets, names)
+    if lazy:
+        return ClipSet(LazyClips(read, names), targets, names)
+    with ThreadPoolExecutor(max(workers, 1)) as pool:
+        return ClipSet(list(pool.map(read, names)), targets, names)
+
+
+# -----------------------------------------------------------------------------
+# A task to run: its clips, the folds held out in turn, the built-in task
+
+
+@dataclass
+class Task:
+    """A fine-tuning task: its manifest, where its clips are, and the folds held out in turn ([None]: splits)."""
+
+    manifest: FinetuneManifest
+    source: data.AudioFolder | data.ShardStore
+    holdouts: list[str | None]
+    lazy: bool = False
+    workers: int = 1
+
+    def splits(self, recipe: FinetuneRecipe, holdout: str | None) -> tuple[ClipSet, ClipSet | None, ClipSet]:
+        """(train, valid or None, test) of one held-out fold (or of the manifest's splits)."""
+        train, valid, test = (load_clip_set(self.manifest, self.manifest.indices(part, holdout), recipe,
+                                            self.source, self.lazy, self.workers)
+                              for part in ("train", "valid", "test"))
+        return train, (valid if len(valid) else None), test
+
+
+def load_task(manifest_path: Path, audio_root: Path | None = None, shards: Path | None = None,
+              folds: list[str] | None = None, workers: int = 1) -> Task:
+    """The task of a manifest: audio files under audio_root (default: the manifest's folder), or shards."""
+    manifest = read_finetune_manifest(manifest_path)
+    source = data.ShardStore(shards) if shards else data.AudioFolder(audio_root or Path(manifest_path).parent)
+    if manifest.fold is None:
+        if folds:
+            raise ManifestError(f"{manifest_path}: --folds needs a manifest with a fold column; this one has splits")
+        holdouts = [None]
+        for part in ("train", "test"):
+            if not manifest.indices(part):
+                raise ManifestError(f"{manifest_path}: no clip in the {part} split; a run needs train and test clips")
+    else:
+        present = sorted(set(manifest.fold), key=lambda f: (len(f), f))
+        if len(present) < 2:
+            raise ManifestError(f"{manifest_path}: every clip is in fold {present[0]!r}; holding folds out in turn "
+                                "needs at least 2 folds (or use a split column: train/valid/test)")
+        unknown = sorted(set(folds or []) - set(present))
+        if unknown:
+            raise ManifestError(f"{manifest_path}: --folds {unknown} not in the manifest, whose folds are {present}")
+        holdouts = list(folds or present)
+    return Task(manifest, source, holdouts, lazy=shards is not None, workers=workers)
+
+
+def builtin_task(workers: int = 1) -> Task:
+    """The built-in data's event labels: several per clip (multi-label, like AudioSet); train, then test."""
+    clips = builtin_eval_set()  # renders the audio on first use
+    manifest = FinetuneManifest("built-in data", clips.files, clips.labels, clips.split)
+    return Task(manifest, data.AudioFolder(builtin_data.builtin_cache_dir()), [None], workers=workers)
+
+
+def init_encoder(init: Path, seed: int, random_init: bool) -> m2d.M2DCLAP:
+    """The M2DCLAP of a checkpoint (ours or released); random_init: a fresh one of the same shape and statistics."""
+    encoder = features.load_model(init).model
+    if random_init:
+        torch.manual_seed(seed)
+        encoder = m2d.M2DCLAP(encoder.config, tuple(encoder.norm_stats.tolist()))
+    return encoder
+
+
+# -----------------------------------------------------------------------------
+# The fine-tuned file: a full M2DCLAP checkpoint plus the head
+
+
+def finetuned_checkpoint(init: m2d.M2DCLAP, model: FinetuneModel, classes: list[str], multi_label: bool,
+                         recipe: FinetuneRecipe, settings: dict, stage: str = "finetune") -> dict:
+    """Our checkpoint layout, so that features.load_model reads it and stage 2 can start from it.
+
+    model_config is the init's with crop_frames = the task's input; the
+    encoder (with the stretched position table) is the fine-tuned one; the
+    target, predictor and CLAP heads come from the init (decoder_pos_embed
+    rebuilt for the new grid); a text encoder is left out. "head" holds
+    head_norm.* and head.*.
+    """
+    config = replace(init.config, crop_frames=recipe.padded_frames)
+    full = m2d.M2DCLAP(config, tuple(init.norm_stats.tolist())).state_dict()  # the new grid's tables
+    for key, value in init.state_dict().items():
+        if key in full and value.shape == full[key].shape:
+            full[key] = value
+    tuned = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    full.update({k: v for k, v in tuned.items() if k in full})
+    return {"stage": stage, "model_config": asdict(config), "norm_stats": init.norm_stats.tolist(), "model": full,
+            "head": {k: v for k, v in tuned.items() if k.startswith("head")}, "classes": classes,
+            "multi_label": multi_label, "recipe": recipe_record(recipe), "args": settings}
+
+
+def recipe_record(recipe: FinetuneRecipe) -> dict:
+    return {**asdict(recipe), "seeds": list(recipe.seeds)}
+
+
+def write_per_class(path: Path, scores: torch.Tensor, targets: torch.Tensor, classes: list[str]):
+    """class, AP (%), ROC-AUC and positives in test, one row per class."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "AP", "roc_auc", "positives"])
+        for c, name in enumerate(classes):
+            y = targets[:, c] > 0.5
+            ap = mean_average_precision(scores[:, c:c + 1], [{0} if hit else set() for hit in y]) if y.any() else None
+            auc = class_roc_auc(scores[:, c], targets[:, c])
+            writer.writerow([name, "" if ap is None else f"{ap:.3f}", "" if auc is None else f"{auc:.4f}",
+                             int(y.sum())])
+
+
+def plot_curves(path: Path, history: list[dict], metric: str, log=print):
+    """Train loss and the selecting split's metric per epoch (skipped without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: curves.png skipped")
+        return
+    part = "valid" if "valid" in history[0] else "test"
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_loss.plot([r["epoch"] for r in history], [r["loss"] for r in history])
+    ax_loss.set(xlabel="epoch", ylabel="train loss")
+    ax_metric.plot([r["epoch"] for r in history], [r[part][metric] for r in history])
+    ax_metric.set(xlabel="epoch", ylabel=f"{part} {metric}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# The run: seeds x held-out folds, a resume file after every epoch, the outputs
+
+
+RESUME_FILE, MODEL_FILE = "resume.pt", "best.pt"
+RUN_FILES = (RESUME_FILE, RESUME_FILE + ".tmp", MODEL_FILE, "log.jsonl", "result.json", "per_class.csv", "curves.png")
+
+
+class EpochLimit(Exception):
+    """Raised after --epochs-limit epochs: the run stops cleanly and the same command resumes it."""
+
+
+@dataclass
+class RunSettings:
+    """What a fine-tuning run is told besides its recipe."""
+
+    init: Path = Path("runs/stage1/last.pt")
+    out_dir: Path | None = None          # default runs/finetune-<recipe>
+    recipe_name: str = "builtin"
+    manifest: Path | None = None         # None: the built-in task
+    audio_root: Path | None = None
+    shards: Path | None = None
+    folds: list[str] | None = None
+    random_init: bool = False
+    stage: str = "finetune"              # "1.1": the file is a stage-1.1 checkpoint, also written as last.pt
+    device: str = "cpu"
+    workers: int = 1
+    resume: bool | None = None           # None: resume when the run's resume.pt exists
+    epochs_limit: int | None = None      # stop after this many epochs (this invocation)
+
+    def identity(self, recipe: FinetuneRecipe, world_size: int) -> dict:
+        """What must stay the same for a run to resume."""
+        return {"init": str(self.init), "recipe_name": self.recipe_name, "recipe": recipe_record(recipe),
+                "manifest": str(self.manifest), "audio_root": str(self.audio_root), "shards": str(self.shards),
+                "folds": self.folds, "random_init": self.random_init, "stage": self.stage, "world_size": world_size}
+
+
+@dataclass
+class Run:
+    """A run in progress: its settings, task, files and log (one per process)."""
+
+    settings: RunSettings
+    recipe: FinetuneRecipe
+    task: Task
+    out_dir: Path
+    ddp: runs.Distributed
+    device: torch.device
+    log: runs.RunLog
+    identity: dict
+    jobs: list[tuple[int, str | None]]   # (seed, held-out fold) in the order they run
+    epochs_run: int = 0                  # in this invocation
+    started: float = field(default_factory=time.perf_counter)
+
+    def print(self, *args):
+        self.log.print(*args, flush=True)
+
+
+def open_resume(run_dir: Path, settings: RunSettings, identity: dict) -> dict | None:
+    """The resume file to go on from, checked to be the same run, or None for a new run."""
+    path = run_dir / RESUME_FILE
+    if settings.resume is False or (settings.resume is None and not path.is_file()):
+        return None
+    if not path.is_file():
+        raise runs.ResumeError(f"{path}: not found, so there is nothing to resume; drop --resume to start a new run")
+    ckpt = runs.load_checkpoint(path)
+    runs.check_same_run(path, ckpt["identity"], identity)
+    return ckpt
+
+
+def gather_generator_states(ddp: runs.Distributed, generator: torch.Generator) -> list[torch.Tensor]:
+    """Every rank's augmentation generator state, in rank order (every rank must call this)."""
+    if ddp.world_size == 1:
+        return [generator.get_state()]
+    states = [None] * ddp.world_size
+    torch.distributed.all_gather_object(states, generator.get_state())
+    return states
+
+
+def run_job(run: Run, j: int, results: list[dict], ckpt: dict | None) -> dict:
+    """Fine-tune one seed on one held-out fold (or the splits); resumes from ckpt when it is this job's."""
+    seed, holdout = run.jobs[j]
+    recipe = run.recipe
+    train, valid, test = run.task.splits(recipe, holdout)
+    for split in (train, valid, test):
+        if split is not None:
+            split.targets = split.targets.to(run.device)
+    init = init_encoder(run.settings.init, seed, run.settings.random_init)
+    model = build_model(copy.deepcopy(init), train.targets.shape[1], recipe,
+                        torch.Generator().manual_seed(seed)).to(run.device)
+    optimizer, state = make_optimizer(model, recipe), FitState()
+    order = torch.Generator().manual_seed(seed)
+    augment = torch.Generator().manual_seed(1_000_003 * (run.ddp.rank + 1) + seed)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = FitState(**ckpt["fit"])
+        order.set_state(ckpt["order_rng"])
+        augment.set_state(ckpt["augment_rng"][run.ddp.rank])
+
+    def on_epoch(state: FitState):
+        augment_states = gather_generator_states(run.ddp, augment)
+        if run.ddp.main:
+            runs.save_checkpoint(run.out_dir / RESUME_FILE, stage="finetune", identity=run.identity, job=j,
+                                 results=results, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                 fit=vars(state), order_rng=order.get_state(), augment_rng=augment_states,
+                                 elapsed_s=run.log.elapsed_s())
+        log_epoch(run, j, state)
+
+    result = fit(model, recipe, train, valid, test, order, log=lambda line: None, optimizer=optimizer,
+                 state=state, on_epoch=on_epoch, net=run.ddp.wrap(model, run.device), augment=augment,
+                 rank=run.ddp.rank, world_size=run.ddp.world_size)
+    summary = {"seed": seed, "fold": holdout, "score": result["score"], "best_epoch": result["best_epoch"],
+               "metrics": result["metrics"]}
+    if run.ddp.main and result["state"] is not None and result["score"] > max([r["score"] for r in results] + [-1]):
+        write_model(run, init, model, result, test)
+    return summary
+
+
+def log_epoch(run: Run, j: int, state: FitState):
+    """log.jsonl's record and the progress line of the epoch just done; stops at --epochs-limit."""
+    seed, holdout = run.jobs[j]
+    record = {"step": j * run.recipe.epochs + state.epoch, "seed": seed, "fold": holdout, **state.history[-1]}
+    run.log.write(record)
+    part = "valid" if "valid" in record else "test"
+    metric = "mAP" if run.recipe.loss == "bce" else "accuracy"
+    run.epochs_run += 1
+    remaining = len(run.jobs) * run.recipe.epochs - record["step"]
+    eta_s = (time.perf_counter() - run.started) / run.epochs_run * remaining
+    fold = f" fold {holdout}" if holdout is not None else ""
+    run.print(f"seed {seed}{fold} | epoch {state.epoch}/{run.recipe.epochs} | loss {record['loss']:.4f} | "
+              f"lr {record['lr']:.3g} | {part} {metric} {record.get(part, {}).get(metric, float('nan')):.2f} | "
+              f"ETA {runs.format_duration(eta_s)}")
+    if run.settings.epochs_limit and run.epochs_run >= run.settings.epochs_limit:
+        raise EpochLimit(f"stopped after {run.epochs_run} epoch(s) (--epochs-limit); run the same command to resume")
+
+
+def write_model(run: Run, init: m2d.M2DCLAP, model: FinetuneModel, result: dict, test: ClipSet):
+    """best.pt (and, for stage 1.1, last.pt: the same file) and per_class.csv of the best job so far."""
+    model.load_state_dict(result["state"])
+    manifest = run.task.manifest
+    ckpt = finetuned_checkpoint(init, model, manifest.classes, manifest.multi_label, run.recipe,
+                                {k: str(v) for k, v in vars(run.settings).items()}, run.settings.stage)
+    runs.save_checkpoint(run.out_dir / MODEL_FILE, **ckpt)
+    if run.settings.stage == "1.1":
+        (run.out_dir / "last.pt").unlink(missing_ok=True)
+        os.link(run.out_dir / MODEL_FILE, run.out_dir / "last.pt")
+    write_per_class(run.out_dir / "per_class.csv", result["test_scores"], test.targets.cpu(), manifest.classes)
+
+
+def finetune(settings: RunSettings, recipe: FinetuneRecipe) -> Path:
+    """Run every (seed, held-out fold) of a task, resuming where a stopped run left off; returns best.pt's path."""
+    ddp, device = runs.setup_distributed(torch.device(settings.device))
+    out_dir = Path(settings.out_dir or Path("runs") / f"finetune-{settings.recipe_name}")
+    task = (load_task(settings.manifest, settings.audio_root, settings.shards, settings.folds, settings.workers)
+            if settings.manifest else builtin_task(settings.workers))
+    if not Path(settings.init).is_file():
+        raise FileNotFoundError(f"{settings.init}: the checkpoint to fine-tune was not found; pass --init CKPT "
+                                "(python train.py --stage 1 writes runs/stage1/last.pt)")
+    identity = settings.identity(recipe, ddp.world_size)
+    ckpt = open_resume(out_dir, settings, identity)
+    if ddp.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:  # nothing of an earlier run in this folder may mix in
+            for name in RUN_FILES + (("last.pt",) if settings.stage == "1.1" else ()):
+                (out_dir / name).unlink(missing_ok=True)
+    ddp.barrier()
+    jobs = [(seed, holdout) for seed in recipe.seeds for holdout in task.holdouts]
+    run = Run(settings, recipe, task, out_dir, ddp, device, runs.RunLog(out_dir / "log.jsonl", 0, ddp.main),
+              identity, jobs)
+    start_job, results = (ckpt["job"], list(ckpt["results"])) if ckpt else (0, [])
+    run.log.start(start_job * recipe.epochs + ckpt["fit"]["epoch"] if ckpt else 0, ckpt["elapsed_s"] if ckpt else 0)
+    run.print(f"fine-tuning {settings.init} ({'random init' if settings.random_init else 'pre-trained'}) on "
+              f"{task.manifest.name}: {len(task.manifest.classes)} classes, recipe {settings.recipe_name}, "
+              f"{len(jobs)} run(s) of {recipe.epochs} epochs, writing {out_dir}"
+              + (f"; resuming at run {start_job + 1}, epoch {ckpt['fit']['epoch']}" if ckpt else ""))
+    for j in range(start_job, len(jobs)):
+        results.append(run_job(run, j, results, ckpt if j == start_job else None))
+    if ddp.main:
+        write_result(run, results)
+    ddp.leave()
+    return out_dir / ("last.pt" if settings.stage == "1.1" else MODEL_FILE)
+
+
+def write_result(run: Run, results: list[dict]):
+    """result.json: the reported score by the task's rule (per seed: the mean over held-out folds), and curves.png."""
+    recipe = run.recipe
+    per_seed = {str(seed): float(np.mean([r["score"] for r in results if r["seed"] == seed])) for seed in recipe.seeds}
+    best = max(range(len(results)), key=lambda k: results[k]["score"])
+    metric = "mAP" if recipe.loss == "bce" else "accuracy"
+    report = {"task": run.task.manifest.name, "recipe_name": run.settings.recipe_name, "rule": recipe.report,
+              "metric": metric, "score": seed_summary(list(per_seed.values()))["mean"],
+              "spread": seed_summary(list(per_seed.values())), "per_seed": per_seed, "runs": results,
+              "best_run": best, "best_epoch": results[best]["best_epoch"], "metrics_at_best": results[best]["metrics"],
+              "classes": run.task.manifest.classes, "recipe": recipe_record(recipe),
+              "settings": {k: str(v) for k, v in vars(run.settings).items()}}
+    (run.out_dir / "result.json").write_text(json.dumps(report, indent=1) + "\n")
+    seed, holdout = run.jobs[best]
+    plot_curves(run.out_dir / "curves.png", [r for r in run.log.records if r["seed"] == seed
+                                             and r["fold"] == holdout], metric, run.print)
+    spread = report["spread"]
+    run.print(f"{metric} {spread['mean']:.2f} (std {spread['std']:.2f} over {spread['n']} seed(s)); "
+              f"best run {best + 1}, epoch {report['best_epoch']}; wrote {run.out_dir / MODEL_FILE}")
+
+
+def run_stage11(init_path: Path, out_dir: Path, resume: bool | None = None, device: str = "cpu",
+                **overrides) -> Path:
+    """Stage 1.1 on the built-in data from a stage-1 checkpoint: returns out_dir/last.pt, the stage-1.1 model.
+
+    out_dir/resume.pt is the run's resume state; out_dir/last.pt (= best.pt)
+    the best epoch's weights in our checkpoint layout, stage "1.1".
+    """
+    settings = RunSettings(init=Path(init_path), out_dir=Path(out_dir), stage="1.1", resume=resume, device=device)
+    return finetune(settings, recipe("builtin", **overrides))
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+FLAG_CHOICES = {"optimizer": ("sgd", "adamw"), "token_drop_keep": ("flagged", "unflagged"),
+                "raw_input": ("wave", "log_mel"), "feature": ("mean", "stacked"), "loss": ("bce", "ce"),
+                "sampling": ("shuffle", "weighted"),
+                "report": ("best_test", "best_test_fold_mean", "best_valid_then_test")}
+
+
+def parse_args(argv=None) -> tuple[RunSettings, FinetuneRecipe]:
+    """RunSettings and the recipe of a command line: one flag per FinetuneRecipe field (default: the recipe's)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", type=Path, default=RunSettings.init, help="checkpoint to fine-tune, ours or a "
+                   "released file (default: runs/stage1/last.pt)")
+    p.add_argument("--manifest", type=Path, help="CSV: file_name, label (several joined by ';' or '|'), and split "
+                   "(train/valid/test) or fold. Default: the built-in data's event labels")
+    p.add_argument("--audio-root", type=Path, help="folder the file names are relative to (default: the manifest's)")
+    p.add_argument("--shards", type=Path, help="log-mel shards (python data.py prepare) holding the manifest's files")
+    p.add_argument("--recipe", dest="recipe_name", choices=sorted(RECIPES),
+                   help="task recipe (default: builtin without --manifest; required with it)")
+    p.add_argument("--folds", nargs="+", help="folds to hold out in turn (default: every fold of the manifest)")
+    p.add_argument("--random-init", action="store_true", help="a randomly initialised encoder of the same shape: "
+                   "the baseline pre-training must beat")
+    p.add_argument("--stage", choices=("finetune", "1.1"), default="finetune", help="'1.1' marks the file a "
+                   "stage-1.1 checkpoint and writes it as last.pt too")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=1, help="threads reading the clips")
+    p.add_argument("--out-dir", type=Path, help="run folder (default: runs/finetune-<recipe>)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="go on from the run folder's resume.pt (default: when it exists)")
+    p.add_argument("--epochs-limit", type=int, help="stop after this many epochs; the same command resumes")
+    group = p.add_argument_group("recipe fields (default: the recipe's value)")
+    for f in fields(FinetuneRecipe):
+        kind = type(getattr(FinetuneRecipe(), f.name))
+        options = ({"action": argparse.BooleanOptionalAction} if kind is bool else
+                   {"nargs": "+", "type": int} if kind is tuple else {"type": kind})
+        group.add_argument("--" + f.name.replace("_", "-"), default=None, choices=FLAG_CHOICES.get(f.name), **options)
+    args = vars(p.parse_args(argv))
+    overrides = {f.name: args.pop(f.name) for f in fields(FinetuneRecipe) if args[f.name] is not None}
+    if args["recipe_name"] is None:
+        if args["manifest"] is not None:
+            p.error(f"--manifest needs --recipe, one of {sorted(RECIPES)}")
+        args["recipe_name"] = "builtin"
+    args = {k: v for k, v in args.items() if k in {f.name for f in fields(RunSettings)}}
+    return RunSettings(**args), recipe(args["recipe_name"], **{k: tuple(v) if k == "seeds" else v
+                                                               for k, v in overrides.items()})
+
+
+def main(argv=None):
+    settings, task_recipe = parse_args(argv)
+    try:
+        finetune(settings, task_recipe)
+    except EpochLimit as stop:
+        print(stop)
+    except (ValueError, FileNotFoundError, runs.CheckpointWriteError) as e:  # ManifestError, ResumeError too
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The fine-tuning program end to end: manifests of WAV files (single-label folds, multi-label splits),
+bit-identical resume after a stop, the fine-tuned file through features.load_model and tag_audio, and
+the errors bad input gets."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import features
+import finetune as ft
+import runs
+
+SMALL = ["--epochs", "2", "--warmup-epochs", "1", "--batch-size", "4", "--input-frames", "33",
+         "--time-mask-frames", "8", "--seeds", "43", "--device", "cpu"]
+
+
+def write_clips(root, labels: list[str], parts: list[str], column: str) -> str:
+    """One 0.5-s WAV per row, a tone whose pitch follows its first label; the manifest CSV's path."""
+    rows = []
+    for i, (label, part) in enumerate(zip(labels, parts)):
+        pitch = 300 + 500 * (sorted({c for ls in labels for c in ls.split(";")}).index(label.split(";")[0]))
+        t = np.arange(8000) / 16000
+        wave = 0.3 * np.sin(2 * np.pi * pitch * t) + 0.01 * np.random.default_rng(i).standard_normal(8000)
+        sf.write(root / f"c{i}.wav", wave.astype(np.float32), 16000)
+        rows.append(f"c{i}.wav,{label},{part}")
+    (root / "manifest.csv").write_text(f"file_name,label,{column}\n" + "\n".join(rows) + "\n")
+    return str(root / "manifest.csv")
+
+
+def multi_label_manifest(root) -> str:
+    labels = ["dog", "cat;dog", "cat", "bird", "bird;cat", "dog"] * 2
+    return write_clips(root, labels, ["train"] * 8 + ["test"] * 4, "split")
+
+
+@pytest.fixture
+def init(stage1_run):
+    return str(stage1_run / "last.pt")
+
+
+def test_folds_each_held_out_and_the_fold_mean_reported(tmp_path, init):
+    csv_path = write_clips(tmp_path, ["dog", "cat"] * 6, ["1", "2", "3"] * 4, "fold")
+    out = tmp_path / "run"
+    ft.main(["--init", init, "--manifest", csv_path, "--recipe", "esc50", "--folds", "1", "2",
+             "--out-dir", str(out), *SMALL])
+    result = json.loads((out / "result.json").read_text())
+    assert [r["fold"] for r in result["runs"]] == ["1", "2"] and result["rule"] == "best_test_fold_mean"
+    assert result["score"] == pytest.approx(np.mean([r["score"] for r in result["runs"]]))
+    assert len((out / "log.jsonl").read_text().splitlines()) == 4  # 2 folds x 2 epochs
+    assert (out / "per_class.csv").read_text().splitlines()[0] == "class,AP,roc_auc,positives"
+    assert runs.load_checkpoint(out / "best.pt")["classes"] == ["cat", "dog"]
+
+
+def test_resume_after_a_stop_is_bit_identical(tmp_path, init):
+    csv_path = multi_label_manifest(tmp_path)
+    args = ["--init", init, "--manifest", csv_path, "--recipe", "as20k", *SMALL]
+    ft.main([*args, "--out-dir", str(tmp_path / "whole")])
+    ft.main([*args, "--out-dir", str(tmp_path / "parts"), "--epochs-limit", "1"])
+    assert not (tmp_path / "parts" / "best.pt").exists()
+    ft.main([*args, "--out-dir", str(tmp_path / "parts")])
+    for name, key in (("resume.pt", "model"), ("resume.pt", "optimizer"), ("best.pt", "model"), ("best.pt", "head")):
+        whole, parts = (runs.load_checkpoint(tmp_path / run / name)[key] for run in ("whole", "parts"))
+        flat_whole, flat_parts = (torch.utils._pytree.tree_flatten(x)[0] for x in (whole, parts))
+        assert len(flat_whole) == len(flat_parts)
+        assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(flat_whole, flat_parts))
+    with pytest.raises(SystemExit, match="cannot resume with other settings"):
+        ft.main([*args, "--out-dir", str(tmp_path / "parts"), "--lr", "0.1"])
+
+
+def test_fine_tuned_file_loads_and_tags_as_finetune_predicts(tmp_path, init):
+    csv_path = multi_label_manifest(tmp_path)
+    out = tmp_path / "run"
+    ft.main(["--init", init, "--manifest", csv_path, "--recipe", "as20k", "--out-dir", str(out), *SMALL])
+    ckpt = runs.load_checkpoint(out / "best.pt")
+    embedder = features.load_model(out / "best.pt")
+    assert embedder.classes == ["bird", "cat", "dog"] and embedder.model.config.crop_frames == 33
+    assert features.get_scene_embeddings(torch.zeros(1, 8000), embedder).shape[0] == 1
+    recipe = ft.recipe("as20k", **{k: v for k, v in ckpt["recipe"].items() if k != "seeds"})
+    model = ft.build_model(embedder.model, 3, recipe)
+    model.load_state_dict({**model.state_dict(), **ckpt["head"]})
+    waves = [torch.from_numpy(sf.read(tmp_path / f"c{i}.wav", dtype="float32")[0]) for i in range(12)]
+    expected = ft.predict(model, waves, recipe).sigmoid()
+    scores = features.tag_audio(torch.stack(waves), embedder)
+    assert scores.shape == (12, 3)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
+    assert torch.equal(scores.argmax(1), expected.argmax(1))
+    with pytest.raises(ValueError, match="not a fine-tuned checkpoint"):
+        features.tag_audio(torch.zeros(1, 8000), features.load_model(init))
+
+
+def test_bad_input_is_named(tmp_path, init, capsys):
+    def error(csv_text: str, *extra) -> str:
+        (tmp_path / "bad.csv").write_text(csv_text)
+        with pytest.raises(SystemExit) as stop:
+            ft.main(["--init", init, "--manifest", str(tmp_path / "bad.csv"), "--recipe", "esc50",
+                     "--out-dir", str(tmp_path / "run"), *SMALL, *extra])
+        return str(stop.value)
+    sf.write(tmp_path / "a.wav", np.zeros(8000, dtype=np.float32), 16000)
+    assert "missing.wav not found" in error("file_name,label,split\nmissing.wav,dog,train\na.wav,dog,test\n")
+    assert "needs file_name, label" in error("file_name,split\na.wav,train\n")
+    assert "at least 2 folds" in error("file_name,label,fold\na.wav,dog,1\na.wav,cat,1\n")
+    assert "no training clip has" in error("file_name,label,split\na.wav,dog,train\na.wav,cat,test\n")
+    assert "checkpoint to fine-tune was not found" in error("file_name,label,split\na.wav,dog,train\n"
+                                                            "a.wav,dog,test\n", "--init", str(tmp_path / "no.pt"))
