@@ -989,7 +989,8 @@ def write_model(run: Run, init: m2d.M2DCLAP, model: FinetuneModel, result: dict,
 def finetune(settings: RunSettings, recipe: FinetuneRecipe) -> Path:
     """Run every (seed, held-out fold) of a task, resuming where a stopped run left off; returns best.pt's path."""
     ddp, device = runs.setup_distributed(torch.device(settings.device))
-    out_dir = Path(settings.out_dir or Path("runs") / f"finetune-{settings.recipe_name}")
+    default_dir = "stage1.1" if settings.stage == "1.1" else f"finetune-{settings.recipe_name}"
+    out_dir = Path(settings.out_dir or Path("runs") / default_dir)
     task = (load_task(settings.manifest, settings.audio_root, settings.shards, settings.folds, settings.workers)
             if settings.manifest else builtin_task(settings.workers))
     if not Path(settings.init).is_file():
@@ -1080,7 +1081,8 @@ def parse_args(argv=None) -> tuple[RunSettings, FinetuneRecipe]:
                    "stage-1.1 checkpoint and writes it as last.pt too")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=1, help="threads reading the clips")
-    p.add_argument("--out-dir", type=Path, help="run folder (default: runs/finetune-<recipe>)")
+    p.add_argument("--out-dir", type=Path, help="run folder (default: runs/finetune-<recipe>; runs/stage1.1 for "
+                   "--stage 1.1)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="go on from the run folder's resume.pt (default: when it exists)")
     p.add_argument("--epochs-limit", type=int, help="stop after this many epochs; the same command resumes")
