@@ -398,6 +398,18 @@ def print_table(checkpoint: dict, random_init: dict | None):
         print(f"{task}: skipped, {reason}")
 
 
+def fine_tuning_line(path: Path) -> str:
+    """Fine-tuning, the one protocol that trains the encoder, is finetune.py's: its result beside a fine-tuned
+    checkpoint, or the command that measures it."""
+    result = Path(path).parent / "result.json"
+    if result.is_file():
+        r = json.loads(result.read_text())
+        return (f"fine-tuning ({r['recipe_name']} recipe, {r['rule']}, from {result}): {r['metric']} "
+                f"{r['score']:.1f}, best epoch {r['best_epoch']}")
+    return (f"fine-tuning: python finetune.py --init {path}   (the built-in event labels; "
+            "--manifest CSV --recipe NAME for yours; docs/TRAINING.md#fine-tuning)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None,
@@ -450,6 +462,7 @@ def main(argv=None):
         baseline = features.Embedder(random_init_copy(embedder.model), embedder.info, embedder.text)
         results["random_init"], _ = evaluate_model(baseline, eval_set, mels, args.tasks, args.prompt)
     print_table(results["checkpoint"], results.get("random_init"))
+    print(fine_tuning_line(path))
     # The flat keys of the results: linear_probe.accuracy, zero_shot.accuracy, retrieval.*.R@1, ...
     out = {**results["checkpoint"], **{k: v for k, v in results.items() if k != "checkpoint"}}
     if args.json:

@@ -182,3 +182,12 @@ def test_moved_commands_say_where_they_went():
     for command in ("embed", "export"):
         with pytest.raises(SystemExit, match=f"'python evaluate.py {command}' is now 'python features.py {command}'"):
             evaluate.main([command, "--checkpoint", "x.pt"])
+
+
+def test_the_report_gives_the_fine_tuning_result_beside_a_checkpoint_or_its_command(tmp_path):
+    ckpt = tmp_path / "best.pt"
+    assert f"python finetune.py --init {ckpt}" in evaluate.fine_tuning_line(ckpt)
+    (tmp_path / "result.json").write_text(json.dumps({"recipe_name": "esc50", "rule": "best_test_fold_mean",
+                                                      "metric": "accuracy", "score": 91.25, "best_epoch": 7}))
+    line = evaluate.fine_tuning_line(ckpt)
+    assert "esc50 recipe" in line and "accuracy 91.2" in line and "best epoch 7" in line
