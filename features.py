@@ -160,12 +160,12 @@ def load_ours(ckpt: dict, text_encoder: str | None = None) -> Embedder:
 
 
 def newest_run(root: Path = Path("runs")) -> Path:
-    """The checkpoint of the latest stage that has one: stage 2.1, then 2, then 1."""
-    for stage in ("2.1", "2", "1"):
+    """The checkpoint of the latest stage that has one: stage 2.1, then 2, then 1.1, then 1."""
+    for stage in ("2.1", "2", "1.1", "1"):
         path = root / f"stage{stage}" / "last.pt"
         if path.is_file():
             return path
-    raise FileNotFoundError(f"no checkpoint under {root}/stage{{1,2,2.1}}/last.pt; run 'python train.py --stage 1' "
+    raise FileNotFoundError(f"no checkpoint under {root}/stage{{1,1.1,2,2.1}}/last.pt; run 'python train.py --stage 1' "
                             "first, or name the file: load_model(PATH) in Python, --checkpoint PATH on the command "
                             "line, hear-validator features --model PATH")
 

@@ -104,3 +104,22 @@ def test_bad_input_is_named(tmp_path, init, capsys):
     assert "no training clip has" in error("file_name,label,split\na.wav,dog,train\na.wav,cat,test\n")
     assert "checkpoint to fine-tune was not found" in error("file_name,label,split\na.wav,dog,train\n"
                                                             "a.wav,dog,test\n", "--init", str(tmp_path / "no.pt"))
+
+
+def test_stage11_through_train_py_then_stage2_starts_from_it(tmp_path, init, corpus):
+    import train
+    csv_path = multi_label_manifest(tmp_path)
+    s11 = tmp_path / "stage1.1"
+    train.main(["--stage", "1.1", "--init", init, "--manifest", csv_path, "--recipe", "as20k",
+                "--out-dir", str(s11), *SMALL])
+    ckpt = runs.load_checkpoint(s11 / "last.pt")
+    assert ckpt["stage"] == "1.1" and ckpt["model_config"]["crop_frames"] == 33
+    assert torch.equal(ckpt["model"]["blocks.0.attn.qkv.weight"],
+                       runs.load_checkpoint(s11 / "best.pt")["model"]["blocks.0.attn.qkv.weight"])
+    captions = corpus(tmp_path, n_clips=4, dim=ckpt["model_config"]["text_dim"])
+    train.main(["--stage", "2", "--init", str(s11 / "last.pt"), "--data", str(captions), "--text-side", "embeddings",
+                "--max-steps", "1", "--batch-size", "4", "--out-dir", str(tmp_path / "s2")])
+    s2 = runs.load_checkpoint(tmp_path / "s2" / "last.pt")
+    for key in ("pos_embed", "blocks.3.mlp.fc2.weight", "norm.weight"):
+        assert torch.equal(s2["model"][key], ckpt["model"][key]), key
+    assert s2["model_config"]["crop_frames"] == 33 and s2["args"]["token_drop"] == 0.3
