@@ -208,7 +208,8 @@ def test_defaults_are_settled_once_right_after_parsing(tmp_path):
     assert stage1.embedding_model == "all-MiniLM-L6-v2" and stage1.resume is (Path("runs/stage1/last.pt").is_file())
     stage2 = train.parse_config(["--stage", "2", "--device", "cpu", "--data", str(tmp_path / "c.csv"),
                                  "--out-dir", str(tmp_path), "--precision", "bf16"])
-    assert stage2.preset is None and stage2.init == Path("runs/stage1/last.pt")  # the preset comes from --init
+    assert stage2.preset is None and stage2.init == Path("runs/stage1.1/last.pt")  # the preset comes from --init
+    assert stage2.token_drop == 0.3 and train.parse_config(["--stage", "2.1"]).token_drop == 0.0
     assert (stage2.audio_root, stage2.preload, stage2.embedding_model) == (tmp_path, False, None)
     assert (stage2.precision, stage2.resume) == ("bf16", False)
     (tmp_path / "last.pt").touch()
