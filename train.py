@@ -444,8 +444,7 @@ def setup_stage2(config: Config, init: dict, run_data: RunData) -> Stage:
           f"{f', {pooling} feature' if encoder is not None else ''}, "
           f"{'no projector' if text_proj == 'none' else 'new linear projector'}) | token drop {config.token_drop:g}")
     model.freeze_encoder()
-    return Stage(model, tokenizer, config.text_side, config.text_encoder if encoder is not None else None,
-                 frozen_encoder=True)
+    return Stage(model, tokenizer, config.text_side, config.text_encoder, frozen_encoder=True)
 
 
 def setup_stage21(config: Config, init: dict, run_data: RunData) -> Stage:
