@@ -190,7 +190,7 @@ def test_hear_validator_passes_on_our_checkpoint(stage1_checkpoint):
 def test_load_model_without_a_path_takes_the_newest_run_or_says_which_file_to_pass(stage1_checkpoint, tmp_path,
                                                                                     monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"no checkpoint under runs/stage\{1,2,2.1\}.*load_model\(PATH\)"):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint under runs/stage\{1,1.1,2,2.1\}.*load_model\(PATH\)"):
         features.load_model()
     (tmp_path / "runs" / "stage1").mkdir(parents=True)
     (tmp_path / "runs" / "stage1" / "last.pt").symlink_to(stage1_checkpoint)
