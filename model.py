@@ -691,18 +691,16 @@ def structured_drop_flags(batch: int, grid_f: int, grid_t: int, ratio: float,
     """[B, F, T] bool: per clip, NF random frequency rows and NT random time columns flagged.
 
     NF and NT are drawn once per batch (u uniform in [0, 1), or given), so
-    every clip has the same number of unflagged positions. The rows of every
-    clip are drawn first, then the columns, as in the authors' code.
+    every clip has the same number of unflagged positions. Each clip's rows
+    are the NF smallest of F uniform draws (a uniformly random subset), its
+    columns likewise: one draw for the whole batch, on the host generator.
     """
     if u is None:
         u = float(torch.rand(1, generator=generator))
     nf, nt = structured_drop_counts(grid_f, grid_t, ratio, u)
-    flags = torch.zeros(batch, grid_f, grid_t, dtype=torch.bool)
-    for b in range(batch):
-        flags[b, torch.randperm(grid_f, generator=generator)[:nf]] = True
-    for b in range(batch):
-        flags[b, :, torch.randperm(grid_t, generator=generator)[:nt]] = True
-    return flags.to(device)
+    rows = torch.rand(batch, grid_f, generator=generator).argsort(dim=1).argsort(dim=1) < nf   # [B, F]
+    cols = torch.rand(batch, grid_t, generator=generator).argsort(dim=1).argsort(dim=1) < nt   # [B, T]
+    return (rows[:, :, None] | cols[:, None, :]).to(device)
 
 
 def kept_token_ids(flags: torch.Tensor, keep: str = "flagged") -> torch.Tensor:
