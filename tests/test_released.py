@@ -18,15 +18,20 @@ import features
 import runs
 
 
-def vit_base_encoder_state(n_time_patches: int, seed: int = 0) -> dict:
+# Where the width is not what a test is about, the layouts are 96 wide (12 heads of 8): the same
+# key names and depths as ViT-Base at 1/64 of the tensors, so that each file saves and loads fast.
+NARROW = 96
+
+
+def vit_base_encoder_state(n_time_patches: int, seed: int = 0, dim: int = 768) -> dict:
     """The released ViT-Base encoder keys and shapes (80 mel bins, 16x16 patches); a new dict each call."""
-    return dict(_vit_base_encoder_state(n_time_patches, seed))
+    return dict(_vit_base_encoder_state(n_time_patches, seed, dim))
 
 
-@functools.lru_cache(maxsize=None)  # 86 M random numbers: made once per shape and seed
-def _vit_base_encoder_state(n_time_patches: int, seed: int) -> dict:
+@functools.lru_cache(maxsize=None)  # 86 M random numbers at ViT-Base width: made once per shape and seed
+def _vit_base_encoder_state(n_time_patches: int, seed: int, dim: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    D, n = 768, 5 * n_time_patches
+    D, n = dim, 5 * n_time_patches
 
     def r(*shape, scale=0.02):
         return torch.randn(*shape, generator=g) * scale
@@ -45,15 +50,17 @@ def _vit_base_encoder_state(n_time_patches: int, seed: int) -> dict:
     return state
 
 
-def training_parts_state(n_time_patches: int, audio_proj: str, text_proj: str, text_dim: int = 4096) -> dict:
-    """Target, predictor and CLAP heads of a released training file (ViT-Base); a new dict each call."""
-    return dict(_training_parts_state(n_time_patches, audio_proj, text_proj, text_dim))
+def training_parts_state(n_time_patches: int, audio_proj: str, text_proj: str, text_dim: int = 4096,
+                         dim: int = 768) -> dict:
+    """Target, predictor and CLAP heads of a released training file (ViT-Base: predictor 512 wide; at
+    another encoder width the predictor is 2/3 of it); a new dict each call."""
+    return dict(_training_parts_state(n_time_patches, audio_proj, text_proj, text_dim, dim))
 
 
 @functools.lru_cache(maxsize=None)
-def _training_parts_state(n_time_patches: int, audio_proj: str, text_proj: str, text_dim: int) -> dict:
+def _training_parts_state(n_time_patches: int, audio_proj: str, text_proj: str, text_dim: int, dim: int) -> dict:
     g = torch.Generator().manual_seed(1)
-    D, P, n = 768, 512, 5 * n_time_patches
+    D, P, n = dim, dim * 2 // 3, 5 * n_time_patches
 
     def r(*shape):
         return torch.randn(*shape, generator=g) * 0.02
@@ -157,7 +164,8 @@ def test_features_of_released_weights_equal_a_direct_computation(tmp_path):
 
 @pytest.mark.parametrize("audio_proj,text_proj", [("semantic", "linear"), ("mlp", "mlp")])
 def test_full_training_files_load_every_part(tmp_path, audio_proj, text_proj):
-    state = {**vit_base_encoder_state(38), **training_parts_state(38, audio_proj, text_proj)}
+    state = {**vit_base_encoder_state(38, dim=NARROW),
+             **training_parts_state(38, audio_proj, text_proj, dim=NARROW)}
     args = argparse.Namespace(input_size="80x608", patch_size=16, sr="16k", model="m2d_clap_vit_base")
     loaded = features.load_model(save_released(tmp_path, "run", state, args=args))
     model = loaded.model
@@ -172,7 +180,8 @@ def test_full_training_files_load_every_part(tmp_path, audio_proj, text_proj):
 
 
 def test_a_linear_text_projector_saved_without_its_bias_gets_a_zero_bias(tmp_path):
-    state = {**vit_base_encoder_state(38), **training_parts_state(38, "semantic", "linear")}
+    state = {**vit_base_encoder_state(38, dim=NARROW),
+             **training_parts_state(38, "semantic", "linear", dim=NARROW)}
     del state["text_proj.bias"]
     model = features.load_model(save_released(tmp_path, "m2d_clap_vit_base-80x608p16x16p16kpN", state)).model
     assert model.config.text_proj == "linear" and not model.text_proj.bias.any()
@@ -182,8 +191,8 @@ def test_a_linear_text_projector_saved_without_its_bias_gets_a_zero_bias(tmp_pat
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 def test_semantic_projectors_of_1_to_4_blocks_load(tmp_path, depth):
     g = torch.Generator().manual_seed(depth)
-    state = vit_base_encoder_state(62)
-    D = 768
+    state = vit_base_encoder_state(62, dim=NARROW)
+    D = NARROW
     hidden = D if depth <= 2 else 2 * D
     state.update({"audio_proj.sem_token": torch.randn(1, 1, D, generator=g) * 0.02,
                   "audio_proj.norm.weight": torch.ones(D), "audio_proj.norm.bias": torch.zeros(D)})
@@ -208,7 +217,7 @@ def test_semantic_projectors_of_1_to_4_blocks_load(tmp_path, depth):
 
 
 def test_head_counts_come_from_the_files_args(tmp_path):
-    state = vit_base_encoder_state(38)
+    state = vit_base_encoder_state(38, dim=NARROW)
     args = argparse.Namespace(input_size=[80, 608], model="m2d_vit_base", num_heads=6)
     assert features.load_model(save_released(tmp_path, "x", state, args=args)).model.config.num_heads == 6
     args = argparse.Namespace(input_size=[80, 608], model="m2d_vit_base")
@@ -216,18 +225,18 @@ def test_head_counts_come_from_the_files_args(tmp_path):
 
 
 def test_files_that_cannot_be_mapped_say_why(tmp_path):
-    state = vit_base_encoder_state(38)
+    state = vit_base_encoder_state(38, dim=NARROW)
     del state["norm.weight"]
     with pytest.raises(ValueError, match=r"not an M2D audio encoder.*norm.weight"):
         features.load_model(save_released(tmp_path, "a", state))
-    state = {**vit_base_encoder_state(38), "head.weight": torch.zeros(10, 768)}
+    state = {**vit_base_encoder_state(38, dim=NARROW), "head.weight": torch.zeros(10, NARROW)}
     with pytest.raises(ValueError, match=r"no place for: \['head.weight'\]"):
         features.load_model(save_released(tmp_path, "b", state))
-    state = {**vit_base_encoder_state(38), **training_parts_state(38, "semantic", "mlp")}
+    state = {**vit_base_encoder_state(38, dim=NARROW), **training_parts_state(38, "semantic", "mlp", dim=NARROW)}
     state["text_proj.0.weight"], state["text_proj.0.bias"] = torch.zeros(512, 4096), torch.zeros(512)
     with pytest.raises(ValueError, match=r"512-wide hidden layer"):
         features.load_model(save_released(tmp_path, "c", state))
-    path_32k = save_released(tmp_path, "m2d_vit_base-80x608p16x16p32k", vit_base_encoder_state(38))
+    path_32k = save_released(tmp_path, "m2d_vit_base-80x608p16x16p32k", vit_base_encoder_state(38, dim=NARROW))
     with pytest.raises(ValueError, match="a 32000 Hz model; this front end is 16 kHz only"):
         features.load_model(path_32k)
 
@@ -251,12 +260,13 @@ def test_stage2_file_with_a_text_encoder(tmp_path, small_bert_folder, prefix):
     folder, bert = small_bert_folder
     text_state = {prefix + k: v for k, v in bert.state_dict().items()}
     assert any(".pooler." in k for k in text_state)  # released BERTs carry a pooler
-    state = {**vit_base_encoder_state(62), **training_parts_state(62, "semantic", "linear", text_dim=64)}
+    state = {**vit_base_encoder_state(62, dim=NARROW),
+             **training_parts_state(62, "semantic", "linear", text_dim=64, dim=NARROW)}
     state.update(text_state)
     path = save_released(tmp_path, "m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025", state)
 
     audio_only = features.load_model(path)
-    assert features.encode_clap_audio(torch.zeros(1, 1600), audio_only).shape == (1, 768)
+    assert features.encode_clap_audio(torch.zeros(1, 1600), audio_only).shape == (1, NARROW)
     with pytest.raises(ValueError, match=r"pass text_encoder=FOLDER.*bert-base-uncased"):
         features.encode_clap_text(["a dog barks"], audio_only)
 
@@ -274,7 +284,8 @@ def test_stage2_file_with_a_text_encoder(tmp_path, small_bert_folder, prefix):
 
 def test_a_text_encoder_that_does_not_fit_the_folder_is_refused(tmp_path, small_bert_folder):
     folder, bert = small_bert_folder
-    state = {**vit_base_encoder_state(62), **training_parts_state(62, "semantic", "linear", text_dim=64)}
+    state = {**vit_base_encoder_state(62, dim=NARROW),
+             **training_parts_state(62, "semantic", "linear", text_dim=64, dim=NARROW)}
     state.update({"text_encoder.text_encoder." + k: v for k, v in bert.state_dict().items()
                   if not k.startswith("encoder.layer.1.")})  # one layer short
     path = save_released(tmp_path, "m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025", state)
@@ -283,7 +294,7 @@ def test_a_text_encoder_that_does_not_fit_the_folder_is_refused(tmp_path, small_
 
 
 def test_norm_stats_default_to_the_2022_values_when_absent(tmp_path):
-    state = vit_base_encoder_state(38)
+    state = vit_base_encoder_state(38, dim=NARROW)
     del state["norm_stats"]
     loaded = features.load_model(save_released(tmp_path, "m2d_vit_base-80x608p16x16-220930", state))
     model = loaded.model
@@ -315,7 +326,7 @@ class Payload:
 def test_a_checkpoint_holding_an_arbitrary_object_is_refused_and_never_run(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
-    torch.save({"model": vit_base_encoder_state(38), "extra": Payload(marker)}, path)
+    torch.save({"model": vit_base_encoder_state(38, dim=NARROW), "extra": Payload(marker)}, path)
     with pytest.raises(runs.UnsafeCheckpointError, match=r"evil.pth: refused.*would run code"):
         runs.load_checkpoint(path)
     with pytest.raises(SystemExit, match=r"evil.pth: refused"):
