@@ -82,7 +82,7 @@ def write_corpus(root):
     conftest.write_corpus(root, n_clips=16, dim=8)
 
 
-def train_worker(rank, world, port, root, run="rank", steps=3):
+def train_worker(rank, world, port, root, run, steps):
     import runs
     import train
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -93,20 +93,14 @@ def train_worker(rank, world, port, root, run="rank", steps=3):
                 "--save-every", "2", "--log-every", "1", "--out-dir", str(root / f"{run}{rank}")])
 
 
-def test_two_process_stage1_run_keeps_identical_replicas(tmp_path):
-    write_corpus(tmp_path)
-    mp.spawn(train_worker, args=(2, free_port(), tmp_path), nprocs=2, join=True)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}" / "last.pt", weights_only=True) for r in (0, 1))
-    assert rank0["step"] == rank1["step"] == 3
+def test_two_process_run_keeps_identical_replicas_and_resumes_bit_identically(tmp_path):
+    write_corpus(tmp_path)  # 2 steps an epoch
+    mp.spawn(train_worker, args=(2, free_port(), tmp_path, "whole", 5), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"whole{r}" / "last.pt", weights_only=True) for r in (0, 1))
     fresh = m2d.M2DCLAP(m2d.M2DConfig(**rank0["model_config"]))
     for key, value in rank0["model"].items():
         assert torch.equal(value, rank1["model"][key]), key  # EMA target included
     assert not torch.equal(rank0["model"]["blocks.0.attn.qkv.weight"], fresh.blocks[0].attn.qkv.weight)
-
-
-def test_two_process_run_resumes_bit_identically(tmp_path):
-    write_corpus(tmp_path)  # 2 steps an epoch
-    mp.spawn(train_worker, args=(2, free_port(), tmp_path, "whole", 5), nprocs=2, join=True)
     for rank in (0, 1):  # both stopped after step 2: rank 0's periodic copy holds every rank's RNG states
         (tmp_path / f"resumed{rank}").mkdir()
         shutil.copy(tmp_path / "whole0" / "step_00000002.pt", tmp_path / f"resumed{rank}" / "last.pt")
