@@ -1,11 +1,43 @@
 """Fixtures the test files share: a temporary cache for the built-in audio, a writer of small
-captioned corpora, and one short stage-1 run that the end-to-end tests start from."""
+captioned corpora, and one short stage-1 run that the end-to-end tests start from.
 
+The cache and the stage-1 run are made once per test session, also when pytest-xdist runs the
+files in several worker processes: the first worker to need one makes it under a file lock, the
+others wait for it and read it.
+"""
+
+import contextlib
+import fcntl
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
+
+# With pytest-xdist (the README's `-n auto`), the worker processes share the cores: each takes its
+# share of threads rather than all of them, so that they do not oversubscribe the machine.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
+
+def session_dir(tmp_path_factory) -> Path:
+    """The temporary folder of this test session, shared by its xdist workers (each has a subfolder)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+
+
+@contextlib.contextmanager
+def made_once(tmp_path_factory, name: str):
+    """Yields (folder, True) to the one process that must make session_dir/name, else (folder, False)."""
+    root = session_dir(tmp_path_factory)
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        done = root / f"{name}.done"
+        yield root / name, not done.exists()
+        done.touch()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -14,9 +46,14 @@ def builtin_cache(tmp_path_factory):
 
     Subprocesses started by the tests inherit it through the environment.
     """
-    path = tmp_path_factory.mktemp("m2d-clap-cache")
+    path = session_dir(tmp_path_factory) / "m2d-clap-cache"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("M2D_CLAP_CACHE", str(path))
+        with made_once(tmp_path_factory, "m2d-clap-cache") as (_, make):
+            if make and "PYTEST_XDIST_WORKER" in os.environ:  # now, so that no two workers render at once
+                import builtin_data
+                for split in ("train", "test"):
+                    builtin_data.builtin_dataset(split)
         yield path
 
 
@@ -41,8 +78,24 @@ def corpus():
 
 @pytest.fixture(scope="session")
 def stage1_run(tmp_path_factory, builtin_cache):
-    """80 steps of the default job (built-in data, tiny preset), logged every 5 steps: its run folder."""
+    """80 steps of the default job (built-in data, tiny preset) at batch 32, logged every 5 steps: its run folder."""
     import train
-    out = tmp_path_factory.mktemp("stage1")
-    train.main(["--stage", "1", "--max-steps", "80", "--log-every", "5", "--out-dir", str(out)])
+    with made_once(tmp_path_factory, "stage1") as (out, make):
+        if make:
+            train.main(["--stage", "1", "--max-steps", "80", "--batch-size", "32", "--log-every", "5",
+                        "--out-dir", str(out)])
     return out
+
+
+# The files whose tests start from the shared stage-1 run. test_train.py (which checks that run)
+# goes first, so that one worker makes the run while the others take the files that do not need
+# it; the other files that do come last, when it is ready.
+MAKES_STAGE1 = "test_train.py"
+NEEDS_STAGE1 = {"test_evaluate.py", "test_features.py", "test_finetune_run.py", "test_released.py", "test_stages.py"}
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return 0 if name == MAKES_STAGE1 else 2 if name in NEEDS_STAGE1 else 1
+    items.sort(key=rank)  # stable: the order within each group is kept

@@ -30,7 +30,7 @@ def test_short_stage1_run_learns(stage1_run):
         assert all(math.isfinite(r[key]) for r in records), key
     first, last = records[0], records[-3:]
     assert np.mean([r["loss_m2d"] for r in last]) < 0.6 * first["loss_m2d"]
-    assert np.mean([r["loss_clap"] for r in last]) < first["loss_clap"] - 0.5  # chance is log(64) = 4.16
+    assert np.mean([r["loss_clap"] for r in last]) < first["loss_clap"] - 0.5  # chance is log(32) = 3.47
     assert records[-1]["lr"] < records[5]["lr"]
     assert records[-1]["ema_decay"] > records[0]["ema_decay"]
 
