@@ -697,8 +697,13 @@ def builtin_dataset(split: str = "train") -> tuple[Path, Path]:
 
 
 def render_builtin_split(split: str, root: Path):
-    """Render every clip of a split as 16-bit FLAC under root/split/."""
-    tmp = root / f"{split}.partial"
+    """Render every clip of a split as 16-bit FLAC under root/split/.
+
+    The clips go to a folder of this process's own, renamed into place when
+    complete: the split appears whole or not at all, also when several
+    processes render it at once (the ranks of a first torchrun run).
+    """
+    tmp = root / f"{split}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     indices = BUILTIN_SPLITS[split]
@@ -706,8 +711,10 @@ def render_builtin_split(split: str, root: Path):
     for index in indices:
         audio, _, _ = make_clip(index, BUILTIN_SEED)
         sf.write(tmp / f"{index:05d}.flac", audio, SAMPLE_RATE, subtype="PCM_16")
-    shutil.rmtree(root / split, ignore_errors=True)
-    tmp.rename(root / split)  # appears whole or not at all
+    try:
+        tmp.rename(root / split)
+    except OSError:  # another process put its complete copy there first
+        shutil.rmtree(tmp)
 
 
 def write_builtin_captions(model_name: str = text_embed.DEFAULT_MODEL):

@@ -1,9 +1,9 @@
 """Fixtures the test files share: a temporary cache for the built-in audio, a writer of small
 captioned corpora, and one short stage-1 run that the end-to-end tests start from.
 
-The cache and the stage-1 run are made once per test session, also when pytest-xdist runs the
-files in several worker processes: the first worker to need one makes it under a file lock, the
-others wait for it and read it.
+The cache and the stage-1 run are shared by the whole test session, also when pytest-xdist runs
+the files in several worker processes: the first worker to need the stage-1 run makes it under a
+file lock, the others wait for it and read it.
 """
 
 import contextlib
@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 import torch
 
-# With pytest-xdist (the README's `-n auto`), the worker processes share the cores: each takes its
+# With pytest-xdist (pytest.ini's `-n auto`), the worker processes share the cores: each takes its
 # share of threads rather than all of them, so that they do not oversubscribe the machine.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
@@ -46,14 +46,9 @@ def builtin_cache(tmp_path_factory):
 
     Subprocesses started by the tests inherit it through the environment.
     """
-    path = session_dir(tmp_path_factory) / "m2d-clap-cache"
-    with pytest.MonkeyPatch.context() as mp:
+    path = session_dir(tmp_path_factory) / "m2d-clap-cache"  # one for all workers: a split renders safely
+    with pytest.MonkeyPatch.context() as mp:                    # in several processes at once
         mp.setenv("M2D_CLAP_CACHE", str(path))
-        with made_once(tmp_path_factory, "m2d-clap-cache") as (_, make):
-            if make and "PYTEST_XDIST_WORKER" in os.environ:  # now, so that no two workers render at once
-                import builtin_data
-                for split in ("train", "test"):
-                    builtin_data.builtin_dataset(split)
         yield path
 
 

@@ -70,3 +70,14 @@ def test_builtin_dataset_renders_once_into_the_cache(tmp_path, monkeypatch):
     wave = data.load_audio(files[3])
     expected = torch.from_numpy(builtin_data.make_clip(1003)[0])
     assert (wave - expected).abs().max() < 1e-4  # 16-bit FLAC
+
+
+def test_a_split_another_process_finished_first_is_kept_and_ours_removed(tmp_path, monkeypatch):
+    monkeypatch.setitem(builtin_data.BUILTIN_SPLITS, "test", range(1000, 1002))
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "01000.flac").write_bytes(b"theirs")
+    builtin_data.render_builtin_split("test", tmp_path)
+    assert (tmp_path / "test" / "01000.flac").read_bytes() == b"theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["test"]  # no partial folder left behind
+    builtin_data.render_builtin_split("test", tmp_path / "fresh")
+    assert sorted(p.name for p in (tmp_path / "fresh" / "test").iterdir()) == ["01000.flac", "01001.flac"]
