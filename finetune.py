@@ -456,7 +456,7 @@ class FitState:
     step: int = 0                         # optimiser steps done
     history: list[dict] = field(default_factory=list)
     best_score: float = 0.0
-    best_epoch: int | None = None
+    best_epoch: int | None = None         # counted from 1, as the progress lines count
     best_state: dict | None = None        # the best epoch's state dict
     best_scores: torch.Tensor | None = None  # the selecting split's logits [N, C] at the best epoch
 
@@ -498,15 +498,15 @@ def fit(model: FinetuneModel, recipe: FinetuneRecipe, train: ClipSet, valid: Cli
     while state.epoch < recipe.epochs:
         loss, lr = train_epoch(net or model, optimizer, train, recipe, generator, augment or generator, state,
                                weights, rank, world_size)
-        record = {"epoch": state.epoch, "loss": loss, "lr": lr}
+        record = {"epoch": state.epoch + 1, "loss": loss, "lr": lr}  # epochs done, as the progress line counts
         if rank == 0:
             scores = predict(model, selector.clips, recipe)
             record[part] = finetune_metrics(scores, selector.targets.cpu())
             score = selection_score(scores, selector.targets.cpu(), recipe.loss)
             if score > state.best_score:  # strictly better, from 0, as the authors keep the best
-                state.best_score, state.best_epoch, state.best_scores = score, state.epoch, scores
+                state.best_score, state.best_epoch, state.best_scores = score, state.epoch + 1, scores
                 state.best_state = copy.deepcopy(model.state_dict())
-            log(f"epoch {state.epoch}: loss {loss:.5f}, lr {lr:.3g}, {part} {score:.3f}")
+            log(f"epoch {state.epoch + 1}: loss {loss:.5f}, lr {lr:.3g}, {part} {score:.3f}")
         state.history.append(record)
         state.epoch += 1
         if on_epoch is not None:
