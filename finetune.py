@@ -498,17 +498,17 @@ def fit(model: FinetuneModel, recipe: FinetuneRecipe, train: ClipSet, valid: Cli
     while state.epoch < recipe.epochs:
         loss, lr = train_epoch(net or model, optimizer, train, recipe, generator, augment or generator, state,
                                weights, rank, world_size)
-        record = {"epoch": state.epoch + 1, "loss": loss, "lr": lr}  # epochs done, as the progress line counts
+        state.epoch += 1  # epochs done: the records count from 1, as the progress lines do
+        record = {"epoch": state.epoch, "loss": loss, "lr": lr}
         if rank == 0:
             scores = predict(model, selector.clips, recipe)
             record[part] = finetune_metrics(scores, selector.targets.cpu())
             score = selection_score(scores, selector.targets.cpu(), recipe.loss)
             if score > state.best_score:  # strictly better, from 0, as the authors keep the best
-                state.best_score, state.best_epoch, state.best_scores = score, state.epoch + 1, scores
+                state.best_score, state.best_epoch, state.best_scores = score, state.epoch, scores
                 state.best_state = copy.deepcopy(model.state_dict())
-            log(f"epoch {state.epoch + 1}: loss {loss:.5f}, lr {lr:.3g}, {part} {score:.3f}")
+            log(f"epoch {state.epoch}: loss {loss:.5f}, lr {lr:.3g}, {part} {score:.3f}")
         state.history.append(record)
-        state.epoch += 1
         if on_epoch is not None:
             on_epoch(state)
     return fit_result(model, recipe, test, state, selector is valid)

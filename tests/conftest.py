@@ -82,15 +82,11 @@ def stage1_run(tmp_path_factory, builtin_cache):
     return out
 
 
-# The files whose tests start from the shared stage-1 run. test_train.py (which checks that run)
-# goes first, so that one worker makes the run while the others take the files that do not need
-# it; the other files that do come last, when it is ready.
-MAKES_STAGE1 = "test_train.py"
-NEEDS_STAGE1 = {"test_evaluate.py", "test_features.py", "test_finetune_run.py", "test_released.py", "test_stages.py"}
-
-
 def pytest_collection_modifyitems(items):
+    """test_train.py (which checks the shared stage-1 run) first, so that one worker makes the run
+    while the others take the files that do not need it; the other files that use it come last."""
+    needs_stage1 = {item.path for item in items if "stage1_run" in item.fixturenames}
+
     def rank(item):
-        name = item.path.name
-        return 0 if name == MAKES_STAGE1 else 2 if name in NEEDS_STAGE1 else 1
+        return 0 if item.path.name == "test_train.py" else 2 if item.path in needs_stage1 else 1
     items.sort(key=rank)  # stable: the order within each group is kept
