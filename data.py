@@ -137,12 +137,14 @@ def reflect_pad(wave: torch.Tensor, pad: int) -> torch.Tensor:
     return wave[..., idx]
 
 
-_LOG_MEL = LogMelSpectrogram()
+_FRONT_ENDS: dict[torch.device, LogMelSpectrogram] = {}  # one per device, made on first use
 
 
 def log_mel(wave: torch.Tensor) -> torch.Tensor:
-    """Log-mel of a 16 kHz waveform on the CPU front end (see LogMelSpectrogram)."""
-    return _LOG_MEL(wave)
+    """Log-mel of 16 kHz waveforms [..., samples] on their own device (see LogMelSpectrogram)."""
+    if wave.device not in _FRONT_ENDS:
+        _FRONT_ENDS[wave.device] = LogMelSpectrogram().to(wave.device)
+    return _FRONT_ENDS[wave.device](wave)
 
 
 # -----------------------------------------------------------------------------

@@ -13,7 +13,6 @@ Embedding a corpus and exporting to the released layout are features.py's comman
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import sys
@@ -275,17 +274,6 @@ TASKS = ("linear_probe", "zero_shot", "retrieval", "rankme")
 DEFAULT_PROMPT = "{label} can be heard"  # the authors' zero-shot prompt (EVAR)
 
 
-def random_init_copy(model, seed: int = 0):
-    """The same model with its audio encoder replaced by an untrained one of the same shape."""
-    torch.manual_seed(seed)
-    fresh = type(model)(model.config, tuple(model.norm_stats.tolist()))
-    baseline = copy.deepcopy(model)
-    state = {k: v for k, v in fresh.state_dict().items()
-             if k.startswith(m2d.ENCODER_PREFIXES) and k not in ("pos_embed", "norm_stats")}
-    baseline.load_state_dict(state, strict=False)
-    return baseline.to(model.norm_stats.device).eval()
-
-
 def text_side_embeddings(embedder: features.Embedder, texts, precomputed=None):
     """CLAP text embeddings [m, D], unit length, or the reason they cannot be had (returned as a string)."""
     try:
@@ -459,7 +447,7 @@ def main(argv=None):
     results = {"checkpoint_path": str(path), "stage": stage, "data": eval_set.name}
     results["checkpoint"], arrays = evaluate_model(embedder, eval_set, mels, args.tasks, args.prompt)
     if not args.no_baseline:
-        baseline = features.Embedder(random_init_copy(embedder.model), embedder.info, embedder.text)
+        baseline = features.Embedder(features.random_init_copy(embedder.model), embedder.info, embedder.text)
         results["random_init"], _ = evaluate_model(baseline, eval_set, mels, args.tasks, args.prompt)
     print_table(results["checkpoint"], results.get("random_init"))
     print(fine_tuning_line(path))

@@ -23,6 +23,7 @@ Command line:
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import re
 import sys
@@ -41,14 +42,50 @@ import runs
 import text_embed
 
 
-def build_model(ckpt: dict, with_tokenizer: bool = True) -> tuple[m2d.M2DCLAP, object | None]:
-    """The model of a checkpoint and, if it has a text encoder (and with_tokenizer), its tokenizer.
+def upgraded(ckpt: dict) -> tuple[dict, dict]:
+    """(model config, state dict) of a checkpoint of ours, written by this version or an earlier one.
+
+    Earlier versions saved a Linear text projector without a bias (a zero bias
+    is the same function) and mean-pooled every stage-2 text encoder.
+    """
+    model_config = dict(ckpt["model_config"])
+    if ckpt.get("text_encoder") and "text_pooling" not in model_config:
+        model_config["text_pooling"] = "mean"
+    return model_config, with_text_proj_bias(ckpt["model"], model_config.get("text_proj"))
+
+
+def with_text_proj_bias(state: dict, text_proj: str | None) -> dict:
+    """The state dict, with a zero bias for a Linear text projector saved without one (the same function)."""
+    state = dict(state)
+    if text_proj == "linear" and "text_proj.bias" not in state:
+        state["text_proj.bias"] = torch.zeros(state["text_proj.weight"].shape[0])
+    return state
+
+
+def random_init_copy(model: m2d.M2DCLAP, seed: int = 0) -> m2d.M2DCLAP:
+    """The baseline pre-training must beat: the same model with its audio encoder re-initialised.
+
+    The encoder's weights are those of a fresh model of the same shape made
+    after torch.manual_seed(seed); its position table and normalisation
+    statistics, and every other part (target, predictor, CLAP heads), are kept.
+    """
+    torch.manual_seed(seed)
+    fresh = m2d.M2DCLAP(model.config, tuple(model.norm_stats.tolist()))
+    baseline = copy.deepcopy(model)
+    state = {k: v for k, v in fresh.state_dict().items()
+             if k.startswith(m2d.ENCODER_PREFIXES) and k not in ("pos_embed", "norm_stats")}
+    baseline.load_state_dict(state, strict=False)
+    return baseline.to(model.norm_stats.device).eval()
+
+
+def model_from_checkpoint(ckpt: dict, with_tokenizer: bool = True) -> tuple[m2d.M2DCLAP, object | None]:
+    """The model of a checkpoint of ours and, if it has a text encoder (and with_tokenizer), its tokenizer.
 
     A checkpoint is self-contained: model weights (text encoder included),
     shapes, normalisation statistics, and the text encoder's architecture with
     a reference to its tokenizer.
     """
-    model_config, state = runs.upgraded(ckpt)
+    model_config, state = upgraded(ckpt)
     text_encoder = tokenizer = None
     if ckpt.get("text_encoder"):
         text_encoder = text_embed.text_encoder_from_config(ckpt["text_encoder"]["config"])
@@ -138,7 +175,7 @@ def load_model(model_file_path: str | Path = "", device: str = "cpu", text_encod
 
 def load_ours(ckpt: dict, text_encoder: str | None = None) -> Embedder:
     """An Embedder of a checkpoint written by train.py."""
-    model, _ = build_model(ckpt, with_tokenizer=False)
+    model, _ = model_from_checkpoint(ckpt, with_tokenizer=False)
     info = {k: ckpt.get(k) for k in ("stage", "norm_stats", "text_side", "text_encoder", "embedding_model")}
     info["missing_parts"] = []
     if ckpt.get("text_side") == "encoder":
@@ -270,7 +307,7 @@ def load_released(path: Path, raw: dict, text_encoder: str | None = None) -> Emb
         raise ValueError(f"{path}: the text encoder is {encoder.config.hidden_size} wide, the audio side "
                          f"{config.embed_dim}, and the file has no text projector between them")
     model = m2d.M2DCLAP(config, norm_stats, encoder)
-    _, state = runs.upgraded({"model_config": asdict(config), "model": state})  # a text projector without bias
+    state = with_text_proj_bias(state, config.text_proj)
     own = {k for k in model.state_dict() if not k.startswith("text_encoder.")}
     unexpected = sorted(set(state) - own)
     if unexpected:
@@ -326,7 +363,7 @@ def export_released(ckpt_path: Path, out_path: Path, training_parts: bool = Fals
     ckpt = runs.load_checkpoint(ckpt_path)
     if "model_config" not in ckpt:
         raise ValueError(f"{ckpt_path}: not a checkpoint written by train.py")
-    model_config, state = runs.upgraded(ckpt)
+    model_config, state = upgraded(ckpt)
     training = ("target_", "decoder_", "mask_token")
     state = {("text_encoder." + k if k.startswith("text_encoder.") else k): v
              for k, v in state.items() if training_parts or not k.startswith(training)}

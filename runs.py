@@ -4,7 +4,7 @@ Like MAE's util/misc.py: plain values in, torch, numpy and the standard
 library only, never a file of this project, so any piece can be copied alone.
 
 - Checkpoint files: atomic_write, save_checkpoint, load_checkpoint (no code
-  from the file runs), upgraded (older files of ours), keep_periodic.
+  from the file runs), keep_periodic.
 - Run folders and resuming: prepare_out_dir, find_resume, check_same_run,
   resume_state / restore_training (optimiser, scaler, step, clock of a
   resumed run), RNG states (rng_state, set_rng_state, gather_rng_states,
@@ -120,20 +120,6 @@ def load_checkpoint(path: str | Path) -> dict:
             f"{path}: refused. The file holds a pickled object other than tensors, plain containers and "
             f"argparse.Namespace, and loading it would run code from the file ({reason}). If you trust "
             "its source, re-save just its state dict: torch.save({'model': ckpt['model']}, new_path).") from e
-
-
-def upgraded(ckpt: dict) -> tuple[dict, dict]:
-    """(model config, state dict) of a checkpoint of ours, written by this version or an earlier one.
-
-    Earlier versions saved a Linear text projector without a bias (a zero bias
-    is the same function) and mean-pooled every stage-2 text encoder.
-    """
-    model_config, state = dict(ckpt["model_config"]), dict(ckpt["model"])
-    if model_config.get("text_proj") == "linear" and "text_proj.bias" not in state:
-        state["text_proj.bias"] = torch.zeros(state["text_proj.weight"].shape[0])
-    if ckpt.get("text_encoder") and "text_pooling" not in model_config:
-        model_config["text_pooling"] = "mean"
-    return model_config, state
 
 
 # -----------------------------------------------------------------------------

@@ -420,7 +420,7 @@ def setup_stage2(config: Config, init: dict, run_data: RunData) -> Stage:
     projector on the precomputed sentence embeddings. Only the encoder, its
     normalisation statistics and the unused M2D parts are kept from --init.
     """
-    model, _ = features.build_model(init)
+    model, _ = features.model_from_checkpoint(init)
     encoder = tokenizer = None
     text_dim, pooling = model.config.text_dim, model.config.text_pooling
     if config.text_side == "encoder":
@@ -449,7 +449,7 @@ def setup_stage2(config: Config, init: dict, run_data: RunData) -> Stage:
 
 def setup_stage21(config: Config, init: dict, run_data: RunData) -> Stage:
     """Stage 2.1: stage 2 as it ended (same text side), refined on target-domain captions."""
-    model, tokenizer = features.build_model(init)
+    model, tokenizer = features.model_from_checkpoint(init)
     model.freeze_encoder()
     text_side, text_encoder = stage_text_side(config, init)
     return Stage(model, tokenizer, text_side, text_encoder, frozen_encoder=True)
@@ -465,7 +465,7 @@ def setup_resumed(config: Config, resume: dict) -> Stage:
         raise ValueError("the run's last.pt was written by an earlier version whose text projector had no bias, so its "
                          "optimiser state does not fit this one. Train it again with --no-resume, or go on "
                          "from its weights with the next stage (--init).")
-    model, tokenizer = features.build_model({**resume, "model_config": {
+    model, tokenizer = features.model_from_checkpoint({**resume, "model_config": {
         **resume["model_config"], "grad_checkpointing": config.grad_checkpointing}})
     frozen = config.stage != "1"
     if frozen:

@@ -8,6 +8,7 @@ import soundfile as sf
 import torch
 
 import evaluate
+import features
 import model as m2d
 
 
@@ -92,7 +93,7 @@ def test_linear_probe_separates_separable_classes():
 
 
 def test_random_init_copy_replaces_the_encoder_and_keeps_the_heads(tiny):
-    baseline = evaluate.random_init_copy(tiny, seed=1)  # tiny itself was initialised with seed 0
+    baseline = features.random_init_copy(tiny, seed=1)  # tiny itself was initialised with seed 0
     assert not torch.equal(baseline.blocks[0].attn.qkv.weight, tiny.blocks[0].attn.qkv.weight)
     assert torch.equal(baseline.audio_proj.sem_token, tiny.audio_proj.sem_token)
     assert torch.equal(baseline.text_proj.weight, tiny.text_proj.weight)

@@ -70,7 +70,7 @@ def test_stage21_starts_from_the_stage2_weights(runs):
 
 
 def test_stage2_checkpoint_is_self_contained_for_inference(runs):
-    model, tokenizer = features.build_model(weights(runs / "s2" / "last.pt"))
+    model, tokenizer = features.model_from_checkpoint(weights(runs / "s2" / "last.pt"))
     model.eval()
     import text_embed
     tokens = text_embed.tokenize(tokenizer, ["A fast click train.", "A low rumble, then a knock."])

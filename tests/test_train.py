@@ -38,7 +38,7 @@ def test_short_stage1_run_learns(stage1_run):
 def test_checkpoint_round_trip(stage1_run):
     ckpt = torch.load(stage1_run / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["stage"] == "1" and ckpt["step"] == 80
-    model, tokenizer = features.build_model(ckpt)
+    model, tokenizer = features.model_from_checkpoint(ckpt)
     assert tokenizer is None
     assert model.config == m2d.preset("tiny", text_dim=384)
     for key, value in model.state_dict().items():
