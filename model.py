@@ -14,8 +14,12 @@ Reading order follows the data:
       -> audio_proj on the online patch features  -> CLAP audio  [B, D]
       -> text_proj on sentence embeddings         -> CLAP text   [B, D]
          (stages 2 and 2.1: a trainable text_encoder on tokens, then text_proj)
+Fine-tuning (stage 1.1, downstream tasks) puts a head on the same encoder:
+    normalised log-mel -> AudioEncoder path (structured token drop while
+    training) -> mean or stacked-column pooling -> BatchNorm -> Linear
+AudioEncoder is that one encoder path; M2DCLAP and AudioClassifier extend it.
 
-The losses live in losses.py; the training loop in train.py.
+The losses live in losses.py; the training loops in train.py and finetune.py.
 Submodule names give the state-dict keys of the released M2D / M2D-CLAP
 checkpoints (cls_token, pos_embed, patch_embed.proj, blocks.{i}.attn.qkv,
 target_blocks, decoder_blocks, audio_proj.sem_token, text_proj, ...).
@@ -310,11 +314,84 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# The model
+# The audio encoder: one path from log-mel to patch features, for every use
 
 
-class M2DCLAP(nn.Module):
-    """The M2D-CLAP audio encoder with its M2D training parts and CLAP heads.
+class AudioEncoder(nn.Module):
+    """The ViT audio encoder: normalisation, patch embedding, positions, CLS, blocks, final norm.
+
+    The one encoder path of this file: M2DCLAP (pre-training, features) and
+    AudioClassifier (fine-tuning) both extend it, so patch embedding,
+    position table, block loop (with gradient checkpointing) and norm exist
+    once. Its parameters keep the released key names (patch_embed.proj,
+    cls_token, pos_embed, blocks.{i}, norm, norm_stats).
+    """
+
+    def __init__(self, config: M2DConfig, norm_stats: tuple[float, float] = DEFAULT_NORM_STATS):
+        super().__init__()
+        self.config = config
+        D = config.embed_dim
+        grid_f, grid_t = config.grid_size
+        if grid_f < 1 or grid_t < 1:
+            raise ValueError(f"input {config.n_mels}x{config.crop_frames} is smaller than one "
+                             f"{config.patch_size}x{config.patch_size} patch")
+        # Log-mel normalisation statistics travel with the weights (key "norm_stats").
+        self.register_buffer("norm_stats", torch.tensor(norm_stats, dtype=torch.float32))
+        self.patch_embed = PatchEmbed(config.patch_size, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.register_buffer("pos_embed", sincos_2d(D, grid_f, grid_t)[None])  # [1, 1+N, D]
+        self.blocks = nn.ModuleList([Block(D, config.num_heads, config.mlp_ratio)
+                                     for _ in range(config.depth)])
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+
+    def normalize(self, log_mel: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std with the stored scalar statistics."""
+        return (log_mel - self.norm_stats[0]) / self.norm_stats[1]
+
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 1, F_bins, T_frames] normalised log-mel -> [B, N, D] patches with positions.
+
+        T may be shorter than config.crop_frames (the position table is
+        cropped to the first columns), never longer.
+        """
+        patches = self.patch_embed(x)  # [B, F*T', D]
+        grid_f, grid_t = self.config.grid_size
+        t_used = x.shape[-1] // self.config.patch_size
+        pos = crop_pos_table(self.pos_embed, grid_f, grid_t, t_used)
+        return patches + pos[:, 1:]
+
+    def _with_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1)  # [B, 1+K, D]
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        """Blocks in turn; with grad_checkpointing, activations are recomputed in backward."""
+        for block in blocks:
+            if self.config.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def encode_tokens(self, patches: torch.Tensor) -> torch.Tensor:
+        """The blocks on patch tokens that carry their positions: [B, K, D] -> [B, 1+K, D] (CLS first)."""
+        return self.norm(self._run_blocks(self.blocks, self._with_cls(patches)))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder without masking: [B, 1, F, T] log-mel -> [B, 1+N, D]."""
+        return self.encode_normalized(self.normalize(x))
+
+    def encode_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder without masking on an already normalised log-mel: [B, 1, F, T] -> [B, 1+N, D]."""
+        return self.encode_tokens(self.embed_patches(x))
+
+
+# -----------------------------------------------------------------------------
+# M2D-CLAP: the encoder with its M2D training parts and CLAP heads
+
+
+class M2DCLAP(AudioEncoder):
+    """The M2D-CLAP audio encoder (the online encoder) with its M2D training parts and CLAP heads.
 
     text_encoder (stages 2 and 2.1) is any module called as
     text_encoder(input_ids=..., attention_mask=...) whose first output is the
@@ -324,24 +401,9 @@ class M2DCLAP(nn.Module):
 
     def __init__(self, config: M2DConfig, norm_stats: tuple[float, float] = DEFAULT_NORM_STATS,
                  text_encoder: nn.Module | None = None):
-        super().__init__()
-        self.config = config
+        super().__init__(config, norm_stats)  # the online encoder
         D, Dp = config.embed_dim, config.predictor_dim
         grid_f, grid_t = config.grid_size
-        if grid_f < 1 or grid_t < 1:
-            raise ValueError(f"input {config.n_mels}x{config.crop_frames} is smaller than one "
-                             f"{config.patch_size}x{config.patch_size} patch")
-
-        # Log-mel normalisation statistics travel with the weights (key "norm_stats").
-        self.register_buffer("norm_stats", torch.tensor(norm_stats, dtype=torch.float32))
-
-        # Online encoder.
-        self.patch_embed = PatchEmbed(config.patch_size, D)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.register_buffer("pos_embed", sincos_2d(D, grid_f, grid_t)[None])  # [1, 1+N, D]
-        self.blocks = nn.ModuleList([Block(D, config.num_heads, config.mlp_ratio)
-                                     for _ in range(config.depth)])
-        self.norm = nn.LayerNorm(D, eps=1e-6)
 
         # Target encoder: its own blocks and norm, updated only by EMA. It shares
         # the patch embedding, position table and CLS token with the online one.
@@ -388,31 +450,6 @@ class M2DCLAP(nn.Module):
         self.apply(init_layer)
 
     # --- the steps of M2D -----------------------------------------------------
-
-    def normalize(self, log_mel: torch.Tensor) -> torch.Tensor:
-        """(x - mean) / std with the stored scalar statistics."""
-        return (log_mel - self.norm_stats[0]) / self.norm_stats[1]
-
-    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 1, F_bins, T_frames] normalised log-mel -> [B, N, D] patches with positions."""
-        patches = self.patch_embed(x)  # [B, F*T', D]
-        grid_f, grid_t = self.config.grid_size
-        t_used = x.shape[-1] // self.config.patch_size
-        pos = crop_pos_table(self.pos_embed, grid_f, grid_t, t_used)
-        return patches + pos[:, 1:]
-
-    def _with_cls(self, tokens: torch.Tensor) -> torch.Tensor:
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        return torch.cat([cls, tokens], dim=1)  # [B, 1+K, D]
-
-    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        """Blocks in turn; with grad_checkpointing, activations are recomputed in backward."""
-        for block in blocks:
-            if self.config.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
 
     def forward_online(self, patches: torch.Tensor, ids_visible: torch.Tensor) -> torch.Tensor:
         """Online encoder on the visible patches: [B, N, D] -> [B, 1+Nv, D] (CLS first)."""
@@ -489,22 +526,6 @@ class M2DCLAP(nn.Module):
         return self.audio_proj(patches), self.text_features(text)
 
     # --- inference ------------------------------------------------------------
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Online encoder without masking: [B, 1, F, T] log-mel -> [B, 1+N, D]."""
-        return self.encode_normalized(self.normalize(x))
-
-    def encode_normalized(self, x: torch.Tensor) -> torch.Tensor:
-        """Online encoder without masking on an already normalised log-mel: [B, 1, F, T] -> [B, 1+N, D].
-
-        T may be shorter than a training crop (the position table is cropped),
-        never longer.
-        """
-        return self.encode_tokens(self.embed_patches(x))
-
-    def encode_tokens(self, patches: torch.Tensor) -> torch.Tensor:
-        """Online encoder on patch tokens that carry their positions: [B, K, D] -> [B, 1+K, D] (CLS first)."""
-        return self.norm(self._run_blocks(self.blocks, self._with_cls(patches)))
 
     def text_features(self, text) -> torch.Tensor:
         """CLAP text features [B, D] before L2 normalisation.
@@ -738,3 +759,86 @@ def structured_token_drop(tokens: torch.Tensor, grid_f: int, grid_t: int, ratio:
     flags = structured_drop_flags(tokens.shape[0], grid_f, grid_t, ratio, generator, u, tokens.device)
     ids = kept_token_ids(flags, keep)
     return gather_tokens(tokens, ids), ids
+
+
+# -----------------------------------------------------------------------------
+# The fine-tuning network: the encoder, the structured token drop, pooling and a linear head
+
+
+class AudioClassifier(AudioEncoder):
+    """The audio encoder with a classification head, as the authors fine-tune it (their EVAR TaskNetwork).
+
+    Input: a normalised (and augmented) log-mel [B, 1, F_bins, T] with T at
+    most config.crop_frames; shorter input is zero-padded to it (after
+    normalisation: SPCV2's 101 frames become 112). While training, the
+    structured token drop keeps K of the F*T patch tokens (token_drop_ratio,
+    which tokens: kept_token_ids). The clip feature is the mean of the kept
+    patch tokens (feature="mean", D) or, with feature="stacked", the F rows of
+    each time column stacked and averaged over time (F*D; needs every token).
+    The head is BatchNorm1d(feature, affine=False), then Linear (weight normal
+    std 0.01 drawn from `generator`, bias 0). State-dict keys: the encoder's
+    (pos_embed holds the task's stretched table, a buffer: never trained),
+    then head_norm.* and head.*.
+    """
+
+    def __init__(self, config: M2DConfig, n_classes: int, norm_stats: tuple[float, float] = DEFAULT_NORM_STATS,
+                 token_drop_ratio: float = 0.0, token_drop_keep: str = "flagged", feature: str = "mean",
+                 generator: torch.Generator | None = None):
+        super().__init__(config, norm_stats)
+        if feature not in ("mean", "stacked"):
+            raise ValueError(f"feature must be 'mean' or 'stacked', got {feature!r}")
+        if feature == "stacked" and token_drop_ratio > 0:
+            raise ValueError("stacked column features need every token: set token_drop_ratio to 0 "
+                             "(the authors switch to mean features whenever the drop is on)")
+        self.token_drop_ratio, self.token_drop_keep, self.feature = token_drop_ratio, token_drop_keep, feature
+        grid_f = config.grid_size[0]
+        dim = config.embed_dim * (grid_f if feature == "stacked" else 1)
+        self.head_norm = nn.BatchNorm1d(dim, affine=False)
+        self.head = nn.Linear(dim, n_classes)
+        nn.init.normal_(self.head.weight, std=0.01, generator=generator)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_encoder(cls, encoder: AudioEncoder, n_classes: int, frames: int, grad_checkpointing: bool = False,
+                     **options) -> "AudioClassifier":
+        """A classifier for `frames`-long input on a pre-trained encoder (the head is new).
+
+        The encoder's weights and statistics are copied; its position table is
+        stretched (or cropped) to the input's time patches (stretch_pos_table).
+        The predictor, target and CLAP heads of an M2DCLAP are left behind.
+        options: AudioClassifier's (token drop, feature, generator).
+        """
+        config = replace(encoder.config, crop_frames=frames, grad_checkpointing=grad_checkpointing)
+        model = cls(config, n_classes, tuple(encoder.norm_stats.tolist()), **options)
+        grid_f, grid_t = config.grid_size
+        state = {k: v for k, v in encoder.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+        state["pos_embed"] = stretch_pos_table(encoder.pos_embed.detach(), grid_f,
+                                               (encoder.pos_embed.shape[1] - 1) // grid_f, grid_t)
+        model.load_state_dict(state, strict=False)  # the head keeps its initialisation
+        return model.to(encoder.norm_stats.device)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised log-mel [B, 1, F_bins, T] -> logits [B, n_classes]; `generator` draws the token drop."""
+        frames = self.config.crop_frames
+        if x.shape[-1] > frames:
+            raise ValueError(f"input of {x.shape[-1]} frames; this model takes at most {frames}")
+        patches = self.embed_patches(F.pad(x, (0, frames - x.shape[-1])))  # [B, F*T, D], zeros after normalisation
+        if self.training and self.token_drop_ratio > 0:
+            grid_f, grid_t = self.config.grid_size
+            patches, _ = structured_token_drop(patches, grid_f, grid_t, self.token_drop_ratio, generator,
+                                               self.token_drop_keep)  # [B, K, D]
+        tokens = self.encode_tokens(patches)[:, 1:]                           # [B, K, D], CLS dropped
+        return self.head(self.head_norm(self.pool(tokens)))
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, K, D] -> [B, D] (mean), or [B, F*T, D] -> [B, F*D] (stacked columns, mean over time)."""
+        if self.feature == "mean":
+            return tokens.mean(dim=1)
+        return stacked_columns(tokens, self.config.grid_size[0]).mean(dim=1)
+
+
+def stacked_columns(tokens: torch.Tensor, grid_f: int) -> torch.Tensor:
+    """Patch tokens [B, F*T, D] in frequency-major order -> per time column, the F rows stacked: [B, T, F*D]."""
+    B, N, D = tokens.shape
+    columns = tokens.reshape(B, grid_f, N // grid_f, D).permute(0, 2, 1, 3)  # [B, T, F, D]
+    return columns.reshape(B, N // grid_f, grid_f * D)

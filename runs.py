@@ -148,6 +148,14 @@ class Distributed:
             return model
         return DistributedDataParallel(model, device_ids=[self.local_rank] if device.type == "cuda" else None)
 
+    def gather(self, value) -> list:
+        """Every rank's value (any picklable object), in rank order (every rank must call this)."""
+        if self.world_size == 1:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """The mean of a tensor over the ranks (every rank must call this)."""
         if self.world_size > 1:
@@ -293,11 +301,7 @@ def set_rng_state(state: dict, device: torch.device):
 
 def gather_rng_states(ddp: Distributed, device: torch.device) -> list[dict]:
     """Every rank's RNG states, in rank order (every rank must call this)."""
-    if ddp.world_size == 1:
-        return [rng_state(device)]
-    states = [None] * ddp.world_size
-    dist.all_gather_object(states, rng_state(device))
-    return states
+    return ddp.gather(rng_state(device))
 
 
 def restore_rng(states: list[dict], ddp: Distributed, device: torch.device, seed: int, step: int, log=print):
@@ -410,8 +414,8 @@ class Stepper:
 
     net is the model or its DistributedDataParallel wrapper, forward the same
     possibly compiled (call it for the training forward); the autocast
-    context, loss scaler and clipping norm come with them. Build one with
-    Stepper.build.
+    context, loss scaler and clipping norm (None: no clipping) come with them.
+    Build one with Stepper.build.
     """
 
     net: torch.nn.Module
@@ -419,13 +423,13 @@ class Stepper:
     optimizer: torch.optim.Optimizer
     scaler: LossScaler
     autocast: contextlib.AbstractContextManager
-    clip_grad_norm: float
+    clip_grad_norm: float | None
     precision: str = "fp32"
     compiled: bool = False
 
     @classmethod
     def build(cls, net: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, precision: str,
-              use_compile: bool, clip_grad_norm: float) -> "Stepper":
+              use_compile: bool, clip_grad_norm: float | None) -> "Stepper":
         """The step for a precision (amp_defaults chooses it): fp16 brings a loss scaler, use_compile a compiled net."""
         return cls(net, compiled(net) if use_compile else net, optimizer, LossScaler(device, precision == "fp16"),
                    autocast(device.type, precision), clip_grad_norm, precision, use_compile)
@@ -438,10 +442,12 @@ class Stepper:
         averaged across ranks only on the last micro-batch. Nothing here waits
         for the device: a non-finite loss or gradient norm on any rank skips
         the step on all of them, on the device itself (fused_step), and with
-        fp16 the loss scale halves. Returns each loss averaged over the
-        micro-batches, the gradient norm and the step's finite flag, as device
-        tensors for the caller to read when it logs (and for what the method
-        updates after a step, such as an EMA target).
+        fp16 the loss scale halves; an optimiser without a fused kernel (the
+        SGD of fine-tuning) reads the flag on the host instead. Returns each
+        loss averaged over the micro-batches, the gradient norm (None without
+        clipping) and the step's finite flag, as device tensors for the caller
+        to read when it logs (and for what the method updates after a step,
+        such as an EMA target).
         """
         sums = {}
         ddp = isinstance(self.net, DistributedDataParallel)
@@ -455,14 +461,20 @@ class Stepper:
                 sums[key] = sums.get(key, 0) + value.detach().float() / len(micro_batches)
         params = [p for p in self.net.parameters() if p.grad is not None]
         self.scaler.unscale_([p.grad for p in params])
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=True)
-        finite = torch.isfinite(torch.stack([grad_norm.float(), *sums.values()])).all()
+        checked, grad_norm = list(sums.values()), None
+        if self.clip_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=True)
+            checked.append(grad_norm.float())
+        finite = torch.isfinite(torch.stack(checked)).all()
         if ddp:  # a loss is per rank: skip on all ranks or none
             finite = finite.int()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             finite = finite.bool()
         found_inf = (~finite).float()
-        fused_step(self.optimizer, found_inf)
+        if self.optimizer.defaults.get("fused"):
+            fused_step(self.optimizer, found_inf)
+        elif finite:
+            self.optimizer.step()
         self.scaler.update(found_inf)
         self.optimizer.zero_grad(set_to_none=True)
         return sums, grad_norm, finite
@@ -564,11 +576,13 @@ class RunLog:
             with open(self.path, "a") as log_file:
                 log_file.write(json.dumps(record) + "\n")
 
-    def progress(self, step: int, losses: dict[str, float], extras: list[str], clips_per_s: float):
-        """step N/T | loss ... | each other loss | extras | clips/s | ETA."""
+    def progress(self, step: int, losses: dict[str, float], extras: list[str], clips_per_s: float | None = None,
+                 where: str | None = None):
+        """step N/T (or `where`) | loss ... | each other loss | extras | clips/s | ETA (from the steps done)."""
         eta_s = self.elapsed_s() / step * (self.total_steps - step)
-        parts = [f"step {step:>6}/{self.total_steps}", *(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in losses.items()),
-                 *extras, f"{clips_per_s:.0f} clips/s", f"ETA {format_duration(eta_s)}"]
+        parts = [where or f"step {step:>6}/{self.total_steps}",
+                 *(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in losses.items()), *extras,
+                 *([f"{clips_per_s:.0f} clips/s"] if clips_per_s is not None else []), f"ETA {format_duration(eta_s)}"]
         self.print(" | ".join(parts), flush=True)
 
     def summary(self, prefix: str = "loss_") -> str | None:

@@ -165,7 +165,7 @@ def embed_texts(texts: list[str], model, batch_size: int = 256, prompt: str | No
                 progress: bool = True, append_eos: bool = False) -> np.ndarray:
     """[len(texts), dim] float32 sentence embeddings, as the model's own pipeline gives them.
 
-    No L2 normalisation is added (SPEC 6): a model whose pipeline ends in a
+    No L2 normalisation is added (the authors' runtime adds none): a model whose pipeline ends in a
     Normalize module (all-MiniLM-L6-v2) still normalises, NV-Embed-v2 does
     not. append_eos adds the tokenizer's end-of-sequence token to every text,
     as the authors' runtime does for NV-Embed-v2.

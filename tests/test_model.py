@@ -223,7 +223,7 @@ def test_clamp_logit_scale_keeps_the_parameter_in_0_to_log_100():
 
 
 def test_the_projectors_keep_pytorchs_default_init_and_the_semantic_one_its_own():
-    # The authors make the CLAP projectors after the MAE initialisation (SPEC 5).
+    # The authors make the CLAP projectors after the MAE initialisation (m2d/models_m2d.py).
     torch.manual_seed(0)
     model = m2d.M2DCLAP(m2d.preset("tiny", depth=1, predictor_depth=1, audio_proj="mlp"))
     assert model.text_proj.bias.any() and model.audio_proj[0].bias.any()  # default Linear init: random biases
@@ -266,3 +266,29 @@ def test_stage2_token_drop_feeds_the_projector_a_structured_subset_while_trainin
     assert torch.allclose(dropped, model.audio_proj(model.encode_tokens(kept)[:, 1:]), atol=1e-6)
     model.eval()
     assert torch.equal(model.forward_clap(x, text, token_drop=0.3)[0], whole)
+
+
+def test_the_classifier_runs_the_encoder_path_of_m2d_clap_and_pools_its_patch_features(tiny_model):
+    x = torch.randn(2, 1, 80, TINY.crop_frames)
+    classifier = m2d.AudioClassifier.from_encoder(tiny_model, 4, TINY.crop_frames).eval()
+    for key, value in tiny_model.state_dict().items():
+        if key.startswith(m2d.ENCODER_PREFIXES):
+            assert torch.equal(classifier.state_dict()[key], value), key
+    assert not any(k.startswith(("target_", "decoder_", "audio_proj", "text_proj")) for k in classifier.state_dict())
+    with torch.no_grad():
+        feature = tiny_model.encode_normalized(x)[:, 1:].mean(dim=1)          # [B, D]
+        expected = classifier.head(classifier.head_norm(feature))
+        torch.testing.assert_close(classifier(x), expected)
+    shorter = classifier(x[..., :100])                                        # zero-padded to the crop
+    assert shorter.shape == (2, 4)
+    with pytest.raises(ValueError, match="at most"):
+        classifier(torch.randn(1, 1, 80, TINY.crop_frames + 16))
+
+
+def test_a_longer_classifier_input_stretches_the_position_table(tiny_model):
+    grid_f, grid_t = TINY.grid_size
+    classifier = m2d.AudioClassifier.from_encoder(tiny_model, 2, TINY.crop_frames + 32)
+    assert classifier.pos_embed.shape == (1, 1 + grid_f * (grid_t + 2), TINY.embed_dim)
+    expected = m2d.stretch_pos_table(tiny_model.pos_embed, grid_f, grid_t, grid_t + 2)
+    assert torch.equal(classifier.pos_embed, expected)
+    assert "pos_embed" not in dict(classifier.named_parameters())             # a buffer: never trained

@@ -1,4 +1,4 @@
-"""Interoperability with the released M2D / M2D-CLAP checkpoints (SPEC 9), loaded safely.
+"""Interoperability with the released M2D / M2D-CLAP checkpoints, loaded safely.
 
 The released layouts are written out here by hand from the specification,
 independently of model.py, filled with random values, saved, and loaded

@@ -163,3 +163,32 @@ def test_a_new_run_clears_what_an_earlier_run_left(tmp_path):
     assert len(list(tmp_path.iterdir())) == 5  # a resumed run keeps them
     runs.prepare_out_dir(tmp_path, new_run=True, ddp=runs.Distributed(), also_stale=("bad_clips.csv",))
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_an_sgd_stepper_without_clipping_takes_the_plain_step_and_skips_a_non_finite_one():
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 1)
+    reference = torch.nn.Linear(4, 1)
+    reference.load_state_dict(layer.state_dict())
+    stepper = runs.Stepper.build(layer, torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9),
+                                 torch.device("cpu"), "fp32", False, clip_grad_norm=None)
+    sums, grad_norm, finite = stepper.step([(x, y)], lambda a, b: {"loss": ((stepper.forward(a) - b) ** 2).mean()})
+    assert finite and grad_norm is None
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    ((reference(x) - y) ** 2).mean().backward()
+    plain.step()
+    assert torch.equal(layer.weight, reference.weight) and torch.equal(layer.bias, reference.bias)
+    before = layer.weight.detach().clone()
+    y[0] = float("nan")
+    _, _, finite = stepper.step([(x, y)], lambda a, b: {"loss": ((stepper.forward(a) - b) ** 2).mean()})
+    assert not finite and torch.equal(layer.weight, before)
+
+
+def test_one_process_gathers_its_own_value_and_progress_names_its_position(tmp_path, capsys):
+    assert runs.Distributed().gather({"a": 1}) == [{"a": 1}]
+    log = runs.RunLog(tmp_path / "log.jsonl", total_steps=4)
+    log.start()
+    log.progress(2, {"loss": 0.5}, ["lr 0.1"], where="seed 43 | epoch 2/4")
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("seed 43 | epoch 2/4 | loss 0.5000 | lr 0.1 | ETA") and "clips/s" not in line
