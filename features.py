@@ -192,7 +192,7 @@ def load_ours(ckpt: dict, text_encoder: str | None = None) -> Embedder:
                         "caption embeddings: pass text_encoder=FOLDER (--text-encoder) of that model")
     embedder = Embedder(model, info, text)
     if "head" in ckpt:  # a fine-tuned file (finetune.py): its classifier too
-        attach_head(embedder, ckpt)
+        attach_classifier(embedder, ckpt)
     return embedder
 
 
@@ -208,7 +208,7 @@ def newest_run(root: Path = Path("runs")) -> Path:
 
 
 # -----------------------------------------------------------------------------
-# Released M2D / M2D-CLAP files (SPEC 9)
+# Released M2D / M2D-CLAP files (the layouts of the authors' releases, nttcslab/m2d)
 #
 # A released file keeps a state dict under 'model' (often beside an
 # argparse.Namespace under 'args'), with our key names behind an optional
@@ -275,7 +275,7 @@ def released_facts(path: Path, args) -> dict:
 
 
 def load_released(path: Path, raw: dict, text_encoder: str | None = None) -> Embedder:
-    """An Embedder of a released file: every layout of SPEC 9 loads, or the error says why not.
+    """An Embedder of a released file: every released layout loads, or the error says why not.
 
     Parts a file does not have (the target and predictor of an inference
     file, the CLAP heads of an encoder-only one) keep their initialisation
@@ -402,7 +402,7 @@ def export_main(argv):
 
 
 # -----------------------------------------------------------------------------
-# Features of clips of any length, as the authors' runtime cuts them (SPEC 2)
+# Features of clips of any length, as the authors' runtime cuts them (m2d/runtime_audio.py)
 
 
 def feature_crops(normalized: torch.Tensor, crop_frames: int, patch_size: int) -> list[torch.Tensor]:
@@ -847,57 +847,101 @@ def main(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Fine-tuned files: class scores (finetune.py writes them)
+# Fine-tuned files: the classifier finetune.py trains, and its class scores
 
 
-def attach_head(embedder: Embedder, ckpt: dict):
-    """Give an Embedder of a fine-tuned checkpoint its classifier: .head, .classes, .task (the recipe's fields)."""
-    weight = ckpt["head"]["head.weight"]                                   # [C, feature]
-    head = torch.nn.Sequential(torch.nn.BatchNorm1d(weight.shape[1], affine=False),
-                               torch.nn.Linear(weight.shape[1], weight.shape[0]))
-    head.load_state_dict({k.replace("head_norm.", "0.").replace("head.", "1."): v for k, v in ckpt["head"].items()})
-    embedder.head = head.eval()
+def finetuned_checkpoint(init: m2d.M2DCLAP, classifier: m2d.AudioClassifier, classes: list[str], multi_label: bool,
+                         recipe: dict, settings: dict, stage: str = "finetune") -> dict:
+    """The file finetune.py writes: our checkpoint layout, so that load_model reads it and stage 2 can start from it.
+
+    model_config is the init's with crop_frames = the task's input; the
+    encoder (with the stretched position table) is the fine-tuned one; the
+    target, predictor and CLAP heads come from the init (decoder_pos_embed
+    rebuilt for the new grid); a text encoder is left out. "head" holds
+    head_norm.* and head.*; "recipe" the fine-tuning recipe's fields.
+    """
+    config = replace(init.config, crop_frames=classifier.config.crop_frames)
+    full = m2d.M2DCLAP(config, tuple(init.norm_stats.tolist())).state_dict()  # the new grid's tables
+    for key, value in init.state_dict().items():
+        if key in full and value.shape == full[key].shape:
+            full[key] = value
+    tuned = {k: v.detach().cpu() for k, v in classifier.state_dict().items()}
+    full.update({k: v for k, v in tuned.items() if k in full})
+    return {"stage": stage, "model_config": asdict(config), "norm_stats": init.norm_stats.tolist(), "model": full,
+            "head": {k: v for k, v in tuned.items() if k.startswith("head")}, "classes": classes,
+            "multi_label": multi_label, "recipe": recipe, "args": settings}
+
+
+def attach_classifier(embedder: Embedder, ckpt: dict):
+    """Give an Embedder of a fine-tuned checkpoint its classifier: .classifier, .classes, .task (the recipe's fields).
+
+    The classifier is model.AudioClassifier, the network fine-tuning trained:
+    the checkpoint's encoder (its input length and stretched position table)
+    and its head.
+    """
+    model = embedder.model
+    classifier = m2d.AudioClassifier(model.config, len(ckpt["classes"]), tuple(model.norm_stats.tolist()),
+                                     feature=ckpt["recipe"]["feature"])
+    encoder = {k: v for k, v in model.state_dict().items() if k.startswith(m2d.ENCODER_PREFIXES)}
+    classifier.load_state_dict({**encoder, **ckpt["head"]})
+    embedder.classifier = classifier.to(embedder.device).eval()
     embedder.classes = list(ckpt["classes"])
     embedder.task = {**ckpt["recipe"], "multi_label": bool(ckpt["multi_label"])}
 
 
+def start_crop(x: torch.Tensor, length: int) -> torch.Tensor:
+    """The evaluation crop, [..., L] -> [..., length]: the start, zeros appended when shorter."""
+    return F.pad(x[..., :length], (0, max(length - x.shape[-1], 0)))
+
+
+def raw_crop_length(raw_input: str, input_frames: int) -> int:
+    """A crop of input_frames log-mel frames on the raw input: frames, or (frames - 1) x hop samples of waveform."""
+    return input_frames if raw_input == "log_mel" else (input_frames - 1) * data.HOP_SAMPLES
+
+
+def classifier_input(x: torch.Tensor, raw_input: str, classifier: m2d.AudioEncoder) -> torch.Tensor:
+    """Raw input, waveforms [B, samples] or log-mels [B, F, T], -> the normalised log-mel [B, 1, F, T]."""
+    expected = 2 if raw_input == "wave" else 3
+    if x.dim() != expected:
+        raise ValueError(f"raw_input={raw_input!r} expects clips of {expected - 1} dimension(s), "
+                         f"got a batch of shape {tuple(x.shape)}")
+    log_mel = data.log_mel(x) if raw_input == "wave" else x
+    return classifier.normalize(log_mel.unsqueeze(1))
+
+
 @torch.no_grad()
+def classify(classifier: m2d.AudioClassifier, clips, raw_input: str, input_frames: int,
+             batch_size: int = 64) -> torch.Tensor:
+    """Logits [N, C] on the CPU of raw clips (waveforms [samples] or log-mels [F, T]), as fine-tuning evaluates.
+
+    One crop from the start of each clip at the task's length (zeros
+    appended to shorter clips), no token drop, BatchNorm in eval mode.
+    """
+    classifier.eval()
+    device, length = classifier.norm_stats.device, raw_crop_length(raw_input, input_frames)
+    logits = []
+    for i in range(0, len(clips), batch_size):
+        x = torch.stack([start_crop(c, length) for c in clips[i:i + batch_size]]).to(device)
+        logits.append(classifier(classifier_input(x, raw_input, classifier)).cpu())
+    return torch.cat(logits) if logits else torch.zeros(0, classifier.head.out_features)
+
+
 def tag_audio(audio: torch.Tensor, model: Embedder, batch_size: int = 64) -> torch.Tensor:
     """Class scores [n, n_classes] of a fine-tuned model: sigmoid (multi-label) or softmax.
 
-    As the fine-tuning evaluation computes them: one crop from the start at
-    the task's length (zeros appended to shorter input), no token drop,
-    BatchNorm in eval mode. Class names: model.classes.
+    As the fine-tuning evaluation computes them (classify): a task trained on
+    waveforms crops the waveform, one trained on log-mels crops the clip's
+    log-mel. Class names: model.classes.
     """
-    if getattr(model, "head", None) is None:
+    if getattr(model, "classifier", None) is None:
         raise ValueError(f"{model.info.get('path')}: not a fine-tuned checkpoint (no classification head); "
                          "tag_audio needs a file written by finetune.py")
-    task, config = model.task, model.model.config
-    audio = check_audio(audio).to(model.device)
-    logits = []
-    for clips in audio.split(batch_size):
-        if task["raw_input"] == "wave":  # crop the waveform, then the log-mel
-            log_mel = model.frontend(start_crop(clips, (task["input_frames"] - 1) * data.HOP_SAMPLES))
-        else:  # the log-mel of the whole clip, then the crop
-            log_mel = start_crop(model.frontend(clips), task["input_frames"])  # [n, F, T]
-        x = model.model.normalize(log_mel.unsqueeze(1))                          # [n, 1, F, T]
-        x = F.pad(x, (0, config.crop_frames - x.shape[-1]))                      # zeros after normalisation
-        tokens = model.model.encode_normalized(x)[:, 1:]                         # [n, F*T, D], CLS dropped
-        if task["feature"] == "stacked":
-            grid_f = config.n_mels // config.patch_size
-            B, N, D = tokens.shape
-            columns = tokens.reshape(B, grid_f, N // grid_f, D).permute(0, 2, 1, 3)  # [n, T, F, D]
-            feature = columns.reshape(B, N // grid_f, grid_f * D).mean(dim=1)       # [n, F*D]
-        else:
-            feature = tokens.mean(dim=1)                                             # [n, D]
-        logits.append(model.head(feature).cpu())
-    logits = torch.cat(logits)
+    task = model.task
+    clips = [wave for wave in check_audio(audio).to(model.device)]
+    if task["raw_input"] == "log_mel":
+        clips = [data.log_mel(wave) for wave in clips]
+    logits = classify(model.classifier, clips, task["raw_input"], task["input_frames"], batch_size)
     return logits.sigmoid() if task["multi_label"] else logits.softmax(dim=-1)
-
-
-def start_crop(x: torch.Tensor, length: int) -> torch.Tensor:
-    """[..., L] -> [..., length]: the start, zeros appended when shorter."""
-    return F.pad(x[..., :length], (0, max(length - x.shape[-1], 0)))
 
 
 def tag_main(argv):
