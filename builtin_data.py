@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+import data
 import text_embed
 from data import SAMPLE_RATE
 
@@ -694,6 +695,25 @@ def builtin_dataset(split: str = "train") -> tuple[Path, Path]:
         render_builtin_split(audio_split, root)
         done.touch()
     return csv_path, root
+
+
+def builtin_eval_set() -> data.Manifest:
+    """The built-in data as a manifest: train and test splits with event labels (several per clip), the test
+    clips' captions and their sentence embeddings; the audio rendered on first use."""
+    manifest = data.Manifest("built-in data", builtin_cache_dir(), split=[])
+    for part in ("train", "test"):
+        builtin_dataset(part)  # renders the audio on first use
+        for row in builtin_rows(part):
+            if row["file_name"] not in manifest.files[-1:]:  # a clip's caption rows are consecutive
+                manifest.files.append(row["file_name"])
+                manifest.labels.append(row["label"].split(";"))
+                manifest.split.append(part)
+    test = text_embed.load_caption_embeddings(builtin_csv("test"))
+    clip_of = {name: k for k, name in enumerate(manifest.files)}
+    manifest.captions = test.captions
+    manifest.caption_clip = [clip_of[n] for n in test.file_names]
+    manifest.caption_embeddings = test.embeddings
+    return manifest
 
 
 def render_builtin_split(split: str, root: Path):

@@ -1,5 +1,6 @@
 """Audio data for M2D-CLAP: waveform -> log-mel front end, audio reading,
-datasets of captioned clips, normalisation statistics, and corpus shards.
+datasets of captioned clips, normalisation statistics, manifests of labelled
+clips (evaluate.py and finetune.py read them), and corpus shards.
 (The built-in synthetic dataset is builtin_data.py.)
 
 Front end (must match the reference numerically): 16 kHz mono, STFT with
@@ -23,6 +24,7 @@ import os
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -502,6 +504,164 @@ def compute_norm_stats(dataset: ClipDataset, max_clips: int = 1000) -> tuple[flo
 
 
 # -----------------------------------------------------------------------------
+# Manifests: labelled clips for evaluation (evaluate.py) and fine-tuning (finetune.py)
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used as it is."""
+
+
+LABEL_SEPARATORS = (";", "|")  # several labels of one clip: "dog;bark" or "dog|bark"
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class Manifest:
+    """Labelled clips, read by read_manifest, whose rules it documents.
+
+    files holds each clip once, in the order of first appearance; labels its
+    label strings; split its part ("train", "valid", "test") or fold its fold,
+    or neither. captions (with caption_clip, the clip index of each) are for
+    retrieval; caption_embeddings, row-aligned with them, where precomputed.
+    """
+
+    name: str                            # the CSV's path, for messages
+    root: Path                           # the folder the file names are relative to
+    files: list[str] = field(default_factory=list)
+    labels: list[list[str]] = field(default_factory=list)
+    split: list[str] | None = None
+    fold: list[str] | None = None
+    captions: list[str] = field(default_factory=list)
+    caption_clip: list[int] = field(default_factory=list)
+    caption_embeddings: np.ndarray | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        """The sorted label strings of the training clips: split "train", or every clip without a split."""
+        train = [ls for ls, s in zip(self.labels, self.split or ["train"] * len(self.labels)) if s == "train"]
+        return sorted({c for ls in train for c in ls})
+
+    @property
+    def multi_label(self) -> bool:
+        return any(len(ls) > 1 for ls in self.labels)
+
+    @property
+    def folds(self) -> list[str]:
+        """The distinct folds, in natural order ("2" before "10")."""
+        return sorted(set(self.fold or []), key=lambda f: (len(f), f))
+
+    def indices(self, part: str, holdout_fold: str | None = None) -> list[int]:
+        """Clip indices of a split; with folds, "test" is the held-out fold, "train" the others, "valid" none."""
+        if self.split is not None:
+            return [i for i, s in enumerate(self.split) if s == part]
+        if self.fold is None:
+            raise ManifestError(f"{self.name}: has neither a split nor a fold column; add one (train/valid/test "
+                                "per clip, or a fold per clip)")
+        if holdout_fold is None:
+            raise ManifestError(f"{self.name}: has folds, not splits; pass the fold to hold out")
+        if part == "valid":
+            return []
+        return [i for i, f in enumerate(self.fold) if (f == holdout_fold) == (part == "test")]
+
+
+def read_manifest(csv_path: str | Path, audio_root: str | Path | None = None) -> Manifest:
+    """Read a manifest CSV. Its rules, for evaluate.py and finetune.py alike:
+
+    - columns: file_name (relative to audio_root, default the CSV's folder)
+      and label, both required; caption, split and fold optional (split or
+      fold, not both);
+    - label: one or more class names joined by ';' or '|';
+    - split: train, valid or test; fold: any name, each held out in turn;
+    - a file may have several rows (one per caption); each repeats its labels;
+    - the classes are the sorted label strings of the training clips (see
+      Manifest.classes); check_labels refuses a test label none of them has.
+    Whether the audio files exist is checked by the program against its
+    source (audio folder or shards), not here.
+    """
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns, rows = reader.fieldnames or [], list(reader)
+    except FileNotFoundError as e:
+        raise ManifestError(f"{csv_path}: manifest not found") from e
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ManifestError(f"{csv_path}: not a readable UTF-8 CSV ({e})") from e
+    if "file_name" not in columns or "label" not in columns:
+        raise ManifestError(f"{csv_path}: the header has {columns}; a manifest needs file_name, label and "
+                            "optionally caption and split (train/valid/test) or fold")
+    if "split" in columns and "fold" in columns:
+        raise ManifestError(f"{csv_path}: has both a split and a fold column; keep one")
+    if not rows:
+        raise ManifestError(f"{csv_path}: no rows")
+    manifest = Manifest(str(csv_path), Path(audio_root) if audio_root else Path(csv_path).parent,
+                        split=[] if "split" in columns else None, fold=[] if "fold" in columns else None)
+    index: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
+        add_manifest_row(manifest, index, row, f"{csv_path}, line {line}")
+    return manifest
+
+
+def add_manifest_row(manifest: Manifest, index: dict[str, int], row: dict, where: str):
+    """One CSV row: a new clip, or another caption of a clip already read (whose labels it must repeat)."""
+    name, text = row["file_name"], row["label"] or ""
+    for sep in LABEL_SEPARATORS[1:]:
+        text = text.replace(sep, LABEL_SEPARATORS[0])
+    labels = [c.strip() for c in text.split(LABEL_SEPARATORS[0]) if c.strip()]
+    if not name or not labels:
+        raise ManifestError(f"{where}: empty file_name or label")
+    column = "split" if manifest.split is not None else "fold" if manifest.fold is not None else None
+    part = (row[column] or "").strip() if column else None
+    if column == "split" and part not in SPLITS:
+        raise ManifestError(f"{where}: split must be train, valid or test, got {part!r}")
+    if name in index:
+        k = index[name]
+        if manifest.labels[k] != labels:
+            raise ManifestError(f"{where}: {name} has labels {labels} here but {manifest.labels[k]} on an earlier "
+                                "row; give every row of a file the same labels")
+        if column and getattr(manifest, column)[k] != part:
+            raise ManifestError(f"{where}: {name} is in {column} {part!r} here but {getattr(manifest, column)[k]!r} "
+                                f"on an earlier row; a file belongs to one {column}")
+    else:
+        index[name] = len(manifest.files)
+        manifest.files.append(name)
+        manifest.labels.append(labels)
+        if column:
+            getattr(manifest, column).append(part)
+    if row.get("caption"):
+        manifest.captions.append(row["caption"])
+        manifest.caption_clip.append(index[name])
+
+
+def check_labels(manifest: Manifest, holdout_fold: str | None = None):
+    """Every label of the test (and valid) clips must be a class of the training clips: a classifier cannot
+    learn a class no training clip has. With folds, for the held-out fold against the others."""
+    if manifest.split is None and manifest.fold is None:
+        return
+    train = {c for i in manifest.indices("train", holdout_fold) for c in manifest.labels[i]}
+    for part in ("valid", "test"):
+        for i in manifest.indices(part, holdout_fold):
+            unknown = sorted(set(manifest.labels[i]) - train)
+            if unknown:
+                held = f" (fold {holdout_fold} held out)" if holdout_fold is not None else ""
+                raise ManifestError(f"{manifest.name}: {part} clip {manifest.files[i]} has label(s) {unknown} that "
+                                    f"no training clip has{held}; a classifier cannot learn them. Fix the label or "
+                                    "the split.")
+
+
+def label_targets(labels: list[list[str]], classes: list[str], where: str = "") -> torch.Tensor:
+    """Label strings per clip -> multi-hot float targets [N, C] in the given class order."""
+    index = {c: k for k, c in enumerate(classes)}
+    targets = torch.zeros(len(labels), len(classes))
+    for i, clip_labels in enumerate(labels):
+        unknown = [c for c in clip_labels if c not in index]
+        if unknown:
+            raise ManifestError(f"{where}: clip {i} has label(s) {unknown} that no training clip has; "
+                                "a classifier cannot learn them. Fix the label or the split.")
+        targets[i, [index[c] for c in clip_labels]] = 1.0
+    return targets
+
+
+# -----------------------------------------------------------------------------
 # Corpus shards: log-mels of millions of clips in a few large float16 files
 #
 # OUT_DIR/shard_00000.f16 ...  raw little-endian float16; each clip a C-order
@@ -647,11 +807,6 @@ def shard_stats(out_dir: Path, max_clips: int = 10000) -> tuple[float, float]:
     return mean, std
 
 
-MOVED_COMMANDS = {"builtin": "python builtin_data.py render",
-                  "builtin-captions": "python builtin_data.py captions",
-                  "bench-loader": "python bench.py loader OUT_DIR"}
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Data preparation commands.")
     commands = p.add_subparsers(dest="command", required=True)
@@ -663,9 +818,6 @@ def main(argv=None):
     stats = commands.add_parser("stats", help="normalisation statistics of prepared shards")
     stats.add_argument("out_dir", type=Path)
     stats.add_argument("--max-clips", type=int, default=10000)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] and argv[0] in MOVED_COMMANDS:
-        raise SystemExit(f"'python data.py {argv[0]}' is now '{MOVED_COMMANDS[argv[0]]}'")
     args = p.parse_args(argv)
     if args.command == "prepare":
         written, failed = prepare(args.audio_dir, args.out_dir, args.workers, args.shard_mb)

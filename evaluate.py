@@ -1,6 +1,7 @@
 """Evaluation of M2D-CLAP checkpoints: the protocols used to judge them (linear
-probe, zero-shot classification, audio-text retrieval, RankMe), their
-evaluation sets, command line and plots. Features come from features.py.
+probe, zero-shot classification, audio-text retrieval, RankMe), their command
+line and plots. Features come from features.py, manifests from data.py (the
+same rules as fine-tuning's), the scores from metrics.py.
 
 Command line:
     python evaluate.py                                   # newest run, built-in held-out clips
@@ -13,10 +14,8 @@ Embedding a corpus and exporting to the released layout are features.py's comman
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,110 +25,35 @@ import torch.nn.functional as F
 import builtin_data
 import data
 import features
-import model as m2d
-import text_embed
+import metrics
 
 
 # -----------------------------------------------------------------------------
-# Protocols
-#
-# Ties are resolved against the model: an item that scores the same as the
-# correct one ranks above it, so a collapsed model scores chance, never 100.
+# The linear probe (the scores are metrics.py's)
 
 
-def pessimistic_order(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
-    """Per row, item indices by descending score, wrong items first among equal scores."""
-    return np.stack([np.lexsort((r, -s)) for s, r in zip(scores, relevant)])
-
-
-def retrieval_metrics(similarity: torch.Tensor, caption_clip: torch.Tensor) -> dict:
-    """Audio->text and text->audio R@1/5/10 and mAP@10, in %.
-
-    similarity [N_clips, M_captions]; caption_clip [M] is the clip index of
-    each caption, so a clip may have several correct captions. Audio->text
-    counts a hit at k when any correct caption ranks within k; its mAP@10
-    averages precision at the correct captions within the top 10, divided by
-    min(number correct, 10). Text->audio has one correct clip per caption.
-    """
-    sim = similarity.double().numpy()
-    clip_of = caption_clip.numpy()
-    relevant = clip_of[None, :] == np.arange(sim.shape[0])[:, None]         # [N, M]
-    results = {}
-    for name, scores, rel in (("audio_to_text", sim, relevant), ("text_to_audio", sim.T, relevant.T)):
-        hits = np.take_along_axis(rel, pessimistic_order(scores, rel), axis=1).astype(float)  # ranked
-        first_hit = hits.argmax(axis=1)                                      # 0-based rank of the first hit
-        top10 = hits[:, :10]
-        precision = top10.cumsum(axis=1) / np.arange(1, top10.shape[1] + 1)
-        ap10 = (precision * top10).sum(axis=1) / np.minimum(rel.sum(axis=1), 10)
-        results[name] = {f"R@{k}": 100 * float(np.mean(first_hit < k)) for k in (1, 5, 10)}
-        results[name]["mAP@10"] = 100 * float(ap10.mean())
-    return results
-
-
-def top1_hits(scores: torch.Tensor, labels: list[set[int]]) -> np.ndarray:
-    """Per clip: does a true class score strictly above every other class?"""
-    scores = scores.double().numpy()
-    hits = []
-    for row, truth in zip(scores, labels):
-        wrong = np.delete(row, list(truth))
-        hits.append(row[list(truth)].max() > (wrong.max() if wrong.size else -np.inf))
-    return np.array(hits)
-
-
-def zero_shot_accuracy(audio: torch.Tensor, class_text: torch.Tensor, labels: list[set[int]]) -> float:
-    """Top-1 accuracy in %: the class whose prompt is most similar must be one of the clip's labels."""
-    return 100 * float(top1_hits(audio @ class_text.T, labels).mean())
-
-
-def mean_average_precision(scores: torch.Tensor, labels: list[set[int]]) -> float:
-    """Multi-label mAP in %: average precision per class (over classes with a positive), then the mean."""
-    scores = scores.double().numpy()
-    truth = np.zeros_like(scores, dtype=bool)
-    for i, classes in enumerate(labels):
-        truth[i, list(classes)] = True
-    aps = []
-    for c in range(scores.shape[1]):
-        if not truth[:, c].any():
-            continue
-        order = np.lexsort((truth[:, c], -scores[:, c]))  # ties: negatives first
-        hits = truth[order, c]
-        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-        aps.append(precision[hits].mean())
-    return 100 * float(np.mean(aps))
-
-
-def effective_rank(features: torch.Tensor) -> float:
-    """RankMe: exp of the entropy of the normalised singular values; near 1 means collapse."""
-    sigma = torch.linalg.svdvals(features.double())
-    p = sigma / sigma.sum() + 1e-12
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
-def linear_probe(train_x: torch.Tensor, train_labels: list[set[int]], test_x: torch.Tensor,
-                 test_labels: list[set[int]], n_classes: int, steps: int = 500, lr: float = 1e-3,
-                 weight_decay: float = 1e-4, seed: int = 0) -> dict:
+def linear_probe(train_x: torch.Tensor, train_targets: torch.Tensor, test_x: torch.Tensor,
+                 test_targets: torch.Tensor, steps: int = 500, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 seed: int = 0) -> tuple[dict, torch.Tensor]:
     """A linear classifier on frozen, standardised features; accuracy (and mAP if multi-label) in %.
 
     Features are standardised with the training set's mean and std; the
     classifier trains full-batch with Adam, cross-entropy for single-label data
-    and binary cross-entropy when some clip has several labels.
+    and binary cross-entropy when some clip has several labels. Targets are
+    multi-hot [N, C]. Returns the scores and the test logits [N_test, C].
     """
     mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    multilabel = any(len(s) > 1 for s in train_labels + test_labels)
+    multilabel = bool((train_targets.sum(dim=1) > 1).any() or (test_targets.sum(dim=1) > 1).any())
     generator = torch.Generator().manual_seed(seed)
-    classifier = torch.nn.Linear(train_x.shape[1], n_classes)
+    classifier = torch.nn.Linear(train_x.shape[1], train_targets.shape[1])
     torch.nn.init.normal_(classifier.weight, std=0.01, generator=generator)
     torch.nn.init.zeros_(classifier.bias)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=weight_decay)
     if multilabel:
-        target = torch.zeros(len(train_labels), n_classes)
-        for i, classes in enumerate(train_labels):
-            target[i, list(classes)] = 1.0
-        loss_fn = torch.nn.BCEWithLogitsLoss()
+        target, loss_fn = train_targets, torch.nn.BCEWithLogitsLoss()
     else:
-        target = torch.tensor([next(iter(s)) for s in train_labels])
-        loss_fn = torch.nn.CrossEntropyLoss()
+        target, loss_fn = train_targets.argmax(dim=1), torch.nn.CrossEntropyLoss()
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad()
@@ -137,128 +61,40 @@ def linear_probe(train_x: torch.Tensor, train_labels: list[set[int]], test_x: to
             optimizer.step()
     with torch.no_grad():
         scores = classifier(test_x)
-    result = {"accuracy": 100 * float(top1_hits(scores, test_labels).mean())}
+    result = {"accuracy": metrics.accuracy(scores, test_targets)}
     if multilabel:
-        result["mAP"] = mean_average_precision(scores, test_labels)
+        result["mAP"] = metrics.mean_average_precision(scores, test_targets)
     return result, scores
 
 
 # -----------------------------------------------------------------------------
-# Evaluation data: a manifest CSV, or the built-in held-out split
+# Evaluation data: a manifest (data.read_manifest's rules), or the built-in held-out split
 
 
-class ManifestError(ValueError):
-    """An evaluation manifest that cannot be used as it is."""
+def evaluation_set(csv_path: Path | None, audio_root: Path | None = None) -> data.Manifest:
+    """The manifest to evaluate on (default: the built-in data), checked for what the protocols need.
 
-
-@dataclass
-class EvalSet:
-    """Clips with labels, an optional train/test split or folds, and optional captions."""
-
-    name: str
-    audio_root: Path
-    files: list[str]
-    labels: list[list[str]]              # per clip, one or more class names
-    split: list[str] | None = None       # "train" / "test" per clip
-    fold: list[str] | None = None        # fold name per clip
-    captions: list[str] = field(default_factory=list)
-    caption_clip: list[int] = field(default_factory=list)
-    caption_embeddings: np.ndarray | None = None  # row-aligned with captions, if precomputed
-
-    @property
-    def classes(self) -> list[str]:
-        return sorted({c for labels in self.labels for c in labels})
-
-
-def read_manifest(csv_path: Path, audio_root: Path | None = None) -> EvalSet:
-    """Read and check an evaluation manifest CSV.
-
-    Columns: file_name (relative to the audio root, default the CSV's folder),
-    label (one or more classes separated by ';'), optional caption (several
-    rows per file give several captions), optional split (train / test) or fold.
+    The linear probe trains on the split "train" and tests on "test" ("valid"
+    clips are not used), or holds each fold out in turn; zero-shot, retrieval
+    and RankMe use the test clips (every clip without a split).
     """
-    try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            rows = list(reader)
-    except FileNotFoundError as e:
-        raise ManifestError(f"{csv_path}: manifest not found") from e
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise ManifestError(f"{csv_path}: not a readable UTF-8 CSV ({e})") from e
-    for needed in ("file_name", "label"):
-        if needed not in columns:
-            raise ManifestError(f"{csv_path}: no '{needed}' column; the header has {columns}. An evaluation "
-                                "manifest needs file_name and label, and may have caption and split or fold.")
-    if not rows:
-        raise ManifestError(f"{csv_path}: no rows")
-    audio_root = Path(audio_root) if audio_root else Path(csv_path).parent
-    index: dict[str, int] = {}
-    eval_set = EvalSet(str(csv_path), audio_root, [], [],
-                       [] if "split" in columns else None, [] if "fold" in columns else None)
-    for line, row in enumerate(rows, start=2):
-        name, labels = row["file_name"], [c.strip() for c in (row["label"] or "").split(";") if c.strip()]
-        if not name or not labels:
-            raise ManifestError(f"{csv_path}, line {line}: empty file_name or label")
-        if name not in index:
-            if not (audio_root / name).is_file():
-                raise ManifestError(f"{csv_path}, line {line}: audio file {audio_root / name} not found. Fix "
-                                    "file_name or pass the right --audio-root.")
-            index[name] = len(eval_set.files)
-            eval_set.files.append(name)
-            eval_set.labels.append(labels)
-            if eval_set.split is not None:
-                if row["split"] not in ("train", "test"):
-                    raise ManifestError(f"{csv_path}, line {line}: split must be 'train' or 'test', "
-                                        f"got {row['split']!r}")
-                eval_set.split.append(row["split"])
-            if eval_set.fold is not None:
-                eval_set.fold.append(row["fold"])
-        elif eval_set.labels[index[name]] != labels:
-            raise ManifestError(f"{csv_path}, line {line}: {name} has labels {labels} here but "
-                                f"{eval_set.labels[index[name]]} on an earlier row; give every row of a file "
-                                "the same labels")
-        if row.get("caption"):
-            eval_set.captions.append(row["caption"])
-            eval_set.caption_clip.append(index[name])
-    check_splits(eval_set)
-    return eval_set
-
-
-def check_splits(eval_set: EvalSet):
-    """Every split or fold must be non-empty, and test labels must occur in training."""
-    if eval_set.split is not None:
+    if csv_path is None:
+        return builtin_data.builtin_eval_set()
+    manifest = data.read_manifest(csv_path, audio_root)
+    missing = data.AudioFolder(manifest.root).missing(manifest.files)
+    if missing:
+        raise data.ManifestError(f"{csv_path}: {len(missing)} audio file(s) such as {manifest.root / missing[0]} "
+                                 "not found. Fix file_name or pass the right --audio-root.")
+    if manifest.split is not None:
         for part in ("train", "test"):
-            if part not in eval_set.split:
-                raise ManifestError(f"{eval_set.name}: the {part} split is empty; the linear probe needs "
-                                    "clips in both train and test (or use a fold column)")
-        seen = {c for labels, s in zip(eval_set.labels, eval_set.split) if s == "train" for c in labels}
-        for name, labels, s in zip(eval_set.files, eval_set.labels, eval_set.split):
-            unknown = [c for c in labels if c not in seen]
-            if s == "test" and unknown:
-                raise ManifestError(f"{eval_set.name}: test clip {name} has label(s) {unknown} that no training "
-                                    "clip has; a classifier cannot predict them. Fix the label or the split.")
-    if eval_set.fold is not None and len(set(eval_set.fold)) < 2:
-        raise ManifestError(f"{eval_set.name}: cross-validation needs at least two folds, got "
-                            f"{sorted(set(eval_set.fold))}")
-
-
-def builtin_eval_set() -> EvalSet:
-    """The built-in data: probe trained on the train split, everything tested on the held-out split."""
-    eval_set = EvalSet("built-in held-out split", builtin_data.builtin_cache_dir(), [], [], [])
-    for part in ("train", "test"):
-        builtin_data.builtin_dataset(part)  # renders the audio on first use
-        for row in builtin_data.builtin_rows(part):
-            if row["file_name"] not in eval_set.files[-1:]:  # a clip's caption rows are consecutive
-                eval_set.files.append(row["file_name"])
-                eval_set.labels.append(row["label"].split(";"))
-                eval_set.split.append(part)
-    test = text_embed.load_caption_embeddings(builtin_data.builtin_csv("test"))
-    clip_of = {name: k for k, name in enumerate(eval_set.files)}
-    eval_set.captions = test.captions
-    eval_set.caption_clip = [clip_of[n] for n in test.file_names]
-    eval_set.caption_embeddings = test.embeddings
-    return eval_set
+            if not manifest.indices(part):
+                raise data.ManifestError(f"{csv_path}: the {part} split is empty; the linear probe needs clips in "
+                                         "both train and test (or use a fold column)")
+    if manifest.fold is not None and len(manifest.folds) < 2:
+        raise data.ManifestError(f"{csv_path}: cross-validation needs at least two folds, got {manifest.folds}")
+    for holdout in manifest.folds or [None]:
+        data.check_labels(manifest, holdout)
+    return manifest
 
 
 def log_mels_from_files(paths: list[Path]) -> list[torch.Tensor]:
@@ -287,17 +123,18 @@ def class_prompts(classes: list[str], prompt: str) -> list[str]:
     return [prompt.format(label=c.replace("_", " ")) for c in classes]
 
 
-def evaluate_model(embedder: features.Embedder, eval_set: EvalSet, mels, tasks, prompt: str) -> tuple[dict, dict]:
+def evaluate_model(embedder: features.Embedder, eval_set: data.Manifest, mels, tasks,
+                   prompt: str) -> tuple[dict, dict]:
     """Results of the tasks, and the arrays the plots need."""
     results, skipped, arrays = {}, {}, {}
-    label_ids = [{eval_set.classes.index(c) for c in labels} for labels in eval_set.labels]
+    targets = data.label_targets(eval_set.labels, eval_set.classes, eval_set.name)  # [N, C] multi-hot
     test = [i for i in range(len(eval_set.files)) if eval_set.split is None or eval_set.split[i] == "test"]
     if {"linear_probe", "rankme"} & set(tasks):
         clip = features.clip_features(embedder.model, mels)
         if "linear_probe" in tasks:
-            run_linear_probe(clip, eval_set, label_ids, results, skipped, arrays)
+            run_linear_probe(clip, eval_set, targets, results, skipped, arrays)
         if "rankme" in tasks:
-            results["rankme"] = {"clip_features": effective_rank(clip[test])}
+            results["rankme"] = {"clip_features": metrics.effective_rank(clip[test])}
     clap_tasks = [t for t in ("zero_shot", "retrieval") if t in tasks]
     if clap_tasks and not embedder.has_clap:
         for task in clap_tasks:
@@ -305,7 +142,7 @@ def evaluate_model(embedder: features.Embedder, eval_set: EvalSet, mels, tasks, 
     elif clap_tasks:
         audio = F.normalize(features.clap_audio(embedder.model, [mels[i] for i in test]), dim=-1).cpu()
         if "zero_shot" in tasks:
-            run_zero_shot(embedder, audio, [label_ids[i] for i in test], eval_set.classes, prompt,
+            run_zero_shot(embedder, audio, targets[test], eval_set.classes, prompt,
                           results, skipped, arrays)
         if "retrieval" in tasks:
             run_retrieval(embedder, audio, eval_set, test, results, skipped, arrays)
@@ -314,40 +151,35 @@ def evaluate_model(embedder: features.Embedder, eval_set: EvalSet, mels, tasks, 
     return results, arrays
 
 
-def run_linear_probe(clip: torch.Tensor, eval_set: EvalSet, label_ids: list[set[int]], results: dict,
+def run_linear_probe(clip: torch.Tensor, eval_set: data.Manifest, targets: torch.Tensor, results: dict,
                      skipped: dict, arrays: dict):
     """The linear probe on the train/test split, or averaged over the folds (each held out in turn)."""
-    if eval_set.split is not None:
-        groups = [([i for i, s in enumerate(eval_set.split) if s == "train"],
-                   [i for i, s in enumerate(eval_set.split) if s == "test"])]
-    elif eval_set.fold is not None:
-        groups = [([i for i, f in enumerate(eval_set.fold) if f != fold],
-                   [i for i, f in enumerate(eval_set.fold) if f == fold]) for fold in sorted(set(eval_set.fold))]
+    if eval_set.split is not None or eval_set.fold is not None:
+        groups = [(eval_set.indices("train", fold), eval_set.indices("test", fold)) for fold in eval_set.folds or [None]]
     else:
         skipped["linear_probe"] = "the manifest has neither a split nor a fold column"
         return
     fold_results = []
     for train_ids, test_ids in groups:
-        result, scores = linear_probe(clip[train_ids], [label_ids[i] for i in train_ids], clip[test_ids],
-                                      [label_ids[i] for i in test_ids], len(eval_set.classes))
+        result, scores = linear_probe(clip[train_ids], targets[train_ids], clip[test_ids], targets[test_ids])
         fold_results.append(result)
-        arrays["probe"] = (scores, [label_ids[i] for i in test_ids])
+        arrays["probe"] = (scores, targets[test_ids])
     results["linear_probe"] = {k: float(np.mean([r[k] for r in fold_results])) for k in fold_results[0]}
 
 
-def run_zero_shot(embedder: features.Embedder, audio: torch.Tensor, test_labels: list[set[int]],
+def run_zero_shot(embedder: features.Embedder, audio: torch.Tensor, test_targets: torch.Tensor,
                   classes: list[str], prompt: str, results: dict, skipped: dict, arrays: dict):
     """Zero-shot classification of the test clips' CLAP audio embeddings [N, D] with one prompt per class."""
     class_text = text_side_embeddings(embedder, class_prompts(classes, prompt))
     if isinstance(class_text, str):
         skipped["zero_shot"] = class_text
         return
-    results["zero_shot"] = {"accuracy": zero_shot_accuracy(audio, class_text, test_labels),
-                            "chance": 100 * float(np.mean([len(s) for s in test_labels])) / len(classes)}
-    arrays["zero_shot"] = (audio @ class_text.T, test_labels)
+    results["zero_shot"] = {"accuracy": metrics.zero_shot_accuracy(audio, class_text, test_targets),
+                            "chance": 100 * float(test_targets.sum(dim=1).mean()) / len(classes)}
+    arrays["zero_shot"] = (audio @ class_text.T, test_targets)
 
 
-def run_retrieval(embedder: features.Embedder, audio: torch.Tensor, eval_set: EvalSet, test: list[int],
+def run_retrieval(embedder: features.Embedder, audio: torch.Tensor, eval_set: data.Manifest, test: list[int],
                   results: dict, skipped: dict, arrays: dict):
     """Audio-text retrieval between the test clips' CLAP audio embeddings [N, D] and their captions."""
     position = {clip: k for k, clip in enumerate(test)}
@@ -361,7 +193,7 @@ def run_retrieval(embedder: features.Embedder, audio: torch.Tensor, eval_set: Ev
         skipped["retrieval"] = text
         return
     clip_index = torch.tensor([position[eval_set.caption_clip[j]] for j in rows])
-    results["retrieval"] = retrieval_metrics(audio @ text.T, clip_index)
+    results["retrieval"] = metrics.retrieval_metrics(audio @ text.T, clip_index)
     arrays["similarity"] = (audio @ text.T, clip_index, [eval_set.captions[j] for j in rows])
 
 
@@ -428,15 +260,12 @@ def add_text_encoder_flag(p: argparse.ArgumentParser):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["embed"], ["export"]):
-        sys.exit(f"'python evaluate.py {argv[0]}' is now 'python features.py {argv[0]}' (same options)")
     args = parse_args(argv)
     try:
         path = args.checkpoint or features.newest_run()
         embedder = features.load_model(path, args.device, args.text_encoder)
-        eval_set = builtin_eval_set() if args.data is None else read_manifest(args.data, args.audio_root)
-        mels = log_mels_from_files([eval_set.audio_root / f for f in eval_set.files])
+        eval_set = evaluation_set(args.data, args.audio_root)
+        mels = log_mels_from_files([eval_set.root / f for f in eval_set.files])
     except (ValueError, FileNotFoundError) as e:  # ManifestError and AudioError included
         sys.exit(f"error: {e}")
     stage = embedder.info["stage"]
@@ -464,7 +293,7 @@ def main(argv=None):
 # Figures (optional matplotlib)
 
 
-def write_plots(folder: Path, arrays: dict, eval_set: EvalSet, log_path: Path):
+def write_plots(folder: Path, arrays: dict, eval_set: data.Manifest, log_path: Path):
     """PNG figures of the arrays evaluate_model returned, and of the run's training curves."""
     try:
         import matplotlib
@@ -484,7 +313,7 @@ def write_plots(folder: Path, arrays: dict, eval_set: EvalSet, log_path: Path):
     print("wrote " + ", ".join(map(str, written)))
 
 
-def plot_similarity(plt, arrays: dict, eval_set: EvalSet, log_path: Path, n_clips: int = 12):
+def plot_similarity(plt, arrays: dict, eval_set: data.Manifest, log_path: Path, n_clips: int = 12):
     if "similarity" not in arrays:
         return None
     similarity, clip_index, captions = arrays["similarity"]
@@ -500,16 +329,16 @@ def plot_similarity(plt, arrays: dict, eval_set: EvalSet, log_path: Path, n_clip
     return fig
 
 
-def plot_confusion(plt, arrays: dict, eval_set: EvalSet, log_path: Path):
+def plot_confusion(plt, arrays: dict, eval_set: data.Manifest, log_path: Path):
     source = "probe" if "probe" in arrays else "zero_shot" if "zero_shot" in arrays else None
     if source is None:
         return None
-    scores, labels = arrays[source]
+    scores, targets = arrays[source]
     classes = eval_set.classes
     confusion = np.zeros((len(classes), len(classes)), dtype=int)
-    for row, truth in zip(scores.argmax(dim=1).tolist(), labels):
-        if len(truth) == 1:  # a confusion matrix is defined for single-label clips
-            confusion[next(iter(truth)), row] += 1
+    for row, truth in zip(scores.argmax(dim=1).tolist(), targets):
+        if truth.sum() == 1:  # a confusion matrix is defined for single-label clips
+            confusion[int(truth.argmax()), row] += 1
     fig, ax = plt.subplots(figsize=(8, 7))
     ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=90)
@@ -520,7 +349,7 @@ def plot_confusion(plt, arrays: dict, eval_set: EvalSet, log_path: Path):
     return fig
 
 
-def plot_training_curves(plt, arrays: dict, eval_set: EvalSet, log_path: Path):
+def plot_training_curves(plt, arrays: dict, eval_set: data.Manifest, log_path: Path):
     if not log_path.is_file():
         return None
     records = [json.loads(line) for line in log_path.read_text().splitlines()]

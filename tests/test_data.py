@@ -275,8 +275,69 @@ def test_clip_order_is_the_same_global_batches_for_any_split_and_resumes_mid_epo
     assert global_batches(1, 1, epoch=1) != one  # a new shuffle and new seeds every epoch
 
 
-def test_moved_commands_say_what_replaced_them():
-    for command, replacement in [("builtin", "python builtin_data.py render"),
-                                 ("bench-loader", "python bench.py loader")]:
-        with pytest.raises(SystemExit, match=replacement):
-            data.main([command, "anything"])
+# --- manifests ----------------------------------------------------------------------------------
+
+
+def test_manifest_classes_are_sorted_training_labels_and_both_separators_split_labels(tmp_path):
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("file_name,label,split\na.wav,dog;cat,train\nb.wav,bird|dog,train\nc.wav,cat,test\n"
+                        "d.wav,dog,valid\n")
+    manifest = data.read_manifest(csv_path)
+    assert manifest.classes == ["bird", "cat", "dog"] and manifest.multi_label
+    assert manifest.root == tmp_path and manifest.labels[1] == ["bird", "dog"]
+    assert manifest.indices("train") == [0, 1] and manifest.indices("test") == [2] and manifest.indices("valid") == [3]
+    targets = data.label_targets([manifest.labels[i] for i in (0, 1)], manifest.classes)
+    assert targets.tolist() == [[0, 1, 1], [1, 0, 1]]
+    with pytest.raises(data.ManifestError, match="zebra"):
+        data.label_targets([["zebra"]], manifest.classes, str(csv_path))
+    data.check_labels(manifest)  # every test and valid label is a training class
+
+
+def test_manifest_rows_of_one_file_give_captions_and_must_repeat_its_labels(tmp_path):
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("file_name,label,caption,fold\na.wav,dog,a dog barks,1\na.wav,dog,barking,1\n"
+                        "b.wav,cat,a cat,2\n")
+    manifest = data.read_manifest(csv_path, audio_root=tmp_path / "audio")
+    assert manifest.files == ["a.wav", "b.wav"] and manifest.captions == ["a dog barks", "barking", "a cat"]
+    assert manifest.caption_clip == [0, 0, 1] and manifest.root == tmp_path / "audio"
+    (tmp_path / "bad.csv").write_text("file_name,label\na.wav,dog\na.wav,cat\n")
+    with pytest.raises(data.ManifestError, match="line 3: a.wav has labels"):
+        data.read_manifest(tmp_path / "bad.csv")
+
+
+def test_folds_hold_out_one_fold_as_test_in_natural_order(tmp_path):
+    csv_path = tmp_path / "folds.csv"
+    csv_path.write_text("file_name,label,fold\na.wav,dog,10\nb.wav,cat,2\nc.wav,dog,2\nd.wav,cat,10\n")
+    manifest = data.read_manifest(csv_path)
+    assert not manifest.multi_label and manifest.folds == ["2", "10"]
+    assert manifest.indices("test", "2") == [1, 2] and manifest.indices("train", "2") == [0, 3]
+    assert manifest.indices("valid", "2") == [] and manifest.classes == ["cat", "dog"]
+    with pytest.raises(data.ManifestError, match="pass the fold to hold out"):
+        manifest.indices("test")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("file_name,split\na.wav,train\n", "needs file_name, label"),
+    ("file_name,label,split\na.wav,dog,training\n", "line 2: split must be train, valid or test, got 'training'"),
+    ("file_name,label,split\n,dog,train\n", "line 2: empty file_name or label"),
+    ("file_name,label,split,fold\na.wav,dog,train,1\n", "both a split and a fold"),
+    ("file_name,label\n", "no rows"),
+    ("file_name,label,split\na.wav,dog,train\na.wav,dog,test\n", "line 3: a.wav is in split 'test' here but"),
+])
+def test_a_bad_manifest_is_named_with_its_line_and_the_fix(tmp_path, text, message):
+    (tmp_path / "bad.csv").write_text(text)
+    with pytest.raises(data.ManifestError, match=message):
+        data.read_manifest(tmp_path / "bad.csv")
+    with pytest.raises(data.ManifestError, match="not found"):
+        data.read_manifest(tmp_path / "missing.csv")
+
+
+def test_a_test_label_no_training_clip_has_is_refused_for_splits_and_for_each_held_out_fold(tmp_path):
+    (tmp_path / "split.csv").write_text("file_name,label,split\na.wav,dog,train\nb.wav,cat,test\n")
+    with pytest.raises(data.ManifestError, match=r"test clip b.wav has label\(s\) \['cat'\]"):
+        data.check_labels(data.read_manifest(tmp_path / "split.csv"))
+    (tmp_path / "folds.csv").write_text("file_name,label,fold\na.wav,dog,1\nb.wav,dog,2\nc.wav,cat,2\n")
+    folds = data.read_manifest(tmp_path / "folds.csv")
+    data.check_labels(folds, "1")
+    with pytest.raises(data.ManifestError, match=r"c.wav has label\(s\) \['cat'\].*fold 2 held out"):
+        data.check_labels(folds, "2")

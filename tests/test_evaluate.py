@@ -1,4 +1,4 @@
-"""Tests of evaluate.py: the metrics, the linear probe, manifests and the command line."""
+"""Tests of evaluate.py: the linear probe, the evaluation set and the command line (the scores: test_metrics.py)."""
 
 import json
 
@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import data
 import evaluate
 import features
 import model as m2d
@@ -18,77 +19,13 @@ def tiny():
     return m2d.M2DCLAP(m2d.preset("tiny", text_dim=8)).eval()
 
 
-def test_retrieval_metrics_by_hand():
-    # 3 clips; captions 0,1 -> clip 0, caption 2 -> clip 1, caption 3 -> clip 2.
-    caption_clip = torch.tensor([0, 0, 1, 2])
-    similarity = torch.tensor([[0.1, 0.9, 0.5, 0.0],    # clip 0: ranks caption 1 first (correct)
-                               [0.8, 0.0, 0.7, 0.05],   # clip 1: caption 2 second
-                               [0.9, 0.0, 0.2, 0.1]])   # clip 2: caption 3 third
-    r = evaluate.retrieval_metrics(similarity, caption_clip)
-    a2t, t2a = r["audio_to_text"], r["text_to_audio"]
-    assert a2t["R@1"] == pytest.approx(100 / 3) and a2t["R@5"] == pytest.approx(100)
-    # AP@10: clip 0 hits at ranks 1 and 3 -> (1 + 2/3) / 2; clip 1 -> 1/2; clip 2 -> 1/3.
-    assert a2t["mAP@10"] == pytest.approx(100 * ((1 + 2 / 3) / 2 + 1 / 2 + 1 / 3) / 3)
-    # Text -> audio ranks: caption 0 -> clip 0 third; 1 -> first; 2 -> clip 1 first; 3 -> clip 2 first.
-    assert t2a["R@1"] == pytest.approx(75) and t2a["R@5"] == pytest.approx(100)
-    assert t2a["mAP@10"] == pytest.approx(100 * (1 / 3 + 1 + 1 + 1) / 4)
-
-
-def test_zero_shot_accuracy_counts_a_hit_when_the_top_class_is_among_the_labels():
-    audio = torch.eye(3)
-    class_text = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
-    assert evaluate.zero_shot_accuracy(audio, class_text, [{0}, {0, 2}, {2}]) == pytest.approx(200 / 3)
-    assert evaluate.zero_shot_accuracy(audio, class_text, [{0}, {0, 1}, {2}]) == pytest.approx(100)
-
-
-def test_retrieval_ties_count_against_the_model_and_several_captions_per_clip():
-    # A collapsed model: every similarity equal. Ties rank the correct item last.
-    caption_clip = torch.tensor([0, 0, 1, 1, 2, 2])
-    r = evaluate.retrieval_metrics(torch.zeros(3, 6), caption_clip)
-    assert r["audio_to_text"]["R@1"] == 0 and r["text_to_audio"]["R@1"] == 0
-    assert r["audio_to_text"]["R@5"] == 100  # 4 wrong captions, then the 2 correct ones at ranks 5 and 6
-    assert r["audio_to_text"]["mAP@10"] == pytest.approx(100 * (1 / 5 + 2 / 6) / 2)
-    assert r["text_to_audio"]["R@5"] == 100 and r["text_to_audio"]["mAP@10"] == pytest.approx(100 / 3)
-    # Clip 0 ties its correct caption 1 with a wrong caption 2 at the top: the wrong one ranks first.
-    similarity = torch.tensor([[0.2, 0.9, 0.9, 0.0, 0.0, 0.0],
-                               [0.0, 0.0, 0.8, 0.7, 0.0, 0.0],
-                               [0.0, 0.0, 0.0, 0.0, 0.6, 0.5]])
-    r = evaluate.retrieval_metrics(similarity, caption_clip)
-    a2t = r["audio_to_text"]
-    assert a2t["R@1"] == pytest.approx(200 / 3)  # clips 1 and 2
-    # AP@10, clip 0: ranks 1 (wrong), 2 (caption 1), 3 (caption 0) -> (1/2 + 2/3) / 2; clips 1, 2: 1.
-    assert a2t["mAP@10"] == pytest.approx(100 * ((1 / 2 + 2 / 3) / 2 + 1 + 1) / 3)
-    # Caption 2 (clip 1) scores 0.9 for clip 0 and 0.8 for clip 1: rank 2. The others rank 1.
-    assert r["text_to_audio"]["R@1"] == pytest.approx(500 / 6)
-
-
-def test_zero_shot_tie_between_a_true_and_a_false_class_is_a_miss():
-    class_text = torch.eye(3)
-    audio = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    assert evaluate.zero_shot_accuracy(audio, class_text, [{0}, {2}]) == pytest.approx(50)
-    assert evaluate.zero_shot_accuracy(audio, class_text, [{0, 1}, {2}]) == pytest.approx(100)
-
-
-def test_mean_average_precision_by_hand():
-    scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.1, 0.6]])
-    labels = [{0}, {1}, {0, 1}]
-    # class 0: positives at ranks 1 and 3 -> (1 + 2/3) / 2; class 1: ranks 1, 2 -> 1.
-    assert evaluate.mean_average_precision(scores, labels) == pytest.approx(100 * ((1 + 2 / 3) / 2 + 1) / 2)
-
-
-def test_effective_rank_detects_collapse():
-    assert evaluate.effective_rank(torch.eye(16)) == pytest.approx(16, rel=1e-6)
-    collapsed = torch.randn(100, 1) @ torch.randn(1, 32)
-    assert evaluate.effective_rank(collapsed) < 1.01
-
-
 def test_linear_probe_separates_separable_classes():
     torch.manual_seed(0)
     centres = torch.randn(4, 20) * 3
     labels = torch.randint(0, 4, (200,))
     x = centres[labels] + 0.3 * torch.randn(200, 20)
-    sets = [{int(c)} for c in labels]
-    result, scores = evaluate.linear_probe(x[:150], sets[:150], x[150:], sets[150:], n_classes=4)
+    targets = torch.nn.functional.one_hot(labels, 4).float()
+    result, scores = evaluate.linear_probe(x[:150], targets[:150], x[150:], targets[150:])
     assert result == {"accuracy": 100.0} and scores.shape == (50, 4)
 
 
@@ -120,24 +57,24 @@ GOOD_ROWS = [f"low{i}.wav,tone;low,A low tone.,{'train' if i < 3 else 'test'}" f
 
 
 def test_manifest_reading(tmp_path):
-    es = evaluate.read_manifest(write_manifest(tmp_path, GOOD_ROWS))
+    es = evaluate.evaluation_set(write_manifest(tmp_path, GOOD_ROWS))
     assert len(es.files) == 10 and es.classes == ["high", "low", "tone"]
     assert es.labels[0] == ["tone", "low"] and es.split.count("test") == 4
     assert len(es.captions) == 11 and es.caption_clip[-1] == es.files.index("low4.wav")
 
 
 @pytest.mark.parametrize("rows,message", [
-    (GOOD_ROWS + ["gone.wav,tone,A tone.,test"], r"eval.csv, line 13: audio file .*gone.wav not found"),
+    (GOOD_ROWS + ["gone.wav,tone,A tone.,test"], r"eval.csv: 1 audio file\(s\) such as .*gone.wav not found"),
     ([r.replace(",test", ",train") for r in GOOD_ROWS], r"eval.csv: the test split is empty"),
     (GOOD_ROWS[:3] + GOOD_ROWS[5:8] + ["high4.wav,tone;whistle,A whistle.,test"],
      r"test clip high4.wav has label\(s\) \['whistle'\] that no training clip has"),
-    (GOOD_ROWS[:9] + ["high4.wav,tone;high,A tone.,dev"], r"line 11: split must be 'train' or 'test', got 'dev'"),
+    (GOOD_ROWS[:9] + ["high4.wav,tone;high,A tone.,dev"], r"line 11: split must be train, valid or test, got 'dev'"),
     (GOOD_ROWS + ["low4.wav,tone;high,A tone.,test"], r"low4.wav has labels \['tone', 'high'\] here but"),
 ])
 def test_bad_manifests_stop_with_a_clear_message(tmp_path, rows, message):
     path = write_manifest(tmp_path, rows)
-    with pytest.raises(evaluate.ManifestError, match=message):
-        evaluate.read_manifest(path)
+    with pytest.raises(data.ManifestError, match=message):
+        evaluate.evaluation_set(path)
 
 
 @pytest.fixture
@@ -179,10 +116,15 @@ def test_tasks_a_checkpoint_cannot_serve_are_skipped_with_the_reason(stage1_chec
     assert "zero_shot: skipped" in capsys.readouterr().out
 
 
-def test_moved_commands_say_where_they_went():
-    for command in ("embed", "export"):
-        with pytest.raises(SystemExit, match=f"'python evaluate.py {command}' is now 'python features.py {command}'"):
-            evaluate.main([command, "--checkpoint", "x.pt"])
+def test_a_fold_manifest_probes_each_fold_and_its_valid_split_is_not_used(tmp_path):
+    rows = [f"{'low' if i % 2 else 'high'}{i}.wav,{'low' if i % 2 else 'high'},,{i % 3}" for i in range(9)]
+    manifest = evaluate.evaluation_set(write_manifest(tmp_path, rows, header="file_name,label,caption,fold"))
+    assert manifest.folds == ["0", "1", "2"] and manifest.classes == ["high", "low"]
+    clip = torch.tensor([[1.0, 0.0] if "low" in f else [0.0, 1.0] for f in manifest.files])
+    targets = data.label_targets(manifest.labels, manifest.classes)
+    results, skipped, arrays = {}, {}, {}
+    evaluate.run_linear_probe(clip, manifest, targets, results, skipped, arrays)
+    assert results["linear_probe"]["accuracy"] == 100.0 and arrays["probe"][0].shape == (3, 2)
 
 
 def test_the_report_gives_the_fine_tuning_result_beside_a_checkpoint_or_its_command(tmp_path):
