@@ -1,116 +1,130 @@
 """Supervised fine-tuning of the M2D-CLAP encoder: stage 1.1 and the downstream tasks.
 
-The authors fine-tune with their evaluation package EVAR (its finetune.py,
-driven by the m2d repository's util/ft-*.sh); stage 1.1 is their AudioSet-2M
-run. This file is that method, written to give the same forward pass, loss
-and gradients on the same weights and batch. It reads in the order of the
-method:
+    python finetune.py                                   # stage-1 run, built-in event labels
+    python finetune.py --init runs/stage1/last.pt --manifest esc50.csv --recipe esc50
+    python finetune.py --manifest as2m.csv --shards shards/ --recipe as2m --stage 1.1
+    python finetune.py --help                            # every flag, with each recipe's value
+    torchrun --nproc_per_node=4 finetune.py ...          # data parallel (the batch is shared out)
 
-    recipes (one per task)  ->  learning-rate schedule  ->  the batch pipeline:
+A manifest is a CSV: file_name, label (several joined by ';' or '|') and a
+split (train / valid / test) or a fold column (data.read_manifest has the
+rules). Outputs in --out-dir (default runs/finetune-<recipe>, runs/stage1.1
+for --stage 1.1): best.pt (the best run's weights in our checkpoint layout,
+with its classifier: features.load_model reads it, 'python features.py tag'
+tags audio with it), result.json (the reported score by the task's rule,
+with the spread over seeds), per_class.csv, curves.png, log.jsonl, and
+resume.pt: running the same command again resumes exactly where a stopped
+run left off.
+
+The method is the authors' (their evaluation package EVAR, finetune.py,
+driven by nttcslab/m2d's util/ft-*.sh; stage 1.1 is their AudioSet-2M run),
+written to give the same forward pass, loss and gradients on the same weights
+and batch. It reads in the order of a step:
     (1) crop or pad, (2) mixup on the raw input, (3) log-mel and normalisation,
     (4) one frequency band and one time band zeroed, (5) random resized crop,
-    (6) the encoder with its structured token drop, pooling, BatchNorm + Linear
-    head  ->  loss and optimiser  ->  one training step, the loop  ->  metrics
-    and the reporting rules  ->  data (manifests, AudioSet sampling weights).
-
-Facts taken from the authors' code, and where we differ on purpose:
+    (6) model.AudioClassifier: the encoder with its structured token drop,
+    pooling, BatchNorm + Linear head  ->  loss  ->  optimiser step.
+Facts of the authors' code that it keeps, and where it differs on purpose:
 - The learning rate is set after every optimiser step from the fractional
   epoch of the step just taken (timm's CosineLRScheduler stepped with
-  epoch + iter / iters_per_epoch), so step k runs with the rate of step k - 1;
-  lr_of_iteration reproduces that lag. The cosine counts t from 0, not from
-  the end of warm-up, so AS2M (70 epochs, 15 of warm-up) falls to 0.891 x its
-  peak at epoch 15.
+  epoch + iter / iters_per_epoch), so step k runs with the rate of step k - 1
+  (lr_of_iteration). The cosine counts t from 0, not from the end of
+  warm-up: AS2M (70 epochs, 15 of warm-up) falls to 0.891 x its peak at 15.
 - Their "lars" optimiser without weight decay never computes a trust ratio:
   it is plain SGD with momentum 0.9, which is what we use.
 - The single-label loss is -mean(y * log_softmax(logits)) over the batch AND
-  the classes: cross-entropy divided by the number of classes (with soft
-  mixup targets).
-- The structured token drop keeps the FLAGGED rows and columns first (their
-  descending sort); model.kept_token_ids(keep="unflagged") is the apparent
-  intent. Their sort is not stable; ours keeps grid order among ties.
+  the classes: cross-entropy divided by the number of classes.
+- The structured token drop keeps the FLAGGED rows and columns first
+  (model.kept_token_ids); keep="unflagged" is the apparent intent.
 - Mixup draws one lambda per clip from Beta(alpha, alpha) and one permutation
-  per batch; it mixes the raw input: waveforms (EVAR's tasks) or
-  un-normalised log-mels (AudioSet-2M, from log-mel files).
+  per batch, on the raw input (waveforms, or un-normalised AS2M log-mels).
 - The random training crop starts in [0, frames - length): their draw never
-  takes the last possible start. Their validation split is cropped at random
-  too (only the test split takes the start); we take the start for both.
-- ROC-AUC skips classes whose test labels are all 0 or all 1 (theirs stops
-  with an error), and mAP skips classes without a positive (evaluate.py's).
+  takes the last start. Their validation split is cropped at random too; we
+  take the start, as they do for the test split.
 - Classes: the sorted label strings of the training split, for every split.
-
-Usage (the command line comes later): build a FinetuneModel from an M2DCLAP,
-then fit(model, RECIPES["esc50"], train_set, valid_set, test_set, generator).
 """
 
 from __future__ import annotations
 
-import copy
 import argparse
 import csv
 import json
 import math
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import builtin_data
 import data
 import features
+import metrics
 import model as m2d
 import runs
-from evaluate import ManifestError, builtin_eval_set, mean_average_precision
 
 
 # -----------------------------------------------------------------------------
-# Recipes: the values the authors pass per task (SPEC section 10)
+# Recipes: the values the authors pass per task (their util/ft-*.sh and EVAR's config/*.yaml)
+
+
+def option(default, help: str):
+    """A recipe field: its default and its --help text."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class FinetuneRecipe:
-    """One fine-tuning task's settings. Every field can be overridden by name."""
+    """One fine-tuning task's settings. Every field is a command-line flag (finetune.py --help)."""
 
-    optimizer: str = "sgd"           # "sgd" (momentum 0.9, no weight decay) or "adamw"
-    lr: float = 0.5                  # peak learning rate
-    lr_min: float = 1e-7             # the cosine's floor
-    batch_size: int = 128
-    epochs: int = 200
-    warmup_epochs: int = 5
-    mixup_alpha: float = 0.0         # 0: no mixup
-    freq_mask_bins: int = 30         # band widths are drawn in [0, width)
-    time_mask_frames: int = 48
-    random_resized_crop: bool = True
-    token_drop_ratio: float = 0.5    # the authors' training_mask
-    token_drop_keep: str = "flagged"  # "flagged" (the authors' behaviour) or "unflagged"
-    raw_input: str = "wave"          # what mixup sees: "wave" [samples] or "log_mel" [F, T]
-    input_frames: int = 1001         # crop length in log-mel frames (waveforms: (frames - 1) * hop samples)
-    encoder_frames: int = 0          # zero-padded to this after augmentation; 0: input_frames
-    freeze_patch_embed: bool = False
-    feature: str = "mean"            # "mean" of kept patch tokens (D) or "stacked" columns (F*D)
-    loss: str = "ce"                 # "bce" (multi-label) or "ce" (cross-entropy / n_classes)
-    sampling: str = "shuffle"        # "shuffle" or "weighted" (AudioSet-2M)
-    clips_per_epoch: int = 200_000   # weighted sampling: clips drawn per epoch, without replacement
-    report: str = "best_test"        # "best_test", "best_test_fold_mean" or "best_valid_then_test"
-    seeds: tuple[int, ...] = (43, 44, 45)
+    optimizer: str = option("sgd", "sgd (momentum 0.9, no weight decay: the authors' 'lars') or adamw "
+                            "(amsgrad, weight decay 1e-4)")
+    lr: float = option(0.5, "peak learning rate")
+    lr_min: float = option(1e-7, "the cosine's floor")
+    batch_size: int = option(128, "clips per optimiser step")
+    epochs: int = option(200, "epochs per run")
+    warmup_epochs: int = option(5, "linear warm-up from 0, in epochs")
+    mixup_alpha: float = option(0.0, "mixup's Beta(alpha, alpha) on the raw input; 0: off")
+    freq_mask_bins: int = option(30, "one frequency band of a width drawn in [0, N) zeroed")
+    time_mask_frames: int = option(48, "one time band of a width drawn in [0, N) zeroed")
+    random_resized_crop: bool = option(True, "BYOL-A's random resized crop of the log-mel")
+    token_drop_ratio: float = option(0.5, "structured token drop (the authors' training_mask): share of "
+                                     "frequency rows and time columns flagged")
+    token_drop_keep: str = option("flagged", "which tokens the drop keeps: the flagged first (the authors' "
+                                  "code) or the unflagged")
+    raw_input: str = option("wave", "what the clips are and mixup mixes: waveforms or log-mels [F, T]")
+    input_frames: int = option(1001, "crop length in log-mel frames (waveforms: (frames - 1) x hop samples)")
+    encoder_frames: int = option(0, "zero-padded to this many frames after augmentation; 0: input_frames")
+    freeze_patch_embed: bool = option(False, "keep the patch embedding fixed")
+    feature: str = option("mean", "clip feature: the mean of the kept patch tokens (D), or the frequency rows "
+                          "of each time column stacked (F*D)")
+    loss: str = option("ce", "bce (multi-label) or ce (cross-entropy / number of classes)")
+    sampling: str = option("shuffle", "shuffle, or draw clips by AudioSet's class-balancing weights")
+    clips_per_epoch: int = option(200_000, "weighted sampling: clips drawn per epoch, without replacement")
+    report: str = option("best_test", "the reporting rule: best_test, best_test_fold_mean or "
+                         "best_valid_then_test")
+    seeds: tuple[int, ...] = option((43, 44, 45), "one run per seed (and held-out fold)")
 
     @property
     def crop_length(self) -> int:
         """Crop length on the raw input: frames, or samples for waveforms."""
-        return self.input_frames if self.raw_input == "log_mel" else (self.input_frames - 1) * data.HOP_SAMPLES
+        return features.raw_crop_length(self.raw_input, self.input_frames)
 
     @property
     def padded_frames(self) -> int:
         return self.encoder_frames or self.input_frames
 
+    @property
+    def metric(self) -> str:
+        """The score that selects epochs and is reported: mAP for multi-label tasks, else accuracy."""
+        return "mAP" if self.loss == "bce" else "accuracy"
 
-RECIPES: dict[str, FinetuneRecipe] = {
+
+FINETUNE_RECIPES: dict[str, FinetuneRecipe] = {
     # Stage 1.1: AudioSet-2M from log-mel files, weighted sampling, 70 epochs.
     "as2m": FinetuneRecipe(lr=2.0, batch_size=64, epochs=70, warmup_epochs=15, mixup_alpha=0.5,
                            time_mask_frames=192, random_resized_crop=False, raw_input="log_mel",
@@ -139,16 +153,16 @@ RECIPES: dict[str, FinetuneRecipe] = {
 
 def recipe(name: str, **overrides) -> FinetuneRecipe:
     """A named recipe, optionally with some fields changed."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown fine-tuning recipe {name!r}; choose one of {sorted(RECIPES)}")
-    return replace(RECIPES[name], **overrides)
+    if name not in FINETUNE_RECIPES:
+        raise ValueError(f"unknown fine-tuning recipe {name!r}; choose one of {sorted(FINETUNE_RECIPES)}")
+    return replace(FINETUNE_RECIPES[name], **overrides)
 
 
 # -----------------------------------------------------------------------------
 # Learning-rate schedule, set every iteration
 
 
-def lr_at(epoch: float, recipe: FinetuneRecipe) -> float:
+def lr_of_epoch(epoch: float, recipe: FinetuneRecipe) -> float:
     """Linear warm-up from 0, then lr_min + (lr - lr_min)(1 + cos(pi t / E)) / 2 with t from 0.
 
     Written in the operation order of timm's CosineLRScheduler, so the values
@@ -169,30 +183,23 @@ def lr_of_iteration(iteration: int, iters_per_epoch: int, recipe: FinetuneRecipe
     warm-up's start.
     """
     if iteration == 0:
-        return lr_at(0.0, recipe)
+        return lr_of_epoch(0.0, recipe)
     epoch, i = divmod(iteration - 1, iters_per_epoch)
-    return lr_at(epoch + i / iters_per_epoch, recipe)
+    return lr_of_epoch(epoch + i / iters_per_epoch, recipe)
 
 
 # -----------------------------------------------------------------------------
-# The batch pipeline: crop, mixup, log-mel, normalise, band masks, random resized crop
+# The batch pipeline: crop, mixup, (log-mel and normalisation), band masks, random resized crop
 
 
-def crop_or_pad(clip: torch.Tensor, length: int, generator: torch.Generator | None = None,
-                train: bool = True) -> torch.Tensor:
-    """[..., L] -> [..., length]: a random start in [0, L - length) when training, the start otherwise;
+def random_crop(clip: torch.Tensor, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[..., L] -> [..., length]: a random start in [0, L - length) (never the last, as the authors draw it);
     zeros appended when shorter (in the raw input's space, before normalisation)."""
     frames = clip.shape[-1]
     if frames > length:
-        start = int(torch.randint(frames - length, (1,), generator=generator)) if train else 0
+        start = int(torch.randint(frames - length, (1,), generator=generator))
         return clip[..., start:start + length]
     return F.pad(clip, (0, length - frames))
-
-
-def crop_batch(clips: list[torch.Tensor], length: int, generator: torch.Generator | None = None,
-               train: bool = True) -> torch.Tensor:
-    """Clips of any length -> [B, ..., length]."""
-    return torch.stack([crop_or_pad(c, length, generator, train) for c in clips])
 
 
 def mixup(x: torch.Tensor, targets: torch.Tensor, alpha: float,
@@ -266,90 +273,18 @@ def random_resized_crop(x: torch.Tensor, generator: torch.Generator, canvas_time
 
 
 # -----------------------------------------------------------------------------
-# The model: the pre-trained encoder, the structured token drop, pooling, head
+# The network, the loss, the optimiser, one training step
 
 
-class FinetuneModel(nn.Module):
-    """The encoder of an M2DCLAP with a classification head; fp32, no dropout.
-
-    Takes the encoder's checkpoint-named parts (patch_embed, cls_token,
-    blocks, norm, norm_stats) and leaves the predictor, target and CLAP heads
-    behind. The position table is stretched (or cropped) to the task's input
-    and kept as a frozen buffer saved with the weights. While training, the
-    structured token drop keeps K of the F*T patch tokens. The clip feature
-    is the mean of the kept patch tokens (D), or with feature="stacked" the
-    F rows of each time column stacked (F*D) and averaged over time. The
-    head is BatchNorm1d(feature, affine=False) then Linear (weight normal
-    std 0.01, bias 0). State-dict keys: the encoder's, head_norm.*, head.*.
-    """
-
-    def __init__(self, encoder: m2d.M2DCLAP, n_classes: int, encoder_frames: int,
-                 token_drop_ratio: float = 0.0, token_drop_keep: str = "flagged", feature: str = "mean",
-                 freeze_patch_embed: bool = False, generator: torch.Generator | None = None):
-        super().__init__()
-        if feature not in ("mean", "stacked"):
-            raise ValueError(f"feature must be 'mean' or 'stacked', got {feature!r}")
-        if feature == "stacked" and token_drop_ratio > 0:
-            raise ValueError("stacked column features need every token: set token_drop_ratio to 0 "
-                             "(the authors switch to mean features whenever the drop is on)")
-        config = encoder.config
-        self.grid_f = config.n_mels // config.patch_size
-        self.grid_t = encoder_frames // config.patch_size
-        self.encoder_frames = encoder_frames
-        self.token_drop_ratio, self.token_drop_keep, self.feature = token_drop_ratio, token_drop_keep, feature
-
-        self.register_buffer("norm_stats", encoder.norm_stats.detach().clone())
-        self.patch_embed, self.cls_token, self.blocks, self.norm = (
-            encoder.patch_embed, encoder.cls_token, encoder.blocks, encoder.norm)
-        grid_t_checkpoint = (encoder.pos_embed.shape[1] - 1) // self.grid_f
-        self.register_buffer("pos_embed", m2d.stretch_pos_table(
-            encoder.pos_embed.detach(), self.grid_f, grid_t_checkpoint, self.grid_t).clone())  # [1, 1+F*T, D]
-        self.patch_embed.requires_grad_(not freeze_patch_embed)
-
-        dim = config.embed_dim * (self.grid_f if feature == "stacked" else 1)
-        self.head_norm = nn.BatchNorm1d(dim, affine=False)
-        self.head = nn.Linear(dim, n_classes)
-        nn.init.normal_(self.head.weight, std=0.01, generator=generator)
-        nn.init.zeros_(self.head.bias)
-        self.front_end = data.LogMelSpectrogram()  # for waveform input; its buffers are not saved
-
-    def normalize(self, log_mel: torch.Tensor) -> torch.Tensor:
-        return (log_mel - self.norm_stats[0]) / self.norm_stats[1]
-
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Normalised (and augmented) log-mel [B, 1, F_bins, T_frames] -> logits [B, n_classes]."""
-        if x.shape[-1] > self.encoder_frames:
-            raise ValueError(f"input of {x.shape[-1]} frames; this model takes at most {self.encoder_frames}")
-        x = F.pad(x, (0, self.encoder_frames - x.shape[-1]))      # zeros after normalisation (SPCV2)
-        patches = self.patch_embed(x) + self.pos_embed[:, 1:]     # [B, F*T, D]
-        if self.training and self.token_drop_ratio > 0:
-            patches, _ = m2d.structured_token_drop(patches, self.grid_f, self.grid_t, self.token_drop_ratio,
-                                                   generator, self.token_drop_keep)  # [B, K, D]
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(patches.shape[0], -1, -1)
-        x = torch.cat([cls, patches], dim=1)                      # [B, 1+K, D]
-        for block in self.blocks:
-            x = block(x)
-        tokens = self.norm(x)[:, 1:]                              # [B, K, D], CLS dropped
-        return self.head(self.head_norm(self.pool(tokens)))
-
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, K, D] -> [B, D] (mean), or [B, F*T, D] -> [B, F*D] (stacked columns, mean over time)."""
-        if self.feature == "mean":
-            return tokens.mean(dim=1)
-        B, N, D = tokens.shape
-        columns = tokens.reshape(B, self.grid_f, N // self.grid_f, D).permute(0, 2, 1, 3)  # [B, T, F, D]
-        return columns.reshape(B, N // self.grid_f, self.grid_f * D).mean(dim=1)         # [B, F*D]
-
-
-def build_model(encoder: m2d.M2DCLAP, n_classes: int, recipe: FinetuneRecipe,
-                generator: torch.Generator | None = None) -> FinetuneModel:
-    """The FinetuneModel a recipe asks for."""
-    return FinetuneModel(encoder, n_classes, recipe.padded_frames, recipe.token_drop_ratio,
-                         recipe.token_drop_keep, recipe.feature, recipe.freeze_patch_embed, generator)
-
-
-# -----------------------------------------------------------------------------
-# Loss and optimiser
+def classifier_for(encoder: m2d.AudioEncoder, n_classes: int, recipe: FinetuneRecipe,
+                   generator: torch.Generator | None = None, grad_checkpointing: bool = False) -> m2d.AudioClassifier:
+    """The AudioClassifier a recipe asks for, on a pre-trained encoder (the head drawn from `generator`)."""
+    model = m2d.AudioClassifier.from_encoder(encoder, n_classes, recipe.padded_frames, grad_checkpointing,
+                                             token_drop_ratio=recipe.token_drop_ratio,
+                                             token_drop_keep=recipe.token_drop_keep, feature=recipe.feature,
+                                             generator=generator)
+    model.patch_embed.requires_grad_(not recipe.freeze_patch_embed)
+    return model
 
 
 def finetune_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
@@ -361,7 +296,7 @@ def finetune_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> tor
     raise ValueError(f"loss must be 'bce' or 'ce', got {loss!r}")
 
 
-def make_optimizer(model: nn.Module, recipe: FinetuneRecipe) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, recipe: FinetuneRecipe) -> torch.optim.Optimizer:
     """One parameter group; the rate is set every step (lr_of_iteration)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if recipe.optimizer == "sgd":
@@ -371,60 +306,48 @@ def make_optimizer(model: nn.Module, recipe: FinetuneRecipe) -> torch.optim.Opti
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {recipe.optimizer!r}")
 
 
-# -----------------------------------------------------------------------------
-# One training step, evaluation, the loop
+def make_stepper(model: m2d.AudioClassifier, recipe: FinetuneRecipe, ddp: runs.Distributed = runs.Distributed(),
+                 precision: str = "fp32", use_compile: bool = False) -> runs.Stepper:
+    """The optimiser step as train.py takes it (runs.Stepper), without gradient clipping, as the authors'."""
+    device = model.norm_stats.device
+    return runs.Stepper.build(ddp.wrap(model, device), make_optimizer(model, recipe), device, precision,
+                              use_compile, clip_grad_norm=None)
 
 
-def to_log_mel(model: FinetuneModel, x: torch.Tensor, recipe: FinetuneRecipe) -> torch.Tensor:
-    """Raw input [B, samples] or [B, F, T] -> normalised log-mel [B, 1, F, T]."""
-    expected = 2 if recipe.raw_input == "wave" else 3
-    if x.dim() != expected:
-        raise ValueError(f"raw_input={recipe.raw_input!r} expects clips of {expected - 1} dimension(s), "
-                         f"got a batch of shape {tuple(x.shape)}")
-    log_mel = model.front_end(x) if recipe.raw_input == "wave" else x
-    return model.normalize(log_mel.unsqueeze(1))
-
-
-def train_step(model: FinetuneModel, optimizer: torch.optim.Optimizer, clips: list[torch.Tensor],
-               targets: torch.Tensor, recipe: FinetuneRecipe, generator: torch.Generator, lr: float) -> float:
+def finetune_step(stepper: runs.Stepper, clips: list[torch.Tensor], targets: torch.Tensor, recipe: FinetuneRecipe,
+                  generator: torch.Generator, lr: float) -> float:
     """One optimiser step on raw clips and their targets [B, C]; returns the loss.
 
-    model may be wrapped in DistributedDataParallel (it averages the gradients).
+    stepper.net is the AudioClassifier or its DistributedDataParallel wrapper
+    (which averages the gradients); a step with a non-finite loss is skipped.
     """
-    device = targets.device
-    x = crop_batch(clips, recipe.crop_length, generator).to(device)                   # (1)
+    model = getattr(stepper.net, "module", stepper.net)
+    x = torch.stack([random_crop(c, recipe.crop_length, generator) for c in clips]).to(targets.device)  # (1)
     x, targets = mixup(x, targets, recipe.mixup_alpha, generator)                     # (2)
-    x = to_log_mel(getattr(model, "module", model), x, recipe)                        # (3) [B, 1, F, T]
+    x = features.classifier_input(x, recipe.raw_input, model)                         # (3) [B, 1, F, T]
     x = band_masks(x, recipe.freq_mask_bins, recipe.time_mask_frames, generator)      # (4)
     if recipe.random_resized_crop:
         x = random_resized_crop(x, generator)                                         # (5)
     model.train()
-    loss = finetune_loss(model(x, generator), targets, recipe.loss)                   # (6)
-    for group in optimizer.param_groups:
+    for group in stepper.optimizer.param_groups:
         group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
+    sums, _, _ = stepper.step([(x, targets)], lambda x, y: {                          # (6)
+        "loss": finetune_loss(stepper.forward(x, generator), y, recipe.loss)})
+    return float(sums["loss"])
 
 
-@torch.no_grad()
-def predict(model: FinetuneModel, clips: list[torch.Tensor], recipe: FinetuneRecipe,
-            batch_size: int | None = None) -> torch.Tensor:
-    """Logits [N, C] from one crop at the start of each clip; no token drop, BatchNorm in eval mode."""
-    model.eval()
-    device = next(model.parameters()).device
-    batch_size = batch_size or recipe.batch_size
-    logits = []
-    for i in range(0, len(clips), batch_size):
-        x = crop_batch(clips[i:i + batch_size], recipe.crop_length, train=False).to(device)
-        logits.append(model(to_log_mel(model, x, recipe)).cpu())
-    return torch.cat(logits)
+def predict(model: m2d.AudioClassifier, clips, recipe: FinetuneRecipe) -> torch.Tensor:
+    """Logits [N, C] of the evaluation crop (features.classify, which features.tag_audio uses too)."""
+    return features.classify(model, clips, recipe.raw_input, recipe.input_frames, recipe.batch_size)
+
+
+# -----------------------------------------------------------------------------
+# Training: epochs of steps, an evaluation after each, the best epoch kept
 
 
 @dataclass
 class ClipSet:
-    """One split in memory: raw clips (waveforms [samples] or log-mels [F, T]) and targets [N, C].
+    """One split: raw clips (waveforms [samples] or log-mels [F, T]; a list or LazyClips) and targets [N, C].
 
     Targets are multi-hot, one-hot for single-label tasks (as the authors
     keep them), so mixup can mix them.
@@ -436,16 +359,6 @@ class ClipSet:
 
     def __len__(self) -> int:
         return len(self.clips)
-
-
-def epoch_batches(n_clips: int, recipe: FinetuneRecipe, generator: torch.Generator,
-                  weights: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """One epoch's batches of clip indices: a shuffle, or a weighted draw without replacement."""
-    if recipe.sampling == "weighted":
-        order = weighted_epoch(weights, recipe.clips_per_epoch, generator)
-    else:
-        order = torch.randperm(n_clips, generator=generator)
-    return list(order.split(recipe.batch_size))
 
 
 @dataclass
@@ -461,118 +374,90 @@ class FitState:
     best_scores: torch.Tensor | None = None  # the selecting split's logits [N, C] at the best epoch
 
 
-def train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, train: ClipSet, recipe: FinetuneRecipe,
-                order: torch.Generator, augment: torch.Generator, state: FitState, weights=None,
-                rank: int = 0, world_size: int = 1) -> tuple[float, float]:
+@dataclass
+class Trainer:
+    """One fine-tuning job in training: its network, step, generators and progress (one per process)."""
+
+    model: m2d.AudioClassifier
+    recipe: FinetuneRecipe
+    stepper: runs.Stepper
+    order: torch.Generator                # draws the batches: the same on every process
+    augment: torch.Generator              # draws the augmentations: one per process
+    state: FitState = field(default_factory=FitState)
+    rank: int = 0
+    world_size: int = 1
+
+
+def audioset_sampling_weights(targets: torch.Tensor) -> torch.Tensor:
+    """Per clip (sum of its classes' 1000 / (count_c + 0.01)) ** (1 / 1.5), counts over the given split."""
+    multi_hot = (targets > 0.5).double()                 # [N, C]
+    class_weight = 1000.0 / (multi_hot.sum(dim=0) + 0.01)  # [C]
+    return (multi_hot @ class_weight) ** (1.0 / 1.5)     # [N]
+
+
+def epoch_batches(n_clips: int, recipe: FinetuneRecipe, generator: torch.Generator,
+                  weights: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """One epoch's batches of clip indices: a shuffle, or recipe.clips_per_epoch drawn by weight without
+    replacement (capped at the split's size)."""
+    if recipe.sampling == "weighted":
+        order = torch.multinomial(weights.double(), min(recipe.clips_per_epoch, len(weights)), replacement=False,
+                                  generator=generator)
+    else:
+        order = torch.randperm(n_clips, generator=generator)
+    return list(order.split(recipe.batch_size))
+
+
+def train_epoch(t: Trainer, train: ClipSet, weights: torch.Tensor | None) -> tuple[float, float]:
     """One epoch of steps; with several processes each takes its share of every batch. (mean loss, last lr)."""
-    batches = epoch_batches(len(train), recipe, order, weights)
+    batches = epoch_batches(len(train), t.recipe, t.order, weights)
     device, losses = train.targets.device, []
     for ids in batches:
-        ids = ids[rank::world_size]
-        lr = lr_of_iteration(state.step, len(batches), recipe)
-        losses.append(train_step(net, optimizer, [train.clips[i] for i in ids], train.targets[ids.to(device)],
-                                 recipe, augment, lr))
-        state.step += 1
+        ids = ids[t.rank::t.world_size]
+        lr = lr_of_iteration(t.state.step, len(batches), t.recipe)
+        losses.append(finetune_step(t.stepper, [train.clips[i] for i in ids], train.targets[ids.to(device)],
+                                    t.recipe, t.augment, lr))
+        t.state.step += 1
     return float(np.mean(losses)), lr
 
 
-def fit(model: FinetuneModel, recipe: FinetuneRecipe, train: ClipSet, valid: ClipSet | None, test: ClipSet,
-        generator: torch.Generator, log=print, optimizer: torch.optim.Optimizer | None = None,
-        state: FitState | None = None, on_epoch=None, net: nn.Module | None = None,
-        augment: torch.Generator | None = None, rank: int = 0, world_size: int = 1) -> dict:
-    """Fine-tune for recipe.epochs, evaluating after every epoch; returns the reported score and history.
+def fit(t: Trainer, train: ClipSet, valid: ClipSet | None, test: ClipSet, on_epoch=None) -> dict:
+    """Fine-tune up to recipe.epochs, evaluating after every epoch; returns the reported score and history.
 
     Without a validation split, the test split selects the epoch (the best
     test score over epochs, as the authors report AudioSet and ESC-50); with
-    one, the best validation epoch's weights are tested once. A run that
-    resumes passes its optimizer and FitState; on_epoch(state) is called after
-    every epoch (to save a checkpoint). `generator` orders the batches, and
-    draws the augmentations too unless `augment` is given (one per process).
-    Only rank 0 evaluates, on the whole split.
+    one, the best validation epoch's weights are tested once. Only rank 0
+    evaluates, on the whole split. on_epoch(state) runs after every epoch (a
+    resume file, the progress line).
     """
-    optimizer = optimizer or make_optimizer(model, recipe)
-    state = state or FitState()
+    recipe, state = t.recipe, t.state
     weights = audioset_sampling_weights(train.targets) if recipe.sampling == "weighted" else None
     selector = valid if valid is not None and len(valid) else test
     part = "valid" if selector is valid else "test"
     while state.epoch < recipe.epochs:
-        loss, lr = train_epoch(net or model, optimizer, train, recipe, generator, augment or generator, state,
-                               weights, rank, world_size)
+        loss, lr = train_epoch(t, train, weights)
         state.epoch += 1  # epochs done: the records count from 1, as the progress lines do
         record = {"epoch": state.epoch, "loss": loss, "lr": lr}
-        if rank == 0:
-            scores = predict(model, selector.clips, recipe)
-            record[part] = finetune_metrics(scores, selector.targets.cpu())
-            score = selection_score(scores, selector.targets.cpu(), recipe.loss)
-            if score > state.best_score:  # strictly better, from 0, as the authors keep the best
-                state.best_score, state.best_epoch, state.best_scores = score, state.epoch, scores
-                state.best_state = copy.deepcopy(model.state_dict())
-            log(f"epoch {state.epoch}: loss {loss:.5f}, lr {lr:.3g}, {part} {score:.3f}")
+        if t.rank == 0:
+            scores = predict(t.model, selector.clips, recipe)
+            record[part] = metrics.classification_scores(scores, selector.targets.cpu())
+            if record[part][recipe.metric] > state.best_score:  # strictly better, from 0, as the authors keep the best
+                state.best_score, state.best_epoch, state.best_scores = record[part][recipe.metric], state.epoch, scores
+                state.best_state = {k: v.clone() for k, v in t.model.state_dict().items()}
         state.history.append(record)
         if on_epoch is not None:
             on_epoch(state)
-    return fit_result(model, recipe, test, state, selector is valid)
+    return fit_result(t, test, selector is valid)
 
 
-def fit_result(model: FinetuneModel, recipe: FinetuneRecipe, test: ClipSet, state: FitState,
-               test_once: bool) -> dict:
+def fit_result(t: Trainer, test: ClipSet, test_once: bool) -> dict:
     """The reported score, the best epoch, and the test logits and metrics at the best epoch."""
-    scores = state.best_scores
+    state, scores = t.state, t.state.best_scores
     if test_once and state.best_state is not None:
-        model.load_state_dict(state.best_state)
-        scores = predict(model, test.clips, recipe)
-    metrics = finetune_metrics(scores, test.targets.cpu()) if scores is not None else {}
-    reported = selection_score(scores, test.targets.cpu(), recipe.loss) if scores is not None else 0.0
-    return {"score": reported, "best_epoch": state.best_epoch, "history": state.history,
-            "state": state.best_state, "test_scores": scores, "metrics": metrics}
-
-
-# -----------------------------------------------------------------------------
-# Metrics and the reporting rules
-
-
-def roc_auc(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
-    """ROC-AUC per class (ties count one half), averaged; also how many classes were skipped.
-
-    A class whose labels are all 0 or all 1 has no ROC curve: it is skipped.
-    """
-    aucs = [a for a in (class_roc_auc(s, y) for s, y in zip(scores.T, targets.T)) if a is not None]
-    return (float(np.mean(aucs)) if aucs else float("nan")), scores.shape[1] - len(aucs)
-
-
-def class_roc_auc(scores: torch.Tensor, targets: torch.Tensor) -> float | None:
-    """One class's ROC-AUC from its scores [N] and 0/1 targets [N]; None when it has no ROC curve."""
-    s, y = scores.double().numpy(), targets.numpy() > 0.5
-    n_pos = int(y.sum())
-    if n_pos in (0, len(y)):
-        return None
-    ranks = average_ranks(s)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(y) - n_pos)))
-
-
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, tied values sharing the mean of their ranks."""
-    unique, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    first = np.cumsum(counts) - counts
-    return (first + (counts + 1) / 2)[inverse]
-
-
-def accuracy(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """Share of clips whose highest score is their (first) class, in %."""
-    return 100 * float((scores.argmax(dim=1) == targets.argmax(dim=1)).float().mean())
-
-
-def finetune_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict:
-    """mAP (%), ROC-AUC and accuracy (%) of logits [N, C] against multi-hot targets [N, C]."""
-    labels = [set(torch.nonzero(row > 0.5).flatten().tolist()) for row in targets]
-    auc, skipped = roc_auc(scores, targets)
-    return {"mAP": mean_average_precision(scores, labels), "roc_auc": auc, "roc_auc_skipped_classes": skipped,
-            "accuracy": accuracy(scores, targets)}
-
-
-def selection_score(scores: torch.Tensor, targets: torch.Tensor, loss: str) -> float:
-    """The score that picks epochs and is reported: mAP for multi-label tasks, else accuracy."""
-    return finetune_metrics(scores, targets)["mAP" if loss == "bce" else "accuracy"]
+        t.model.load_state_dict(state.best_state)
+        scores = predict(t.model, test.clips, t.recipe)
+    scored = metrics.classification_scores(scores, test.targets.cpu()) if scores is not None else {}
+    return {"score": scored.get(t.recipe.metric, 0.0), "best_epoch": state.best_epoch, "history": state.history,
+            "state": state.best_state, "test_scores": scores, "metrics": scored}
 
 
 def seed_summary(scores: list[float]) -> dict:
@@ -583,97 +468,7 @@ def seed_summary(scores: list[float]) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Data: manifests, AudioSet sampling weights
-
-
-def audioset_sampling_weights(targets: torch.Tensor) -> torch.Tensor:
-    """Per clip (sum of its classes' 1000 / (count_c + 0.01)) ** (1 / 1.5), counts over the given split."""
-    multi_hot = (targets > 0.5).double()                 # [N, C]
-    class_weight = 1000.0 / (multi_hot.sum(dim=0) + 0.01)  # [C]
-    return (multi_hot @ class_weight) ** (1.0 / 1.5)     # [N]
-
-
-def weighted_epoch(weights: torch.Tensor, n_clips: int, generator: torch.Generator) -> torch.Tensor:
-    """n_clips indices drawn by weight without replacement (capped at the split's size)."""
-    return torch.multinomial(weights.double(), min(n_clips, len(weights)), replacement=False,
-                             generator=generator)
-
-
-LABEL_SEPARATORS = (";", "|")
-
-
-@dataclass
-class FinetuneManifest:
-    """A fine-tuning manifest: clips, their labels, and a split (train/valid/test) or a fold per clip."""
-
-    name: str
-    files: list[str]
-    labels: list[list[str]]
-    split: list[str] | None = None
-    fold: list[str] | None = None
-
-    @property
-    def classes(self) -> list[str]:
-        """Sorted label strings of the training clips (all clips when folds are used)."""
-        train = [ls for ls, s in zip(self.labels, self.split or ["train"] * len(self.labels)) if s == "train"]
-        return sorted({c for ls in train for c in ls})
-
-    @property
-    def multi_label(self) -> bool:
-        return any(len(ls) > 1 for ls in self.labels)
-
-    def indices(self, part: str, holdout_fold: str | None = None) -> list[int]:
-        """Clip indices of a split; with folds, 'test' is the holdout fold and 'train' the others."""
-        if self.split is not None:
-            return [i for i, s in enumerate(self.split) if s == part]
-        if holdout_fold is None:
-            raise ManifestError(f"{self.name}: has folds, not splits; pass the fold to hold out")
-        if part == "valid":
-            return []
-        return [i for i, f in enumerate(self.fold) if (f == holdout_fold) == (part == "test")]
-
-
-def read_finetune_manifest(csv_path: str | Path) -> FinetuneManifest:
-    """Read a CSV with file_name, label (several separated by ';' or '|') and split or fold."""
-    try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns, rows = reader.fieldnames or [], list(reader)
-    except (FileNotFoundError, UnicodeDecodeError, csv.Error) as e:
-        raise ManifestError(f"{csv_path}: cannot read the manifest ({e})") from e
-    part_column = "split" if "split" in columns else "fold" if "fold" in columns else None
-    if "file_name" not in columns or "label" not in columns or part_column is None:
-        raise ManifestError(f"{csv_path}: the header has {columns}; a fine-tuning manifest needs file_name, "
-                            "label and either split (train/valid/test) or fold")
-    manifest = FinetuneManifest(str(csv_path), [], [], [] if part_column == "split" else None,
-                                [] if part_column == "fold" else None)
-    for line, row in enumerate(rows, start=2):
-        text = row["label"] or ""
-        for sep in LABEL_SEPARATORS[1:]:
-            text = text.replace(sep, LABEL_SEPARATORS[0])
-        labels = [c.strip() for c in text.split(LABEL_SEPARATORS[0]) if c.strip()]
-        if not row["file_name"] or not labels:
-            raise ManifestError(f"{csv_path}, line {line}: empty file_name or label")
-        part = (row[part_column] or "").strip()
-        if part_column == "split" and part not in ("train", "valid", "test"):
-            raise ManifestError(f"{csv_path}, line {line}: split must be train, valid or test, got {part!r}")
-        manifest.files.append(row["file_name"])
-        manifest.labels.append(labels)
-        (manifest.split if part_column == "split" else manifest.fold).append(part)
-    return manifest
-
-
-def label_targets(labels: list[list[str]], classes: list[str], where: str = "") -> torch.Tensor:
-    """Label strings per clip -> multi-hot float targets [N, C] in the given class order."""
-    index = {c: k for k, c in enumerate(classes)}
-    targets = torch.zeros(len(labels), len(classes))
-    for i, clip_labels in enumerate(labels):
-        unknown = [c for c in clip_labels if c not in index]
-        if unknown:
-            raise ManifestError(f"{where}: clip {i} has label(s) {unknown} that no training clip has; "
-                                "a classifier cannot learn them. Fix the label or the split.")
-        targets[i, [index[c] for c in clip_labels]] = 1.0
-    return targets
+# A task: its manifest, its clips, the folds held out in turn
 
 
 class LazyClips:
@@ -691,116 +486,72 @@ class LazyClips:
         return self.read(self.names[index])
 
 
-def load_clip_set(manifest: FinetuneManifest, indices: list[int], recipe: FinetuneRecipe,
-                  source: data.AudioFolder | data.ShardStore, lazy: bool = False, workers: int = 1) -> ClipSet:
-    """The raw clips of some manifest rows: waveforms from audio files, or log-mels (files or shards).
-
-    lazy: read each clip when a batch needs it (shards); else read them all now, with `workers` threads.
-    """
-    names = [manifest.files[i] for i in indices]
-    missing = source.missing(names)
-    if missing:
-        raise ManifestError(f"{manifest.name}: {len(missing)} clip(s) such as {missing[0]} not found "
-                            f"{source.where()}")
-    if recipe.raw_input == "wave":
-        if not isinstance(source, data.AudioFolder):
-            raise ManifestError(f"{manifest.name}: raw_input='wave' needs audio files, not log-mel shards")
-        read = lambda name: data.load_audio(source.root / name)  # noqa: E731
-    else:
-        read = source.log_mel
-    targets = label_targets([manifest.labels[i] for i in indices], manifest.classes, manifest.name)
-    if lazy:
-        return ClipSet(LazyClips(read, names), targets, names)
-    with ThreadPoolExecutor(max(workers, 1)) as pool:
-        return ClipSet(list(pool.map(read, names)), targets, names)
-
-
-# -----------------------------------------------------------------------------
-# A task to run: its clips, the folds held out in turn, the built-in task
-
-
 @dataclass
 class Task:
     """A fine-tuning task: its manifest, where its clips are, and the folds held out in turn ([None]: splits)."""
 
-    manifest: FinetuneManifest
+    manifest: data.Manifest
     source: data.AudioFolder | data.ShardStore
     holdouts: list[str | None]
-    lazy: bool = False
-    workers: int = 1
+    lazy: bool = False                   # read clips when a batch needs them (shards)
+    workers: int = 1                     # threads reading the clips otherwise
 
-    def splits(self, recipe: FinetuneRecipe, holdout: str | None) -> tuple[ClipSet, ClipSet | None, ClipSet]:
+    def clip_set(self, indices: list[int], raw_input: str) -> ClipSet:
+        """The raw clips of some manifest rows: waveforms from audio files, or log-mels (files or shards)."""
+        manifest = self.manifest
+        names = [manifest.files[i] for i in indices]
+        missing = self.source.missing(names)
+        if missing:
+            raise data.ManifestError(f"{manifest.name}: {len(missing)} clip(s) such as {missing[0]} not found "
+                                     f"{self.source.where()}")
+        if raw_input == "wave" and not isinstance(self.source, data.AudioFolder):
+            raise data.ManifestError(f"{manifest.name}: raw_input='wave' needs audio files, not log-mel shards")
+        read = (lambda name: data.load_audio(self.source.root / name)) if raw_input == "wave" else self.source.log_mel
+        targets = data.label_targets([manifest.labels[i] for i in indices], manifest.classes, manifest.name)
+        if self.lazy:
+            return ClipSet(LazyClips(read, names), targets, names)
+        with ThreadPoolExecutor(max(self.workers, 1)) as pool:
+            return ClipSet(list(pool.map(read, names)), targets, names)
+
+    def splits(self, raw_input: str, holdout: str | None) -> tuple[ClipSet, ClipSet | None, ClipSet]:
         """(train, valid or None, test) of one held-out fold (or of the manifest's splits)."""
-        train, valid, test = (load_clip_set(self.manifest, self.manifest.indices(part, holdout), recipe,
-                                            self.source, self.lazy, self.workers)
+        train, valid, test = (self.clip_set(self.manifest.indices(part, holdout), raw_input)
                               for part in ("train", "valid", "test"))
         return train, (valid if len(valid) else None), test
 
 
-def load_task(manifest_path: Path, audio_root: Path | None = None, shards: Path | None = None,
-              folds: list[str] | None = None, workers: int = 1) -> Task:
-    """The task of a manifest: audio files under audio_root (default: the manifest's folder), or shards."""
-    manifest = read_finetune_manifest(manifest_path)
-    source = data.ShardStore(shards) if shards else data.AudioFolder(audio_root or Path(manifest_path).parent)
+def load_task(settings: RunSettings) -> Task:
+    """The task of --manifest (audio files under --audio-root, or --shards), or the built-in event labels."""
+    if settings.manifest is None:  # several labels per clip (multi-label, like AudioSet); train, then test
+        manifest = builtin_data.builtin_eval_set()  # renders the audio on first use
+        return Task(manifest, data.AudioFolder(manifest.root), [None], workers=settings.workers)
+    manifest = data.read_manifest(settings.manifest, settings.audio_root)
+    source = data.ShardStore(settings.shards) if settings.shards else data.AudioFolder(manifest.root)
     if manifest.fold is None:
-        if folds:
-            raise ManifestError(f"{manifest_path}: --folds needs a manifest with a fold column; this one has splits")
+        if settings.folds:
+            raise data.ManifestError(f"{manifest.name}: --folds needs a manifest with a fold column; this one "
+                                     "has splits")
         holdouts = [None]
         for part in ("train", "test"):
             if not manifest.indices(part):
-                raise ManifestError(f"{manifest_path}: no clip in the {part} split; a run needs train and test clips")
+                raise data.ManifestError(f"{manifest.name}: no clip in the {part} split; a run needs train and "
+                                         "test clips")
     else:
-        present = sorted(set(manifest.fold), key=lambda f: (len(f), f))
-        if len(present) < 2:
-            raise ManifestError(f"{manifest_path}: every clip is in fold {present[0]!r}; holding folds out in turn "
-                                "needs at least 2 folds (or use a split column: train/valid/test)")
-        unknown = sorted(set(folds or []) - set(present))
+        if len(manifest.folds) < 2:
+            raise data.ManifestError(f"{manifest.name}: every clip is in fold {manifest.folds[0]!r}; holding folds "
+                                     "out in turn needs at least 2 folds (or use a split column: train/valid/test)")
+        unknown = sorted(set(settings.folds or []) - set(manifest.folds))
         if unknown:
-            raise ManifestError(f"{manifest_path}: --folds {unknown} not in the manifest, whose folds are {present}")
-        holdouts = list(folds or present)
-    return Task(manifest, source, holdouts, lazy=shards is not None, workers=workers)
-
-
-def builtin_task(workers: int = 1) -> Task:
-    """The built-in data's event labels: several per clip (multi-label, like AudioSet); train, then test."""
-    clips = builtin_eval_set()  # renders the audio on first use
-    manifest = FinetuneManifest("built-in data", clips.files, clips.labels, clips.split)
-    return Task(manifest, data.AudioFolder(builtin_data.builtin_cache_dir()), [None], workers=workers)
-
-
-def init_encoder(init: Path, seed: int, random_init: bool) -> m2d.M2DCLAP:
-    """The M2DCLAP of a checkpoint (ours or released); random_init: a fresh one of the same shape and statistics."""
-    encoder = features.load_model(init).model
-    if random_init:
-        torch.manual_seed(seed)
-        encoder = m2d.M2DCLAP(encoder.config, tuple(encoder.norm_stats.tolist()))
-    return encoder
+            raise data.ManifestError(f"{manifest.name}: --folds {unknown} not in the manifest, whose folds are "
+                                     f"{manifest.folds}")
+        holdouts = list(settings.folds or manifest.folds)
+    for holdout in holdouts:
+        data.check_labels(manifest, holdout)
+    return Task(manifest, source, holdouts, lazy=settings.shards is not None, workers=settings.workers)
 
 
 # -----------------------------------------------------------------------------
-# The fine-tuned file: a full M2DCLAP checkpoint plus the head
-
-
-def finetuned_checkpoint(init: m2d.M2DCLAP, model: FinetuneModel, classes: list[str], multi_label: bool,
-                         recipe: FinetuneRecipe, settings: dict, stage: str = "finetune") -> dict:
-    """Our checkpoint layout, so that features.load_model reads it and stage 2 can start from it.
-
-    model_config is the init's with crop_frames = the task's input; the
-    encoder (with the stretched position table) is the fine-tuned one; the
-    target, predictor and CLAP heads come from the init (decoder_pos_embed
-    rebuilt for the new grid); a text encoder is left out. "head" holds
-    head_norm.* and head.*.
-    """
-    config = replace(init.config, crop_frames=recipe.padded_frames)
-    full = m2d.M2DCLAP(config, tuple(init.norm_stats.tolist())).state_dict()  # the new grid's tables
-    for key, value in init.state_dict().items():
-        if key in full and value.shape == full[key].shape:
-            full[key] = value
-    tuned = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    full.update({k: v for k, v in tuned.items() if k in full})
-    return {"stage": stage, "model_config": asdict(config), "norm_stats": init.norm_stats.tolist(), "model": full,
-            "head": {k: v for k, v in tuned.items() if k.startswith("head")}, "classes": classes,
-            "multi_label": multi_label, "recipe": recipe_record(recipe), "args": settings}
+# What a run writes besides the fine-tuned file (features.finetuned_checkpoint): per-class scores, curves
 
 
 def recipe_record(recipe: FinetuneRecipe) -> dict:
@@ -813,11 +564,10 @@ def write_per_class(path: Path, scores: torch.Tensor, targets: torch.Tensor, cla
         writer = csv.writer(f)
         writer.writerow(["class", "AP", "roc_auc", "positives"])
         for c, name in enumerate(classes):
-            y = targets[:, c] > 0.5
-            ap = mean_average_precision(scores[:, c:c + 1], [{0} if hit else set() for hit in y]) if y.any() else None
-            auc = class_roc_auc(scores[:, c], targets[:, c])
+            truth = targets[:, c] > 0.5
+            ap, auc = metrics.average_precision(scores[:, c], truth), metrics.class_roc_auc(scores[:, c], targets[:, c])
             writer.writerow([name, "" if ap is None else f"{ap:.3f}", "" if auc is None else f"{auc:.4f}",
-                             int(y.sum())])
+                             int(truth.sum())])
 
 
 def plot_curves(path: Path, history: list[dict], metric: str, log=print):
@@ -854,21 +604,24 @@ class EpochLimit(Exception):
 
 @dataclass
 class RunSettings:
-    """What a fine-tuning run is told besides its recipe."""
+    """What a fine-tuning run is told besides its recipe; parse_args settles every default."""
 
     init: Path = Path("runs/stage1/last.pt")
-    out_dir: Path | None = None          # default runs/finetune-<recipe>
+    out_dir: Path = Path("runs/finetune-builtin")
     recipe_name: str = "builtin"
-    manifest: Path | None = None         # None: the built-in task
-    audio_root: Path | None = None
-    shards: Path | None = None
-    folds: list[str] | None = None
+    manifest: Path | None = None         # None: the built-in data's event labels
+    audio_root: Path | None = None       # None: the manifest's folder
+    shards: Path | None = None           # None: read audio files
+    folds: list[str] | None = None       # None: every fold of the manifest, in turn
     random_init: bool = False
     stage: str = "finetune"              # "1.1": the file is a stage-1.1 checkpoint, also written as last.pt
     device: str = "cpu"
+    precision: str = "fp32"              # as the authors; bf16 / fp16 autocast on a GPU
+    compile: bool = False
+    grad_checkpointing: bool = False     # recompute block activations in backward: less memory
     workers: int = 1
-    resume: bool | None = None           # None: resume when the run's resume.pt exists
-    epochs_limit: int | None = None      # stop after this many epochs (this invocation)
+    resume: bool = False                 # go on from out_dir/resume.pt
+    epochs_limit: int | None = None      # None: no limit; else stop after this many epochs (this invocation)
 
     def identity(self, recipe: FinetuneRecipe, world_size: int) -> dict:
         """What must stay the same for a run to resume."""
@@ -876,112 +629,121 @@ class RunSettings:
                 "manifest": str(self.manifest), "audio_root": str(self.audio_root), "shards": str(self.shards),
                 "folds": self.folds, "random_init": self.random_init, "stage": self.stage, "world_size": world_size}
 
+    def saved(self) -> dict:
+        return {k: str(v) for k, v in vars(self).items()}
+
 
 @dataclass
-class Run:
-    """A run in progress: its settings, task, files and log (one per process)."""
+class FinetuneRun:
+    """A fine-tuning run in progress: its settings, task, folder and log (one per process)."""
 
     settings: RunSettings
     recipe: FinetuneRecipe
     task: Task
-    out_dir: Path
     ddp: runs.Distributed
     device: torch.device
     log: runs.RunLog
     identity: dict
     jobs: list[tuple[int, str | None]]   # (seed, held-out fold) in the order they run
+    results: list[dict] = field(default_factory=list)  # one summary per job done
     epochs_run: int = 0                  # in this invocation
-    started: float = field(default_factory=time.perf_counter)
 
-    def print(self, *args):
-        self.log.print(*args, flush=True)
-
-
-def open_resume(run_dir: Path, settings: RunSettings, identity: dict) -> dict | None:
-    """The resume file to go on from, checked to be the same run, or None for a new run."""
-    path = run_dir / RESUME_FILE
-    if settings.resume is False or (settings.resume is None and not path.is_file()):
-        return None
-    if not path.is_file():
-        raise runs.ResumeError(f"{path}: not found, so there is nothing to resume; drop --resume to start a new run")
-    ckpt = runs.load_checkpoint(path)
-    runs.check_same_run(path, ckpt["identity"], identity)
-    return ckpt
+    @property
+    def out_dir(self) -> Path:
+        return self.settings.out_dir
 
 
-def gather_generator_states(ddp: runs.Distributed, generator: torch.Generator) -> list[torch.Tensor]:
-    """Every rank's augmentation generator state, in rank order (every rank must call this)."""
-    if ddp.world_size == 1:
-        return [generator.get_state()]
-    states = [None] * ddp.world_size
-    torch.distributed.all_gather_object(states, generator.get_state())
-    return states
+def finetune(settings: RunSettings, recipe: FinetuneRecipe) -> Path:
+    """Run every (seed, held-out fold) of a task, resuming where a stopped run left off; returns best.pt's path."""
+    ddp, device = runs.setup_distributed(torch.device(settings.device))
+    if not settings.init.is_file():
+        raise FileNotFoundError(f"{settings.init}: the checkpoint to fine-tune was not found; pass --init CKPT "
+                                "(python train.py --stage 1 writes runs/stage1/last.pt)")
+    identity = settings.identity(recipe, ddp.world_size)
+    resume = runs.find_resume(settings.out_dir / RESUME_FILE, settings.resume, "finetune")
+    if resume is not None:
+        runs.check_same_run(settings.out_dir / RESUME_FILE, resume["resume"]["run"], identity)
+    task = load_task(settings)
+    runs.prepare_out_dir(settings.out_dir, resume is None, ddp, also_stale=RUN_FILES)
+    jobs = [(seed, holdout) for seed in recipe.seeds for holdout in task.holdouts]
+    run = FinetuneRun(settings, recipe, task, ddp, device, runs.RunLog(settings.out_dir / "log.jsonl",
+                                                                       len(jobs) * recipe.epochs, ddp.main),
+                      identity, jobs, list(resume["results"]) if resume else [])
+    start_job = resume["job"] if resume else 0
+    run.log.start(start_job * recipe.epochs + resume["fit"]["epoch"] if resume else 0,
+                  resume["resume"]["elapsed_s"] if resume else 0.0)
+    run.log.print(f"fine-tuning {settings.init} ({'random init' if settings.random_init else 'pre-trained'}) on "
+                  f"{task.manifest.name}: {len(task.manifest.classes)} classes, recipe {settings.recipe_name}, "
+                  f"{len(jobs)} run(s) of {recipe.epochs} epochs, {device} {settings.precision}, writing "
+                  f"{settings.out_dir}" + (f"; resuming at run {start_job + 1}, epoch {resume['fit']['epoch']}"
+                                           if resume else ""))
+    for j in range(start_job, len(jobs)):
+        run.results.append(run_job(run, j, resume if j == start_job else None))
+    if ddp.main:
+        write_result(run)
+    ddp.leave()
+    return settings.out_dir / ("last.pt" if settings.stage == "1.1" else MODEL_FILE)
 
 
-def run_job(run: Run, j: int, results: list[dict], ckpt: dict | None) -> dict:
-    """Fine-tune one seed on one held-out fold (or the splits); resumes from ckpt when it is this job's."""
+def run_job(run: FinetuneRun, j: int, resume: dict | None) -> dict:
+    """Fine-tune one seed on one held-out fold (or the splits); resumes from `resume` when it is this job's."""
     seed, holdout = run.jobs[j]
-    recipe = run.recipe
-    train, valid, test = run.task.splits(recipe, holdout)
+    settings, recipe = run.settings, run.recipe
+    train, valid, test = run.task.splits(recipe.raw_input, holdout)
     for split in (train, valid, test):
         if split is not None:
             split.targets = split.targets.to(run.device)
-    init = init_encoder(run.settings.init, seed, run.settings.random_init)
-    model = build_model(copy.deepcopy(init), train.targets.shape[1], recipe,
-                        torch.Generator().manual_seed(seed)).to(run.device)
-    optimizer, state = make_optimizer(model, recipe), FitState()
-    order = torch.Generator().manual_seed(seed)
-    augment = torch.Generator().manual_seed(1_000_003 * (run.ddp.rank + 1) + seed)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = FitState(**ckpt["fit"])
-        order.set_state(ckpt["order_rng"])
-        augment.set_state(ckpt["augment_rng"][run.ddp.rank])
-
-    def on_epoch(state: FitState):
-        augment_states = gather_generator_states(run.ddp, augment)
-        if run.ddp.main:
-            runs.save_checkpoint(run.out_dir / RESUME_FILE, stage="finetune", identity=run.identity, job=j,
-                                 results=results, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                 fit=vars(state), order_rng=order.get_state(), augment_rng=augment_states,
-                                 elapsed_s=run.log.elapsed_s())
-        log_epoch(run, j, state)
-
-    result = fit(model, recipe, train, valid, test, order, log=lambda line: None, optimizer=optimizer,
-                 state=state, on_epoch=on_epoch, net=run.ddp.wrap(model, run.device), augment=augment,
-                 rank=run.ddp.rank, world_size=run.ddp.world_size)
+    init = features.load_model(settings.init).model
+    encoder = features.random_init_copy(init, seed) if settings.random_init else init
+    model = classifier_for(encoder, train.targets.shape[1], recipe, torch.Generator().manual_seed(seed),
+                           settings.grad_checkpointing).to(run.device)
+    t = Trainer(model, recipe, make_stepper(model, recipe, run.ddp, settings.precision, settings.compile),
+                order=torch.Generator().manual_seed(seed),
+                augment=torch.Generator().manual_seed(1_000_003 * (run.ddp.rank + 1) + seed),
+                rank=run.ddp.rank, world_size=run.ddp.world_size)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        runs.restore_training(resume, settings.out_dir / RESUME_FILE, run.identity, recipe.lr, t.stepper.optimizer,
+                              t.stepper.scaler, run.log.print)
+        t.state = FitState(**resume["fit"])
+        t.order.set_state(resume["resume"]["rng"][0]["order"])
+        t.augment.set_state(resume["resume"]["rng"][run.ddp.rank]["augment"])
+    result = fit(t, train, valid, test, on_epoch=lambda state: end_epoch(run, j, t))
     summary = {"seed": seed, "fold": holdout, "score": result["score"], "best_epoch": result["best_epoch"],
                "metrics": result["metrics"]}
-    if run.ddp.main and result["state"] is not None and result["score"] > max([r["score"] for r in results] + [-1]):
-        write_model(run, init, model, result, test)
+    if run.ddp.main and result["state"] is not None and result["score"] > max([r["score"] for r in run.results] + [-1]):
+        write_model(run, encoder, model, result, test)
     return summary
 
 
-def log_epoch(run: Run, j: int, state: FitState):
-    """log.jsonl's record and the progress line of the epoch just done; stops at --epochs-limit."""
+def end_epoch(run: FinetuneRun, j: int, t: Trainer):
+    """After each epoch: resume.pt, log.jsonl's record and the progress line; stops at --epochs-limit."""
+    rng = run.ddp.gather({"order": t.order.get_state(), "augment": t.augment.get_state()})
+    if run.ddp.main:
+        runs.save_checkpoint(run.out_dir / RESUME_FILE, stage="finetune", step=t.state.step, job=j, results=run.results,
+                             model=t.model.state_dict(), optimizer=t.stepper.optimizer.state_dict(),
+                             scaler=t.stepper.scaler.state_dict(), fit=vars(t.state),
+                             resume=runs.resume_state(run.identity, run.recipe.lr, rng, run.log.elapsed_s()))
     seed, holdout = run.jobs[j]
-    record = {"step": j * run.recipe.epochs + state.epoch, "seed": seed, "fold": holdout, **state.history[-1]}
+    record = {"step": j * run.recipe.epochs + t.state.epoch, "seed": seed, "fold": holdout, **t.state.history[-1]}
     run.log.write(record)
     part = "valid" if "valid" in record else "test"
-    metric = "mAP" if run.recipe.loss == "bce" else "accuracy"
+    metric = run.recipe.metric
+    run.log.progress(record["step"], {"loss": record["loss"]},
+                     [f"lr {record['lr']:.3g}", f"{part} {metric} {record.get(part, {}).get(metric, float('nan')):.2f}"],
+                     where=f"seed {seed}{f' fold {holdout}' if holdout is not None else ''} | "
+                           f"epoch {t.state.epoch}/{run.recipe.epochs}")
     run.epochs_run += 1
-    remaining = len(run.jobs) * run.recipe.epochs - record["step"]
-    eta_s = (time.perf_counter() - run.started) / run.epochs_run * remaining
-    fold = f" fold {holdout}" if holdout is not None else ""
-    run.print(f"seed {seed}{fold} | epoch {state.epoch}/{run.recipe.epochs} | loss {record['loss']:.4f} | "
-              f"lr {record['lr']:.3g} | {part} {metric} {record.get(part, {}).get(metric, float('nan')):.2f} | "
-              f"ETA {runs.format_duration(eta_s)}")
     if run.settings.epochs_limit and run.epochs_run >= run.settings.epochs_limit:
         raise EpochLimit(f"stopped after {run.epochs_run} epoch(s) (--epochs-limit); run the same command to resume")
 
 
-def write_model(run: Run, init: m2d.M2DCLAP, model: FinetuneModel, result: dict, test: ClipSet):
+def write_model(run: FinetuneRun, init: m2d.M2DCLAP, model: m2d.AudioClassifier, result: dict, test: ClipSet):
     """best.pt (and, for stage 1.1, last.pt: the same file) and per_class.csv of the best job so far."""
     model.load_state_dict(result["state"])
     manifest = run.task.manifest
-    ckpt = finetuned_checkpoint(init, model, manifest.classes, manifest.multi_label, run.recipe,
-                                {k: str(v) for k, v in vars(run.settings).items()}, run.settings.stage)
+    ckpt = features.finetuned_checkpoint(init, model, manifest.classes, manifest.multi_label,
+                                         recipe_record(run.recipe), run.settings.saved(), run.settings.stage)
     runs.save_checkpoint(run.out_dir / MODEL_FILE, **ckpt)
     if run.settings.stage == "1.1":
         (run.out_dir / "last.pt").unlink(missing_ok=True)
@@ -989,75 +751,27 @@ def write_model(run: Run, init: m2d.M2DCLAP, model: FinetuneModel, result: dict,
     write_per_class(run.out_dir / "per_class.csv", result["test_scores"], test.targets.cpu(), manifest.classes)
 
 
-def finetune(settings: RunSettings, recipe: FinetuneRecipe) -> Path:
-    """Run every (seed, held-out fold) of a task, resuming where a stopped run left off; returns best.pt's path."""
-    ddp, device = runs.setup_distributed(torch.device(settings.device))
-    default_dir = "stage1.1" if settings.stage == "1.1" else f"finetune-{settings.recipe_name}"
-    out_dir = Path(settings.out_dir or Path("runs") / default_dir)
-    task = (load_task(settings.manifest, settings.audio_root, settings.shards, settings.folds, settings.workers)
-            if settings.manifest else builtin_task(settings.workers))
-    if not Path(settings.init).is_file():
-        raise FileNotFoundError(f"{settings.init}: the checkpoint to fine-tune was not found; pass --init CKPT "
-                                "(python train.py --stage 1 writes runs/stage1/last.pt)")
-    identity = settings.identity(recipe, ddp.world_size)
-    ckpt = open_resume(out_dir, settings, identity)
-    if ddp.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:  # nothing of an earlier run in this folder may mix in
-            for name in RUN_FILES + (("last.pt",) if settings.stage == "1.1" else ()):
-                (out_dir / name).unlink(missing_ok=True)
-    ddp.barrier()
-    jobs = [(seed, holdout) for seed in recipe.seeds for holdout in task.holdouts]
-    run = Run(settings, recipe, task, out_dir, ddp, device, runs.RunLog(out_dir / "log.jsonl", 0, ddp.main),
-              identity, jobs)
-    start_job, results = (ckpt["job"], list(ckpt["results"])) if ckpt else (0, [])
-    run.log.start(start_job * recipe.epochs + ckpt["fit"]["epoch"] if ckpt else 0, ckpt["elapsed_s"] if ckpt else 0)
-    run.print(f"fine-tuning {settings.init} ({'random init' if settings.random_init else 'pre-trained'}) on "
-              f"{task.manifest.name}: {len(task.manifest.classes)} classes, recipe {settings.recipe_name}, "
-              f"{len(jobs)} run(s) of {recipe.epochs} epochs, writing {out_dir}"
-              + (f"; resuming at run {start_job + 1}, epoch {ckpt['fit']['epoch']}" if ckpt else ""))
-    for j in range(start_job, len(jobs)):
-        results.append(run_job(run, j, results, ckpt if j == start_job else None))
-    if ddp.main:
-        write_result(run, results)
-    ddp.leave()
-    return out_dir / ("last.pt" if settings.stage == "1.1" else MODEL_FILE)
-
-
-def write_result(run: Run, results: list[dict]):
+def write_result(run: FinetuneRun):
     """result.json: the reported score by the task's rule (per seed: the mean over held-out folds), and curves.png."""
-    recipe = run.recipe
+    recipe, results = run.recipe, run.results
     per_seed = {str(seed): float(np.mean([r["score"] for r in results if r["seed"] == seed])) for seed in recipe.seeds}
     best = max(range(len(results)), key=lambda k: results[k]["score"])
-    metric = "mAP" if recipe.loss == "bce" else "accuracy"
+    spread = seed_summary(list(per_seed.values()))
     report = {"task": run.task.manifest.name, "recipe_name": run.settings.recipe_name, "rule": recipe.report,
-              "metric": metric, "score": seed_summary(list(per_seed.values()))["mean"],
-              "spread": seed_summary(list(per_seed.values())), "per_seed": per_seed, "runs": results,
-              "best_run": best, "best_epoch": results[best]["best_epoch"], "metrics_at_best": results[best]["metrics"],
-              "classes": run.task.manifest.classes, "recipe": recipe_record(recipe),
-              "settings": {k: str(v) for k, v in vars(run.settings).items()}}
+              "metric": recipe.metric, "score": spread["mean"], "spread": spread, "per_seed": per_seed,
+              "runs": results, "best_run": best, "best_epoch": results[best]["best_epoch"],
+              "metrics_at_best": results[best]["metrics"], "classes": run.task.manifest.classes,
+              "recipe": recipe_record(recipe), "settings": run.settings.saved()}
     (run.out_dir / "result.json").write_text(json.dumps(report, indent=1) + "\n")
     seed, holdout = run.jobs[best]
     plot_curves(run.out_dir / "curves.png", [r for r in run.log.records if r["seed"] == seed
-                                             and r["fold"] == holdout], metric, run.print)
-    spread = report["spread"]
-    run.print(f"{metric} {spread['mean']:.2f} (std {spread['std']:.2f} over {spread['n']} seed(s)); "
-              f"best run {best + 1}, epoch {report['best_epoch']}; wrote {run.out_dir / MODEL_FILE}")
-
-
-def run_stage11(init_path: Path, out_dir: Path, resume: bool | None = None, device: str = "cpu",
-                **overrides) -> Path:
-    """Stage 1.1 on the built-in data from a stage-1 checkpoint: returns out_dir/last.pt, the stage-1.1 model.
-
-    out_dir/resume.pt is the run's resume state; out_dir/last.pt (= best.pt)
-    the best epoch's weights in our checkpoint layout, stage "1.1".
-    """
-    settings = RunSettings(init=Path(init_path), out_dir=Path(out_dir), stage="1.1", resume=resume, device=device)
-    return finetune(settings, recipe("builtin", **overrides))
+                                             and r["fold"] == holdout], recipe.metric, run.log.print)
+    run.log.print(f"{recipe.metric} {spread['mean']:.2f} (std {spread['std']:.2f} over {spread['n']} seed(s)); "
+                  f"best run {best + 1}, epoch {report['best_epoch']}; wrote {run.out_dir / MODEL_FILE}")
 
 
 # -----------------------------------------------------------------------------
-# The command line
+# The command line: the run's flags, then one flag per recipe field
 
 
 FLAG_CHOICES = {"optimizer": ("sgd", "adamw"), "token_drop_keep": ("flagged", "unflagged"),
@@ -1066,44 +780,69 @@ FLAG_CHOICES = {"optimizer": ("sgd", "adamw"), "token_drop_keep": ("flagged", "u
                 "report": ("best_test", "best_test_fold_mean", "best_valid_then_test")}
 
 
-def parse_args(argv=None) -> tuple[RunSettings, FinetuneRecipe]:
-    """RunSettings and the recipe of a command line: one flag per FinetuneRecipe field (default: the recipe's)."""
+def recipe_values(name: str) -> str:
+    """A recipe field's value in every recipe, for --help: 'as2m 2.0, esc50 0.5, ...' or one value for all."""
+    values = {r: getattr(FINETUNE_RECIPES[r], name) for r in FINETUNE_RECIPES}
+    if len(set(values.values())) == 1:
+        return f"every recipe: {next(iter(values.values()))}"
+    return ", ".join(f"{r} {v}" for r, v in values.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", type=Path, default=RunSettings.init, help="checkpoint to fine-tune, ours or a "
-                   "released file (default: runs/stage1/last.pt)")
+                   "released file (default: %(default)s)")
     p.add_argument("--manifest", type=Path, help="CSV: file_name, label (several joined by ';' or '|'), and split "
                    "(train/valid/test) or fold. Default: the built-in data's event labels")
     p.add_argument("--audio-root", type=Path, help="folder the file names are relative to (default: the manifest's)")
     p.add_argument("--shards", type=Path, help="log-mel shards (python data.py prepare) holding the manifest's files")
-    p.add_argument("--recipe", dest="recipe_name", choices=sorted(RECIPES),
+    p.add_argument("--recipe", dest="recipe_name", choices=sorted(FINETUNE_RECIPES),
                    help="task recipe (default: builtin without --manifest; required with it)")
     p.add_argument("--folds", nargs="+", help="folds to hold out in turn (default: every fold of the manifest)")
     p.add_argument("--random-init", action="store_true", help="a randomly initialised encoder of the same shape: "
                    "the baseline pre-training must beat")
     p.add_argument("--stage", choices=("finetune", "1.1"), default="finetune", help="'1.1' marks the file a "
-                   "stage-1.1 checkpoint and writes it as last.pt too")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=int, default=1, help="threads reading the clips")
+                   "stage-1.1 checkpoint and writes it as last.pt too (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: %(default)s")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision on a "
+                   "GPU (default: fp32, as the authors); fp16 uses a dynamic loss scale")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in the backward "
+                   "pass, trading time for memory")
+    p.add_argument("--workers", type=int, default=1, help="threads reading the clips (default: %(default)s)")
     p.add_argument("--out-dir", type=Path, help="run folder (default: runs/finetune-<recipe>; runs/stage1.1 for "
                    "--stage 1.1)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
-                   help="go on from the run folder's resume.pt (default: when it exists)")
+                   help="go on from the run folder's resume.pt (default: when it exists; --no-resume starts over)")
     p.add_argument("--epochs-limit", type=int, help="stop after this many epochs; the same command resumes")
-    group = p.add_argument_group("recipe fields (default: the recipe's value)")
+    group = p.add_argument_group("recipe fields (default: the --recipe's value, listed per recipe)")
     for f in fields(FinetuneRecipe):
         kind = type(getattr(FinetuneRecipe(), f.name))
         options = ({"action": argparse.BooleanOptionalAction} if kind is bool else
                    {"nargs": "+", "type": int} if kind is tuple else {"type": kind})
-        group.add_argument("--" + f.name.replace("_", "-"), default=None, choices=FLAG_CHOICES.get(f.name), **options)
+        group.add_argument("--" + f.name.replace("_", "-"), default=None, choices=FLAG_CHOICES.get(f.name),
+                           help=f"{f.metadata['help']} ({recipe_values(f.name)})", **options)
+    return p
+
+
+def parse_args(argv=None) -> tuple[RunSettings, FinetuneRecipe]:
+    """RunSettings with every default settled, and the recipe with the command line's overrides."""
+    p = build_parser()
     args = vars(p.parse_args(argv))
     overrides = {f.name: args.pop(f.name) for f in fields(FinetuneRecipe) if args[f.name] is not None}
     if args["recipe_name"] is None:
         if args["manifest"] is not None:
-            p.error(f"--manifest needs --recipe, one of {sorted(RECIPES)}")
+            p.error(f"--manifest needs --recipe, one of {sorted(FINETUNE_RECIPES)}")
         args["recipe_name"] = "builtin"
-    args = {k: v for k, v in args.items() if k in {f.name for f in fields(RunSettings)}}
-    return RunSettings(**args), recipe(args["recipe_name"], **{k: tuple(v) if k == "seeds" else v
-                                                               for k, v in overrides.items()})
+    default_dir = "stage1.1" if args["stage"] == "1.1" else f"finetune-{args['recipe_name']}"
+    out_dir = args["out_dir"] or Path("runs") / default_dir
+    audio_root = args["audio_root"] or (args["manifest"].parent if args["manifest"] and not args["shards"] else None)
+    settings = RunSettings(**{**{k: v for k, v in args.items() if k in {f.name for f in fields(RunSettings)}},
+                              "out_dir": out_dir, "audio_root": audio_root,
+                              "resume": (out_dir / RESUME_FILE).is_file() if args["resume"] is None else args["resume"]})
+    if "seeds" in overrides:
+        overrides["seeds"] = tuple(overrides["seeds"])
+    return settings, recipe(args["recipe_name"], **overrides)
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """Tests of finetune.py and model.py's fine-tuning section: position-table stretching, the structured
-token drop, the schedule, mixup, losses, AudioSet sampling weights, metrics, and one training step
-against a reference written out here."""
+token drop, the schedule, mixup, losses, AudioSet sampling weights, the reporting rules, model.AudioClassifier,
+and one training step against a reference written out here."""
 
 import math
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import finetune as ft
+import metrics
 import model as m2d
 
 SMALL = m2d.preset("tiny", embed_dim=32, depth=2, num_heads=2, crop_frames=64, predictor_dim=16,
@@ -98,15 +99,15 @@ def test_structured_token_drop_gathers_the_kept_tokens_of_patch_tokens():
 
 
 def test_schedule_warms_up_from_zero_and_counts_the_cosine_from_epoch_zero():
-    as2m = ft.RECIPES["as2m"]
-    assert ft.lr_at(0.0, as2m) == 0.0
-    assert ft.lr_at(7.5, as2m) == pytest.approx(1.0)
-    assert ft.lr_at(15.0, as2m) / as2m.lr == pytest.approx(0.891, abs=5e-4)
-    assert ft.lr_at(70.0, as2m) == as2m.lr_min
+    as2m = ft.FINETUNE_RECIPES["as2m"]
+    assert ft.lr_of_epoch(0.0, as2m) == 0.0
+    assert ft.lr_of_epoch(7.5, as2m) == pytest.approx(1.0)
+    assert ft.lr_of_epoch(15.0, as2m) / as2m.lr == pytest.approx(0.891, abs=5e-4)
+    assert ft.lr_of_epoch(70.0, as2m) == as2m.lr_min
     # The authors' loop runs step k with the rate of step k - 1's fractional epoch.
     assert ft.lr_of_iteration(0, 10, as2m) == 0.0
     assert ft.lr_of_iteration(1, 10, as2m) == 0.0
-    assert ft.lr_of_iteration(12, 10, as2m) == ft.lr_at(1.1, as2m)
+    assert ft.lr_of_iteration(12, 10, as2m) == ft.lr_of_epoch(1.1, as2m)
 
 
 # --- mixup, band masks, losses -----------------------------------------------------------------
@@ -170,31 +171,30 @@ def test_audioset_sampling_weights_on_a_small_table():
     expected = [w0 ** (1 / 1.5), (w0 + w1) ** (1 / 1.5), w1 ** (1 / 1.5), w0 ** (1 / 1.5)]
     weights = ft.audioset_sampling_weights(targets)
     np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-12)
-    drawn = ft.weighted_epoch(weights, 10, torch.Generator().manual_seed(0))
-    assert sorted(drawn.tolist()) == [0, 1, 2, 3]                   # capped, without replacement
+    weighted = ft.FinetuneRecipe(sampling="weighted", clips_per_epoch=10, batch_size=3)
+    batches = ft.epoch_batches(4, weighted, torch.Generator().manual_seed(0), weights)
+    assert [len(b) for b in batches] == [3, 1]                      # capped at the split, without replacement
+    assert sorted(torch.cat(batches).tolist()) == [0, 1, 2, 3]
 
 
-def test_roc_auc_and_accuracy_on_a_hand_example():
-    scores = torch.tensor([[0.1, 0.0], [0.4, 1.0], [0.35, 2.0], [0.8, 3.0]])
-    targets = torch.tensor([[0, 1], [0, 1], [1, 1], [1, 1]]).float()  # class 1: one label value only
-    auc, skipped = ft.roc_auc(scores, targets)
-    assert auc == pytest.approx(0.75) and skipped == 1
-    assert ft.accuracy(scores, torch.tensor([[1, 0], [0, 1], [0, 1], [1, 0]]).float()) == 75.0  # argmax 0, 1, 1, 1
+def test_the_reported_metric_and_the_spread_over_seeds():
+    assert ft.recipe("as20k").metric == "mAP" and ft.recipe("esc50").metric == "accuracy"
     assert ft.seed_summary([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
+    assert ft.seed_summary([4.0]) == {"mean": 4.0, "std": 0.0, "n": 1}
 
 
 # --- the model and one training step against a reference written out here ----------------------
 
 
 def test_token_drop_runs_in_training_mode_only_and_stacked_features_stack_rows():
-    model = ft.FinetuneModel(small_encoder(), 3, encoder_frames=64, token_drop_ratio=0.5)
+    model = m2d.AudioClassifier.from_encoder(small_encoder(), 3, 64, token_drop_ratio=0.5)
     lengths = []
     model.blocks[0].register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
     x = torch.randn(2, 1, 80, 64)
     model.train()(x, torch.Generator().manual_seed(0))
     model.eval()(x)
     assert lengths[0] < 1 + 20 and lengths[1] == 1 + 20
-    stacked = ft.FinetuneModel(small_encoder(), 3, encoder_frames=64, feature="stacked")
+    stacked = m2d.AudioClassifier.from_encoder(small_encoder(), 3, 64, feature="stacked")
     tokens = torch.randn(2, 20, 32)
     expected = torch.cat([tokens.reshape(2, 5, 4, 32)[:, f] for f in range(5)], dim=-1).mean(dim=1)
     assert torch.allclose(stacked.pool(tokens), expected, atol=1e-6)
@@ -228,13 +228,16 @@ def test_one_step_without_augmentation_equals_the_written_out_reference(loss, op
     recipe = ft.FinetuneRecipe(optimizer=optimizer, lr=0.1, batch_size=4, mixup_alpha=0.0, freq_mask_bins=0,
                                time_mask_frames=0, random_resized_crop=False, token_drop_ratio=0.0,
                                raw_input="log_mel", input_frames=96, loss=loss)
-    model = ft.build_model(small_encoder(), 3, recipe, torch.Generator().manual_seed(1))  # table 4 -> 6 columns
+    model = ft.classifier_for(small_encoder(), 3, recipe, torch.Generator().manual_seed(1))  # table 4 -> 6 columns
     params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad}
     clips = [torch.randn(80, 96) * 3 - 7 for _ in range(4)]
     targets = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0] if loss == "bce" else [0, 1, 0]]).float()
+    grads = {}  # the step sets .grad to None after the update: keep each gradient as it is accumulated
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: grads.__setitem__(name, p.grad.clone()))
 
-    optimizer_ = ft.make_optimizer(model, recipe)
-    step_loss = ft.train_step(model, optimizer_, clips, targets, recipe, torch.Generator().manual_seed(0), lr=0.1)
+    stepper = ft.make_stepper(model, recipe)
+    step_loss = ft.finetune_step(stepper, clips, targets, recipe, torch.Generator().manual_seed(0), lr=0.1)
 
     logits, batch_mean, batch_var = reference_logits(params, torch.stack(clips)[:, None], (-7.2, 4.3),
                                                      model.pos_embed, SMALL.num_heads)
@@ -249,12 +252,12 @@ def test_one_step_without_augmentation_equals_the_written_out_reference(loss, op
         if name not in params:
             continue
         g = params[name].grad
-        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(grads[name], g, rtol=1e-4, atol=1e-6), name
         w = params[name].detach()
         if optimizer == "sgd":      # first step: the momentum buffer is the gradient
             expected = w - 0.1 * g
         else:  # AdamW first step, amsgrad: m and v bias-corrected to g and g^2; g / |g| needs the step's own g
-            expected = w * (1 - 0.1 * 1e-4) - 0.1 * p.grad / (p.grad.abs() + 1e-8)
+            expected = w * (1 - 0.1 * 1e-4) - 0.1 * grads[name] / (grads[name].abs() + 1e-8)
         assert torch.allclose(p.detach(), expected, rtol=1e-4, atol=1e-5), name
     assert torch.allclose(model.head_norm.running_mean, 0.1 * batch_mean.detach(), atol=1e-6)
     assert torch.allclose(model.head_norm.running_var, 0.9 + 0.1 * batch_var.detach(), atol=1e-5)
@@ -263,10 +266,10 @@ def test_one_step_without_augmentation_equals_the_written_out_reference(loss, op
 def test_frozen_patch_embedding_and_position_table_do_not_change():
     recipe = ft.recipe("esc50", input_frames=48, batch_size=2, raw_input="log_mel", freq_mask_bins=0,
                        time_mask_frames=0)
-    model = ft.build_model(small_encoder(), 2, recipe)
+    model = ft.classifier_for(small_encoder(), 2, recipe)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ft.train_step(model, ft.make_optimizer(model, recipe), [torch.randn(80, 60) - 7 for _ in range(2)],
-                  torch.eye(2), recipe, torch.Generator().manual_seed(0), lr=0.5)
+    ft.finetune_step(ft.make_stepper(model, recipe), [torch.randn(80, 60) - 7 for _ in range(2)],
+                     torch.eye(2), recipe, torch.Generator().manual_seed(0), lr=0.5)
     after = model.state_dict()
     for key in ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "norm_stats"):
         assert torch.equal(before[key], after[key]), key
@@ -274,42 +277,20 @@ def test_frozen_patch_embedding_and_position_table_do_not_change():
     assert model.pos_embed.shape == (1, 1 + 5 * 3, 32)
 
 
-# --- manifests ---------------------------------------------------------------------------------
-
-
-def test_manifest_classes_are_sorted_training_labels_and_multi_label_is_detected(tmp_path):
-    csv_path = tmp_path / "m.csv"
-    csv_path.write_text("file_name,label,split\na.wav,dog;cat,train\nb.wav,bird|dog,train\nc.wav,cat,test\n"
-                        "d.wav,dog,valid\n")
-    manifest = ft.read_finetune_manifest(csv_path)
-    assert manifest.classes == ["bird", "cat", "dog"] and manifest.multi_label
-    assert manifest.indices("test") == [2] and manifest.indices("valid") == [3]
-    targets = ft.label_targets([manifest.labels[i] for i in (0, 1)], manifest.classes)
-    assert targets.tolist() == [[0, 1, 1], [1, 0, 1]]
-    with pytest.raises(ft.ManifestError, match="zebra"):
-        ft.label_targets([["zebra"]], manifest.classes, str(csv_path))
-    (tmp_path / "bad.csv").write_text("file_name,label,split\na.wav,dog,training\n")
-    with pytest.raises(ft.ManifestError, match="line 2: split must be"):
-        ft.read_finetune_manifest(tmp_path / "bad.csv")
-
-
-def test_folds_hold_out_one_fold_as_test(tmp_path):
-    csv_path = tmp_path / "folds.csv"
-    csv_path.write_text("file_name,label,fold\na.wav,dog,1\nb.wav,cat,2\nc.wav,dog,2\n")
-    manifest = ft.read_finetune_manifest(csv_path)
-    assert not manifest.multi_label
-    assert manifest.indices("test", "2") == [1, 2] and manifest.indices("train", "2") == [0]
-    assert manifest.indices("valid", "2") == []
+# --- the loop --------------------------------------------------------------------------------
 
 
 def test_fit_on_waveforms_selects_the_best_validation_epoch_and_tests_it_once():
     recipe = ft.recipe("spcv2", input_frames=33, encoder_frames=48, batch_size=4, epochs=2, warmup_epochs=1,
                        freq_mask_bins=10, time_mask_frames=8)
-    model = ft.build_model(small_encoder(), 2, recipe, torch.Generator().manual_seed(0))
+    model = ft.classifier_for(small_encoder(), 2, recipe, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
     waves = [0.1 * torch.randn(5000, generator=g) for _ in range(8)]   # longer than 33 frames: cropped
     split = ft.ClipSet(waves, torch.eye(2).repeat(4, 1))
-    result = ft.fit(model, recipe, split, split, split, g, log=lambda line: None)
+    epochs = []
+    trainer = ft.Trainer(model, recipe, ft.make_stepper(model, recipe), order=g, augment=g)
+    result = ft.fit(trainer, split, split, split, on_epoch=lambda state: epochs.append(state.epoch))
+    assert epochs == [1, 2] and trainer.state.step == 4                # 8 clips in batches of 4, twice
     assert len(result["history"]) == 2 and result["best_epoch"] in (1, 2)  # counted from 1, as the progress lines
     assert result["state"]["pos_embed"].shape == (1, 1 + 5 * 3, 32)
     with pytest.raises(ValueError, match="raw_input='wave'"):

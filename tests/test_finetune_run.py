@@ -78,7 +78,7 @@ def test_fine_tuned_file_loads_and_tags_as_finetune_predicts(tmp_path, init):
     assert embedder.classes == ["bird", "cat", "dog"] and embedder.model.config.crop_frames == 33
     assert features.get_scene_embeddings(torch.zeros(1, 8000), embedder).shape[0] == 1
     recipe = ft.recipe("as20k", **{k: v for k, v in ckpt["recipe"].items() if k != "seeds"})
-    model = ft.build_model(embedder.model, 3, recipe)
+    model = ft.classifier_for(embedder.model, 3, recipe)            # built as fine-tuning builds it
     model.load_state_dict({**model.state_dict(), **ckpt["head"]})
     waves = [torch.from_numpy(sf.read(tmp_path / f"c{i}.wav", dtype="float32")[0]) for i in range(12)]
     expected = ft.predict(model, waves, recipe).sigmoid()
@@ -100,8 +100,11 @@ def test_bad_input_is_named(tmp_path, init, capsys):
     sf.write(tmp_path / "a.wav", np.zeros(8000, dtype=np.float32), 16000)
     assert "missing.wav not found" in error("file_name,label,split\nmissing.wav,dog,train\na.wav,dog,test\n")
     assert "needs file_name, label" in error("file_name,split\na.wav,train\n")
-    assert "at least 2 folds" in error("file_name,label,fold\na.wav,dog,1\na.wav,cat,1\n")
-    assert "no training clip has" in error("file_name,label,split\na.wav,dog,train\na.wav,cat,test\n")
+    sf.write(tmp_path / "b.wav", np.zeros(8000, dtype=np.float32), 16000)
+    assert "at least 2 folds" in error("file_name,label,fold\na.wav,dog,1\nb.wav,cat,1\n")
+    assert "no training clip has" in error("file_name,label,split\na.wav,dog,train\nb.wav,cat,test\n")
+    assert "no training clip has (fold 1 held out)" in error("file_name,label,fold\na.wav,dog,1\nb.wav,cat,2\n")
+    assert "a file belongs to one split" in error("file_name,label,split\na.wav,dog,train\na.wav,dog,test\n")
     assert "checkpoint to fine-tune was not found" in error("file_name,label,split\na.wav,dog,train\n"
                                                             "a.wav,dog,test\n", "--init", str(tmp_path / "no.pt"))
 
