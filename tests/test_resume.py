@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import conftest
+import engine
 import model as m2d
 import runs
 import train
@@ -150,7 +151,7 @@ def tiny_step_setup(scaler=None):
 
 def step(model, optimizer, scaler, mel, text):
     stepper = runs.Stepper(model, model, optimizer, scaler, torch.autocast("cpu", enabled=False), clip_grad_norm=3.0)
-    return train.train_step(model, stepper, [(mel, text)], 0.01, 0.99)
+    return engine.train_step(model, stepper, [(mel, text)], 0.01, 0.99)
 
 
 def test_a_non_finite_loss_skips_the_step_and_changes_nothing():
@@ -197,7 +198,7 @@ def test_the_loss_scaler_state_is_torch_gradscalers_both_ways():
 
 def test_non_finite_steps_are_skipped_with_a_warning_and_too_many_stop_the_run(tmp_path, monkeypatch, capsys):
     write_corpus(tmp_path)
-    real_losses, calls = train.m2d_clap_loss, []
+    real_losses, calls = engine.m2d_clap_loss, []
 
     def losses_bad_at(bad_calls):
         def m2d_clap_loss(*args):
@@ -207,7 +208,7 @@ def test_non_finite_steps_are_skipped_with_a_warning_and_too_many_stop_the_run(t
         return m2d_clap_loss
 
     args = command(tmp_path, tmp_path / "once")[:-2] + ["--workers", "0", "--max-bad-steps", "3"]
-    monkeypatch.setattr(train, "m2d_clap_loss", losses_bad_at({5, 6}))  # two bad steps, then good ones
+    monkeypatch.setattr(engine, "m2d_clap_loss", losses_bad_at({5, 6}))  # two bad steps, then good ones
     train.main(args)
     out = capsys.readouterr()
     assert "warning: step 5: non-finite" in out.err and "warning: step 6: non-finite" in out.err
@@ -218,7 +219,7 @@ def test_non_finite_steps_are_skipped_with_a_warning_and_too_many_stop_the_run(t
     # The flags are read back every --max-bad-steps steps between log lines: the stop still names the first three.
     args = command(tmp_path, tmp_path / "run")[:-2] + ["--workers", "0", "--max-bad-steps", "3", "--log-every", "50"]
     calls.clear()
-    monkeypatch.setattr(train, "m2d_clap_loss", losses_bad_at(range(8, 100)))
+    monkeypatch.setattr(engine, "m2d_clap_loss", losses_bad_at(range(8, 100)))
     with pytest.raises(SystemExit, match=r"3 steps in a row \(8 to 10\) had a non-finite loss or gradient.*"
                                          r"last good checkpoint, .*last.pt \(step 6\), is intact.*--lr"):
         train.main(args)
