@@ -87,6 +87,33 @@ RECIPES: dict[tuple[str, str], Recipe] = {
 }
 
 
+def defaults_by_stage(name: str, stages: tuple[str, ...], fmt: str = "{:g}") -> str:
+    """The value of Recipe.<name> in each stage's rows, as text: 'stage 1: tiny 64, base/large 2048; ...'."""
+    per_stage = []
+    for stage in stages:
+        presets_by_value = {}
+        for (s, preset), recipe in RECIPES.items():
+            value = getattr(recipe, name)
+            if s == stage:
+                shown = " ".join(map(fmt.format, value)) if isinstance(value, tuple) else fmt.format(value)
+                presets_by_value.setdefault(shown, []).append(preset)
+        per_preset = [f"{'/'.join(presets)} {shown}" for shown, presets in presets_by_value.items()]
+        per_stage.append(f"stage {stage}: {', '.join(per_preset) if len(per_preset) > 1 else [*presets_by_value][0]}")
+    return "; ".join(per_stage)
+
+
+def recipes_table() -> str:
+    """RECIPES as a text table (train.py's --help ends with it)."""
+    rows = [f"  {'stage':5s} {'preset':6s} {'batch':>5s} {'base_lr':>8s} {'epochs':>6s} {'warm-up':>7s} "
+            f"{'betas':>12s} {'ema_decay':>18s} {'clap_weight':>11s} {'token_drop':>10s}"]
+    for (stage, preset), r in RECIPES.items():  # EMA and lambda are stage 1's alone, the token drop 2 and 2.1's
+        ema, clap = (str(r.ema_decay), f"{r.clap_weight:g}") if stage == "1" else ("-", "-")
+        drop = f"{r.token_drop:g}" if stage != "1" else "-"
+        rows.append(f"  {stage:5s} {preset:6s} {r.batch_size:5d} {r.base_lr:8.2e} {r.epochs:6g} {r.warmup_epochs:7g} "
+                    f"{str(r.betas):>12s} {ema:>18s} {clap:>11s} {drop:>10s}")
+    return "\n".join(rows)
+
+
 # -----------------------------------------------------------------------------
 # Schedules: the learning rate and the EMA decay of each step
 

@@ -1,21 +1,14 @@
 """Stage-wise training of M2D-CLAP: the program that runs each stage.
 
 Stage 1 learns general-purpose audio features and CLAP features together,
-    L = L_M2D + lambda * L_CLAP,
-with the online/target M2D networks and frozen precomputed sentence
-embeddings on the text side (a trainable text projector maps them to the
-audio width).
-Stage 1.1 fine-tunes that encoder on labelled clips (AudioSet in the paper)
-and lengthens its input; finetune.py implements it, and `--stage 1.1` hands
-its arguments over (python finetune.py --help lists them).
-Stage 2 freezes the stage-1.1 encoder and trains CLAP parts on it: a fresh
-semantic audio projector, the logit scale (restarted at log 100) and the text
-side, either a pretrained Transformer text encoder (--text-side encoder, the
-paper) or the precomputed sentence embeddings with a projector (--text-side
-embeddings, no text model needed). While it trains, the encoder's input
-passes through the structured token drop (--token-drop).
-Stage 2.1 continues stage 2 on a smaller target-domain caption set, without
-the token drop.
+L = L_M2D + lambda * L_CLAP, with frozen precomputed sentence embeddings as
+the text. Stage 1.1 fine-tunes that encoder on labelled clips and lengthens
+its input (finetune.py; `--stage 1.1` hands its arguments over). Stage 2
+freezes the stage-1.1 encoder and trains new CLAP parts on it: a semantic
+audio projector, the logit scale, and a pretrained text encoder (the paper)
+or a projector on the sentence embeddings (--text-side embeddings), with the
+structured token drop on the encoder's input. Stage 2.1 continues stage 2 on
+a smaller target-domain caption set, without the token drop.
 
     python train.py --stage 1        # tiny preset, built-in data, CPU friendly
     python train.py --stage 1.1      # from runs/stage1/last.pt, on the built-in event labels
@@ -30,11 +23,10 @@ Outputs in --out-dir (default runs/stage<STAGE>): last.pt (a checkpoint that
 loads with torch.load(weights_only=True) and holds all a resume needs),
 log.jsonl (one JSON object per logged step) and, with --skip-bad,
 bad_clips.csv. Running the same command again resumes the run exactly where
-it stopped. This file is the program: its config and command line, one setup
-function per stage, the data and the loop. What a step is (the recipes of
-each stage and preset, the schedules, train_step) is engine.py's; the run
-machinery (checkpoint files, torchrun, exact resume, AMP and compile, the
-non-finite guard, the log) is runs.py's.
+it stopped. This file is the program: config and command line, one setup
+function per stage, data and loop. What a step is (each stage's recipes, the
+schedules, train_step) is engine.py's; the run machinery (checkpoints,
+torchrun, exact resume, AMP and compile, the non-finite guard, the log) runs.py's.
 """
 
 from __future__ import annotations
@@ -74,21 +66,8 @@ def flag(default, help: str, stages: tuple[str, ...] = STAGES, **argparse_option
 
 
 def recipe_flag(name: str, help: str, stages: tuple[str, ...] = STAGES, fmt: str = "{:g}", **argparse_options):
-    """A Config field that overrides the recipe's field `name`; None, its default, keeps the recipe's value.
-
-    Its --help lists that value per stage and preset, e.g. 'default: stage 1: tiny 64, base/large 2048; ...'.
-    """
-    per_stage = []
-    for stage in stages:
-        presets_by_value = {}
-        for (s, preset), recipe in RECIPES.items():
-            value = getattr(recipe, name)
-            shown = " ".join(map(fmt.format, value)) if isinstance(value, tuple) else fmt.format(value)
-            if s == stage:
-                presets_by_value.setdefault(shown, []).append(preset)
-        per_preset = [f"{'/'.join(presets)} {shown}" for shown, presets in presets_by_value.items()]
-        per_stage.append(f"stage {stage}: {', '.join(per_preset) if len(per_preset) > 1 else [*presets_by_value][0]}")
-    return flag(None, f"{help} (default: {'; '.join(per_stage)})", stages, **argparse_options)
+    """A Config field that overrides Recipe.<name>: its default, None, keeps the recipe's, which --help lists."""
+    return flag(None, f"{help} (default: {engine.defaults_by_stage(name, stages, fmt)})", stages, **argparse_options)
 
 
 def positive_int(text: str) -> int:
@@ -98,16 +77,10 @@ def positive_int(text: str) -> int:
     return value
 
 
-CUDA = torch.cuda.is_available()
-
-
 @dataclass
 class Config:
-    """Everything a run is told. settle_defaults() gives each field its effective value right after parsing,
-    and settle_run() those that come from the checkpoint a run starts from and from the recipe. A field None
-    after that means what its help says: the built-in data, no shards, no step limit, statistics measured
-    on the clips, or a flag of another stage.
-    """
+    """Everything a run is told, settled by settle_defaults (right after parsing) and settle_run (after loading
+    the checkpoints). A field None after that means what its help says, or a flag of another stage."""
 
     stage: str = flag(MISSING, "training stage (1.1 is finetune.py's: see its --help)", choices=ALL_STAGES)
     preset: str | None = flag(None, "model size and recipe: tiny (CPU, built-in data), base (the paper) or large. "
@@ -117,10 +90,9 @@ class Config:
                              "built-in synthetic training set (stage 2.1: its refinement subset)", type=Path)
     embeddings: Path | None = flag(None, "caption embeddings .npy, row-aligned with --data (default: --data with "
                                    ".npy)", type=Path)
-    embedding_model: str | None = flag(None, "name or path of the sentence model that made --embeddings, recorded "
-                                       "in the checkpoint so that new text (zero-shot prompts) can be embedded the "
-                                       "same way (default: all-MiniLM-L6-v2 for the built-in data; with --data, the "
-                                       "one the checkpoint a run starts from records)")
+    embedding_model: str | None = flag(None, "the sentence model that made --embeddings, recorded to embed new text "
+                                       "(zero-shot prompts) the same way (default: all-MiniLM-L6-v2 for the built-in "
+                                       "data; with --data, the one the checkpoint a run starts from records)")
     audio_root: Path | None = flag(None, "folder the CSV's file_name paths are relative to (default: the CSV's "
                                    "folder)", type=Path)
     shards: Path | None = flag(None, "read log-mels from the shards 'python data.py prepare' wrote, instead of "
@@ -137,9 +109,8 @@ class Config:
     text_encoder: str = flag(text_embed.DEFAULT_MODEL, "local Hugging Face folder of the text encoder, e.g. "
                              "bert-base-uncased (default: the bundled all-MiniLM-L6-v2)", ("2",))
     text_pooling: str = flag("auto", "the text encoder's feature: its CLS token (as the paper's BERT) or the mean "
-                             "over real tokens; auto takes the pooling a sentence-transformers folder declares "
-                             "(mean for all-MiniLM-L6-v2 and GTE-base) and CLS for any other encoder", ("2",),
-                             choices=["auto", "cls", "mean"])
+                             "over real tokens; auto: what a sentence-transformers folder declares (mean for "
+                             "all-MiniLM-L6-v2, GTE-base), else CLS", ("2",), choices=["auto", "cls", "mean"])
     out_dir: Path | None = flag(None, "run folder (default: runs/stage<STAGE>)", type=Path)
     max_steps: int | None = flag(None, "stop after this many optimiser steps; schedules span them (default: the "
                                  "recipe's epochs)", type=positive_int)
@@ -158,7 +129,7 @@ class Config:
     norm_stats: tuple[float, float] | None = flag(None, "log-mel normalisation statistics (default: measured on "
                                                   "the training clips, or the shards' norm_stats.json)", ("1",),
                                                   type=float, nargs=2, metavar=("MEAN", "STD"))
-    device: str = flag("cuda" if CUDA else "cpu", "cpu, cuda, cuda:1, ...")
+    device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, ...")
     precision: str | None = flag(None, "autocast precision (default: bf16 on CUDA, fp32 on CPU); fp16 uses a "
                                  "dynamic loss scale", choices=["fp32", "bf16", "fp16"])
     compile: bool | None = flag(None, "torch.compile the model (default: on for stage 1 on CUDA, off otherwise)",
@@ -194,24 +165,13 @@ FLAG_STAGES = {f.name: f.metadata["stages"] for f in fields(Config)}    # the st
 RECIPE_FLAGS = ("batch_size", "epochs", "lr", "clap_weight", "ema_decay", "token_drop")  # Recipe fields too
 
 
-def recipes_table() -> str:
-    rows = [f"  {'stage':5s} {'preset':6s} {'batch':>5s} {'base_lr':>8s} {'epochs':>6s} {'warm-up':>7s} "
-            f"{'betas':>12s} {'ema_decay':>18s} {'clap_weight':>11s} {'token_drop':>10s}"]
-    for (stage, preset), r in RECIPES.items():  # EMA and lambda are stage 1's alone, the token drop 2 and 2.1's
-        ema, clap = (str(r.ema_decay), f"{r.clap_weight:g}") if stage == "1" else ("-", "-")
-        drop = f"{r.token_drop:g}" if stage != "1" else "-"
-        rows.append(f"  {stage:5s} {preset:6s} {r.batch_size:5d} {r.base_lr:8.2e} {r.epochs:6g} {r.warmup_epochs:7g} "
-                    f"{str(r.betas):>12s} {ema:>18s} {clap:>11s} {drop:>10s}")
-    return "\n".join(rows)
-
-
 def parse_config(argv=None) -> Config:
     """The Config of a command line: one flag per field, stage-specific flags checked against --stage, then
     every default the command line decides settled (settle_defaults)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Recipes (engine.RECIPES: every default of batch, epochs, learning rate, EMA, "
                                        "lambda and token drop; AdamW, weight decay 0.05, clipping at 3.0):\n"
-                                       + recipes_table())
+                                       + engine.recipes_table())
     for f in fields(Config):
         options = {k: v for k, v in f.metadata.items() if k != "stages"}
         if f.default is MISSING:
@@ -256,12 +216,11 @@ def settle_defaults(config: Config) -> Config:
 def settle_run(config: Config, resume: dict | None, init: dict | None) -> tuple[Config, Recipe]:
     """What a run takes from the checkpoint it starts from, then its recipe: after this every setting is final.
 
-    Stages 2 and 2.1 take the preset of the checkpoint they start from (a
-    different --preset stops the run); a resumed run keeps its own preset,
-    mask ratio and token drop; with your own --data and no --embedding-model,
-    the sentence model is the start's. The recipe is the stage and preset's
-    row of engine.RECIPES with the command line's overrides, and the Config
-    records the values the run trains with.
+    Stages 2 and 2.1 take --init's preset, a resumed run keeps its own preset,
+    mask ratio and token drop, and with your own --data the sentence model is
+    the start's unless given. The recipe is the stage and preset's row of
+    engine.RECIPES with the command line's overrides; the Config records the
+    values the run trains with.
     """
     start, preset, mask_ratio = resume or init, config.preset, config.mask_ratio
     if start is not None:
@@ -381,12 +340,10 @@ def setup_stage1(config: Config, init: None, run_data: RunData) -> Stage:
 def setup_stage2(config: Config, init: dict, run_data: RunData) -> Stage:
     """Stage 2 as the authors released it: new CLAP parts on the frozen stage-1.1 encoder.
 
-    The audio projector is replaced by a freshly initialised semantic projector
-    (one block), the logit scale restarts at log(100), and the text side is new:
-    a pretrained text encoder (with a fresh projector only when its width
-    differs from the audio width, none for BERT-base into ViT-Base), or a fresh
-    projector on the precomputed sentence embeddings. Only the encoder, its
-    normalisation statistics and the unused M2D parts are kept from --init.
+    A fresh semantic audio projector (one block), the logit scale at log(100),
+    and a new text side: a pretrained text encoder (with a fresh projector only
+    when its width differs from the audio width) or a fresh projector on the
+    sentence embeddings. Only the encoder and the unused M2D parts are kept.
     """
     model, _ = features.model_from_checkpoint(init)
     encoder = tokenizer = None
@@ -444,14 +401,6 @@ def setup_resumed(config: Config, resume: dict) -> Stage:
     return Stage(model, tokenizer, text_side, text_encoder, frozen_encoder=frozen)
 
 
-def setup_stage(config: Config, resume: dict | None, init: dict | None, run_data: RunData) -> Stage:
-    """The Stage of this run: its own last.pt, or a new run of its stage."""
-    stage = setup_resumed(config, resume) if resume is not None else NEW_STAGE[config.stage](config, init, run_data)
-    if stage.text_side == "embeddings":
-        text_embed.check_dim(run_data.table, stage.model.config.text_dim)
-    return stage
-
-
 # -----------------------------------------------------------------------------
 # Training
 
@@ -482,8 +431,7 @@ class Run:
         return self.stage.model
 
     def settings(self) -> dict:
-        """What makes a run this run: a resume must match it. The peak learning rate may change, and the token
-        drop is the run's own already (settle_run), so neither is compared."""
+        """What makes a run this run: a resume must match it (the peak lr may change; the token drop is its own)."""
         c = self.config
         recipe = {k: v for k, v in asdict(self.recipe).items() if k not in ("lr", "token_drop")}
         return dict(stage=c.stage, preset=c.preset, data=self.data.name,
@@ -530,7 +478,9 @@ def setup_run(config: Config, resume: dict | None, ddp: runs.Distributed, device
     if order.batches_per_epoch == 0:
         raise ValueError(f"{run_data.csv_path} has {len(run_data.dataset)} usable clips, fewer than one batch of "
                          f"{recipe.batch_size}; lower --batch-size")
-    stage = setup_stage(config, resume, init, run_data)
+    stage = setup_resumed(config, resume) if resume is not None else NEW_STAGE[config.stage](config, init, run_data)
+    if stage.text_side == "embeddings":
+        text_embed.check_dim(run_data.table, stage.model.config.text_dim)
     model = stage.model.to(device)
     model.train_clap() if stage.frozen_encoder else model.train()  # a frozen encoder stays in eval mode
     total_steps = config.max_steps or max(1, round(recipe.epochs * order.batches_per_epoch))
@@ -647,9 +597,8 @@ def save_run(run: Run, step: int):
     if not run.ddp.main:
         return
     model = run.model
-    text_encoder = None
-    if model.text_encoder is not None:
-        text_encoder = {"name": run.stage.text_encoder, "config": model.text_encoder.config.to_dict()}
+    text_encoder = (None if model.text_encoder is None
+                    else {"name": run.stage.text_encoder, "config": model.text_encoder.config.to_dict()})
     runs.save_checkpoint(
         run.config.out_dir / "last.pt", stage=run.config.stage, step=step, model=model.state_dict(),
         model_config=asdict(model.config), norm_stats=model.norm_stats.tolist(), text_side=run.stage.text_side,
