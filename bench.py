@@ -6,12 +6,15 @@ In one process, on the same inputs and from the same weights, it times
     on CPU), torch's default AdamW, clipping at 3.0, the loss read back every
     step, a device synchronisation, the EMA as a Python loop and the
     logit-scale clamp;
-(b) our step, composed of the same functions as train.py's train_step:
-    losses.m2d_clap_loss driving runs.Stepper (fused AdamW, non-finite steps
-    skipped on the device with no host round trip, bf16 and torch.compile by
-    default on CUDA, as runs.amp_defaults chooses for train.py), then the
-    logit-scale clamp and the fused EMA.
-The prepared run also runs train.py itself, in a subprocess.
+(b) our step: engine.train_step itself, the function train.py calls each
+    step (losses.m2d_clap_loss driving runs.Stepper: fused AdamW, non-finite
+    steps skipped on the device with no host round trip, bf16 and
+    torch.compile by default on CUDA, as runs.amp_defaults chooses for
+    train.py; then the logit-scale clamp and the fused EMA).
+Both take the benchmarked stage and preset's recipe (engine.RECIPES): betas,
+weight decay, clipping norm, lambda, the EMA decay's start and, in stage 2,
+the token drop of the frozen encoder's input. The prepared run also runs
+train.py itself, in a subprocess.
 
     python bench.py --preset tiny --device cpu --json bench.json
     python bench.py prepared --json bench_h100.json   # the prepared GPU run, sized for under 5 min on one H100
@@ -47,11 +50,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
+import engine
 import model as m2d
 import runs
 from losses import ClapLoss, m2d_clap_loss
-
-CLAP_WEIGHT = 0.01  # lambda of the paper's recipe, in both variants
 
 # Dense bf16 tensor-core peaks (FLOP/s), by a name fragment of torch.cuda.get_device_name().
 PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
@@ -100,9 +102,14 @@ def analytic_flops_per_clip(config: m2d.M2DConfig, stage: str) -> float:
 
 
 def counted_flops_per_clip(model, mel, text, frozen_encoder: bool) -> float:
-    """FLOPs of one forward and backward as torch.utils.flop_counter counts them, per clip."""
+    """FLOPs of one forward and backward as torch.utils.flop_counter counts them, per clip.
+
+    Like analytic_flops_per_clip, it counts stage 2's encoder on the whole
+    input: the token drop makes the step itself do somewhat less.
+    """
     with FlopCounterMode(display=False) as counter:
-        m2d_clap_loss(model(mel, text, frozen_encoder=frozen_encoder), model.logit_scale, CLAP_WEIGHT)["loss"].backward()
+        outputs = model(mel, text, frozen_encoder=frozen_encoder)
+        m2d_clap_loss(outputs, model.logit_scale, engine.Recipe().clap_weight)["loss"].backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / mel.shape[0]
 
@@ -111,27 +118,28 @@ def counted_flops_per_clip(model, mel, text, frozen_encoder: bool) -> float:
 # The baseline: the authors' training step
 
 
-def authors_step(model, optimizer, scaler, autocast, mel, text, clap_loss, clap_weight, ema_decay, sync):
+def authors_step(model, optimizer, scaler, autocast, mel, text, clap_loss, recipe: engine.Recipe, ema_decay, sync):
     """The authors' training recipe, as their engine runs each step (train_one_epoch in m2d/engine_pretrain_m2d.py).
 
     The same model and loss, stepped their way: fp16 autocast on GPU with a
     torch.amp.GradScaler; the loss read back and checked every step (a
     non-finite loss stops their run); the scaler's backward, unscale, gradient
-    clipping at 3.0 over all parameters, step and update; torch's default
-    AdamW; a device synchronisation; the EMA target as a Python loop that
-    replaces each target tensor by decay * target + (1 - decay) * online; and
-    the logit-scale clamp. Our model already runs the target (stage 1) and
-    the frozen encoder (stage 2) under no_grad, as theirs does.
+    clipping at the recipe's norm over all parameters, step and update;
+    torch's default AdamW; a device synchronisation; the EMA target as a
+    Python loop that replaces each target tensor by decay * target + (1 -
+    decay) * online; and the logit-scale clamp. Our model already runs the
+    target (stage 1) and the frozen encoder (stage 2, with the recipe's token
+    drop) under no_grad, as theirs does.
     """
     with autocast:
-        loss = m2d_clap_loss(model(mel, text, frozen_encoder=ema_decay is None), model.logit_scale, clap_weight,
-                             clap_loss)["loss"]
+        outputs = model(mel, text, frozen_encoder=ema_decay is None, token_drop=recipe.token_drop)
+        loss = m2d_clap_loss(outputs, model.logit_scale, recipe.clap_weight, clap_loss)["loss"]
     loss_value = loss.item()
     if not math.isfinite(loss_value):
         raise SystemExit(f"Loss is {loss_value}, stopping training")
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad()
@@ -209,12 +217,13 @@ def measure(steps_by_variant: dict, device, warmup: int, steps: int) -> dict:
 def build_variants(args, only: str | None = None):
     """The batch, and the two steps from identical weights: {"baseline": step, "optimized": step}.
 
-    only="baseline" or "optimized" builds just that one (for its memory figure).
+    Both train with the stage and preset's recipe; only="baseline" or
+    "optimized" builds just that one (for its memory figure).
     """
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     config = m2d.preset(args.preset, text_dim=args.text_dim, grad_checkpointing=args.grad_checkpointing)
-    betas = (0.9, 0.95) if args.stage == "1" else (0.9, 0.999)  # the stage's recipes (train.RECIPES)
+    recipe = engine.RECIPES[(args.stage, args.preset)]
     torch.manual_seed(0)
     reference = m2d.M2DCLAP(config, norm_stats=(-7.0, 4.0)).to(device)
     if args.stage == "2":
@@ -224,8 +233,7 @@ def build_variants(args, only: str | None = None):
     text = torch.randn(args.batch, config.text_dim, generator=g)
     if cuda:
         mel, text = mel.pin_memory().to(device, non_blocking=True), text.pin_memory().to(device, non_blocking=True)
-    ema_decay = 0.9999 if args.stage == "1" else None
-    clap_loss = ClapLoss()
+    ema_decay = recipe.ema_decay[0] if args.stage == "1" else None  # stage 2: a frozen encoder, no EMA
 
     def fresh():
         model = copy.deepcopy(reference)
@@ -234,44 +242,37 @@ def build_variants(args, only: str | None = None):
 
     variants, info = {}, {}
     if only in (None, "baseline"):
-        variants["baseline"], info["baseline"] = _baseline_variant(fresh, mel, text, clap_loss, ema_decay, betas,
-                                                                   device)
+        variants["baseline"], info["baseline"] = _baseline_variant(fresh(), mel, text, recipe, ema_decay, device)
     if only in (None, "optimized"):
-        variants["optimized"], info["optimized"] = _optimized_variant(args, fresh, mel, text, clap_loss,
-                                                                      ema_decay, betas, device)
+        variants["optimized"], info["optimized"] = _optimized_variant(args, fresh(), mel, text, recipe, ema_decay,
+                                                                      device)
     return config, fresh, mel, text, variants, info
 
 
-def _baseline_variant(fresh, mel, text, clap_loss, ema_decay, betas, device):
+def _baseline_variant(model, mel, text, recipe: engine.Recipe, ema_decay, device):
     """The authors' recipe: eager, fp16 autocast with a GradScaler on GPU (fp32 on CPU), torch's default AdamW."""
     cuda = device.type == "cuda"
-    model = fresh()
-    optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=betas)
+    optimizer = torch.optim.AdamW(model.param_groups(recipe.weight_decay), lr=recipe.peak_lr, betas=recipe.betas)
     scaler = torch.amp.GradScaler(device.type, enabled=cuda)
     autocast = torch.autocast(device.type, dtype=torch.float16) if cuda else contextlib.nullcontext()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    clap_loss = ClapLoss()
 
     def baseline():
-        return authors_step(model, optimizer, scaler, autocast, mel, text, clap_loss, CLAP_WEIGHT, ema_decay, sync)
+        return authors_step(model, optimizer, scaler, autocast, mel, text, clap_loss, recipe, ema_decay, sync)
 
     return baseline, {"precision": "fp16" if cuda else "fp32", "compiled": False}
 
 
-def _optimized_variant(args, fresh, mel, text, clap_loss, ema_decay, betas, device):
-    """Ours: the functions train.py's train_step composes, with train.py's precision and compile defaults."""
-    model = fresh()
-    optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=betas, fused=True)
+def _optimized_variant(args, model, mel, text, recipe: engine.Recipe, ema_decay, device):
+    """Ours: engine.train_step, as train.py runs it, with train.py's optimiser, precision and compile defaults."""
+    optimizer = engine.make_optimizer(model, recipe)
     precision, use_compile = runs.amp_defaults(device.type, args.precision, args.compile,
                                                compile_on_cuda=args.stage == "1")
-    stepper = runs.Stepper.build(model, optimizer, device, precision, use_compile, clip_grad_norm=3.0)
-    frozen_encoder = ema_decay is None
+    stepper = runs.Stepper.build(model, optimizer, device, precision, use_compile, recipe.clip_grad_norm)
 
     def ours():
-        sums, _, finite = stepper.step([(mel, text)], lambda m, t: m2d_clap_loss(
-            stepper.forward(m, t, frozen_encoder=frozen_encoder), model.logit_scale, CLAP_WEIGHT, clap_loss))
-        model.clamp_logit_scale()
-        if not frozen_encoder:
-            model.ema_update(torch.where(finite, ema_decay, 1.0))
+        sums, _, _ = engine.train_step(model, stepper, [(mel, text)], recipe.clap_weight, ema_decay, recipe.token_drop)
         return sums["loss"]
 
     return ours, {"precision": precision, "compiled": use_compile}

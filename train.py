@@ -1,21 +1,14 @@
-"""Stage-wise training of M2D-CLAP: the method and its config.
+"""Stage-wise training of M2D-CLAP: the program that runs each stage.
 
 Stage 1 learns general-purpose audio features and CLAP features together,
-    L = L_M2D + lambda * L_CLAP,
-with the online/target M2D networks and frozen precomputed sentence
-embeddings on the text side (a trainable text projector maps them to the
-audio width).
-Stage 1.1 fine-tunes that encoder on labelled clips (AudioSet in the paper)
-and lengthens its input; finetune.py implements it, and `--stage 1.1` hands
-its arguments over (python finetune.py --help lists them).
-Stage 2 freezes the stage-1.1 encoder and trains CLAP parts on it: a fresh
-semantic audio projector, the logit scale (restarted at log 100) and the text
-side, either a pretrained Transformer text encoder (--text-side encoder, the
-paper) or the precomputed sentence embeddings with a projector (--text-side
-embeddings, no text model needed). While it trains, the encoder's input
-passes through the structured token drop (--token-drop, 0.3).
-Stage 2.1 continues stage 2 on a smaller target-domain caption set, without
-the token drop.
+L = L_M2D + lambda * L_CLAP, with frozen precomputed sentence embeddings as
+the text. Stage 1.1 fine-tunes that encoder on labelled clips and lengthens
+its input (finetune.py; `--stage 1.1` hands its arguments over). Stage 2
+freezes the stage-1.1 encoder and trains new CLAP parts on it: a semantic
+audio projector, the logit scale, and a pretrained text encoder (the paper)
+or a projector on the sentence embeddings (--text-side embeddings), with the
+structured token drop on the encoder's input. Stage 2.1 continues stage 2 on
+a smaller target-domain caption set, without the token drop.
 
     python train.py --stage 1        # tiny preset, built-in data, CPU friendly
     python train.py --stage 1.1      # from runs/stage1/last.pt, on the built-in event labels
@@ -30,18 +23,16 @@ Outputs in --out-dir (default runs/stage<STAGE>): last.pt (a checkpoint that
 loads with torch.load(weights_only=True) and holds all a resume needs),
 log.jsonl (one JSON object per logged step) and, with --skip-bad,
 bad_clips.csv. Running the same command again resumes the run exactly where
-it stopped. This file holds the method: recipes, schedules, one setup function
-per stage, the step and the loop; runs.py holds the run machinery they use
-(checkpoint files, torchrun, exact resume, AMP and compile, the non-finite
-guard, the log). To write a checkpoint in the released layout: python
-features.py export.
+it stopped. This file is the program: config and command line, one setup
+function per stage, data and loop. What a step is (each stage's recipes, the
+schedules, train_step) is engine.py's; the run machinery (checkpoints,
+torchrun, exact resume, AMP and compile, the non-finite guard, the log) runs.py's.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -51,91 +42,32 @@ from torch.utils.data import DataLoader
 
 import builtin_data
 import data
+import engine
 import features
 import finetune
 import model as m2d
 import runs
 import text_embed
-from losses import m2d_clap_loss
+from engine import RECIPES, Recipe
 
 STAGES = ("1", "2", "2.1")                       # the stages this file trains
 ALL_STAGES = ("1", "1.1", "2", "2.1")            # 1.1, supervised fine-tuning, is finetune.py's
 PREVIOUS_STAGE = {"2": "1.1", "2.1": "2"}        # the checkpoint each stage starts from by default
-STAGE2_INITS = ("1.1", "finetune", "1")          # what stage 2 may start from (--init): SPEC's 1.1 first
-TOKEN_DROP = {"2": 0.3, "2.1": 0.0}              # the structured token drop on the frozen encoder's input
+STAGE2_INITS = ("1.1", "finetune", "1")          # what stage 2 may start from (--init): the authors' 1.1 first
 
 
 # -----------------------------------------------------------------------------
-# Recipes: training hyperparameters, one named instance per (stage, preset)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Training hyperparameters. The defaults are the paper's stage 1 (SPEC 7).
-
-    ema_decay and clap_weight matter in stage 1 only.
-    """
-
-    batch_size: int = 2048            # total clips per optimiser step (all GPUs, all micro-batches)
-    base_lr: float = 3e-4             # learning rate = base_lr * batch_size / 256
-    epochs: float = 300
-    warmup_epochs: float = 20
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip_grad_norm: float = 3.0
-    ema_decay: tuple[float, float] = (0.99995, 0.99999)  # linear from start to end over training
-    clap_weight: float = 0.01         # lambda
-
-
-# Stages 2 and 2.1 as the authors released them (SPEC 6): lr = 3e-6 x batch / 256
-# (2.4e-5 at their 2048 = 512 x 4 GPUs), 30 epochs with 5 of warm-up, AdamW
-# (0.9, 0.95) with weight decay 0.05, clipping at 3.0; 2.1 as 2 on its subset.
-PAPER_STAGE2 = Recipe(batch_size=2048, base_lr=3e-6, epochs=30, warmup_epochs=5)
-PAPER_STAGE21 = PAPER_STAGE2
-
-RECIPES: dict[tuple[str, str], Recipe] = {
-    # A few hundred steps on the built-in data: a larger learning rate and a
-    # faster-moving EMA target, since the paper's 0.99995 would leave the target
-    # at its random initialisation for a run this short.
-    ("1", "tiny"): Recipe(batch_size=64, base_lr=2e-3, epochs=40, warmup_epochs=2, ema_decay=(0.995, 0.999)),
-    ("1", "base"): Recipe(),
-    ("1", "large"): Recipe(),
-    # Stage 2 on the built-in data fine-tunes all-MiniLM-L6-v2 at 1e-4 for 8
-    # epochs; stage 2.1 refines on the built-in "refine" subset at 2.5e-5.
-    ("2", "tiny"): Recipe(batch_size=64, base_lr=4e-4, epochs=8, warmup_epochs=0.5, betas=(0.9, 0.999)),
-    ("2", "base"): PAPER_STAGE2,
-    ("2", "large"): PAPER_STAGE2,
-    ("2.1", "tiny"): Recipe(batch_size=64, base_lr=1e-4, epochs=6, warmup_epochs=0.5, betas=(0.9, 0.999)),
-    ("2.1", "base"): PAPER_STAGE21,
-    ("2.1", "large"): PAPER_STAGE21,
-}
-
-
-# -----------------------------------------------------------------------------
-# Schedules: the learning rate and the EMA decay of each step
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
-    """Linear warm-up to peak_lr, then cosine decay to 0 at total_steps."""
-    if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return peak_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def ema_decay_at(step: int, total_steps: int, start: float, end: float) -> float:
-    """EMA decay rising linearly from start to end over the whole run (Recipe.ema_decay)."""
-    return start + (end - start) * min(step, total_steps) / max(total_steps, 1)
-
-
-
-# -----------------------------------------------------------------------------
-# The command line: one dataclass, one flag per field, defaults settled once
+# The command line: one dataclass, one flag per field
 
 
 def flag(default, help: str, stages: tuple[str, ...] = STAGES, **argparse_options):
     """A Config field: its default, its --help text, the stages that take it, and how argparse reads it."""
     return field(default=default, metadata={"help": help, "stages": stages, **argparse_options})
+
+
+def recipe_flag(name: str, help: str, stages: tuple[str, ...] = STAGES, fmt: str = "{:g}", **argparse_options):
+    """A Config field that overrides Recipe.<name>: its default, None, keeps the recipe's, which --help lists."""
+    return flag(None, f"{help} (default: {engine.defaults_by_stage(name, stages, fmt)})", stages, **argparse_options)
 
 
 def positive_int(text: str) -> int:
@@ -145,15 +77,10 @@ def positive_int(text: str) -> int:
     return value
 
 
-CUDA = torch.cuda.is_available()
-
-
 @dataclass
 class Config:
-    """Everything a run is told. settle_defaults() fills in every default the command line decides, right
-    after parsing; a field still None afterwards means what its help says (the recipe's value, the built-in
-    data, the checkpoint a stage starts from, statistics measured on the clips).
-    """
+    """Everything a run is told, settled by settle_defaults (right after parsing) and settle_run (after loading
+    the checkpoints). A field None after that means what its help says, or a flag of another stage."""
 
     stage: str = flag(MISSING, "training stage (1.1 is finetune.py's: see its --help)", choices=ALL_STAGES)
     preset: str | None = flag(None, "model size and recipe: tiny (CPU, built-in data), base (the paper) or large. "
@@ -163,10 +90,9 @@ class Config:
                              "built-in synthetic training set (stage 2.1: its refinement subset)", type=Path)
     embeddings: Path | None = flag(None, "caption embeddings .npy, row-aligned with --data (default: --data with "
                                    ".npy)", type=Path)
-    embedding_model: str | None = flag(None, "name or path of the sentence model that made --embeddings, recorded "
-                                       "in the checkpoint so that new text (zero-shot prompts) can be embedded the "
-                                       "same way (default: all-MiniLM-L6-v2 for the built-in data; with --data, the "
-                                       "one the checkpoint a run starts from records)")
+    embedding_model: str | None = flag(None, "the sentence model that made --embeddings, recorded to embed new text "
+                                       "(zero-shot prompts) the same way (default: all-MiniLM-L6-v2 for the built-in "
+                                       "data; with --data, the one the checkpoint a run starts from records)")
     audio_root: Path | None = flag(None, "folder the CSV's file_name paths are relative to (default: the CSV's "
                                    "folder)", type=Path)
     shards: Path | None = flag(None, "read log-mels from the shards 'python data.py prepare' wrote, instead of "
@@ -174,38 +100,36 @@ class Config:
     init: Path | None = flag(None, "checkpoint to start from (default: runs/stage1.1/last.pt for stage 2, "
                              "runs/stage2/last.pt for stage 2.1; stage 2 also starts from a stage-1 file or "
                              "a finetune.py result)", ("2", "2.1"), type=Path)
-    token_drop: float | None = flag(None, "ratio of the structured token drop on the frozen encoder's input "
-                                    "while training (default: 0.3 in stage 2, 0 in stage 2.1, as the authors; "
-                                    "a resumed run keeps its own)", ("2", "2.1"), type=float)
+    token_drop: float | None = recipe_flag("token_drop", "ratio of the structured token drop on the frozen encoder's "
+                                           "input while training; a resumed run keeps its own", ("2", "2.1"),
+                                           type=float)
     text_side: str = flag("encoder", "train a pretrained text encoder on caption text (encoder, needs the "
                           "transformers extra), or a projector on the precomputed sentence embeddings",
                           ("2",), choices=["encoder", "embeddings"])
     text_encoder: str = flag(text_embed.DEFAULT_MODEL, "local Hugging Face folder of the text encoder, e.g. "
                              "bert-base-uncased (default: the bundled all-MiniLM-L6-v2)", ("2",))
     text_pooling: str = flag("auto", "the text encoder's feature: its CLS token (as the paper's BERT) or the mean "
-                             "over real tokens; auto takes the pooling a sentence-transformers folder declares "
-                             "(mean for all-MiniLM-L6-v2 and GTE-base) and CLS for any other encoder", ("2",),
-                             choices=["auto", "cls", "mean"])
+                             "over real tokens; auto: what a sentence-transformers folder declares (mean for "
+                             "all-MiniLM-L6-v2, GTE-base), else CLS", ("2",), choices=["auto", "cls", "mean"])
     out_dir: Path | None = flag(None, "run folder (default: runs/stage<STAGE>)", type=Path)
     max_steps: int | None = flag(None, "stop after this many optimiser steps; schedules span them (default: the "
                                  "recipe's epochs)", type=positive_int)
-    epochs: float | None = flag(None, "epochs over the data (default: the recipe's, below)", type=float)
-    batch_size: int | None = flag(None, "total clips per optimiser step (default: the recipe's, below)",
-                                  type=positive_int)
+    epochs: float | None = recipe_flag("epochs", "epochs over the data", type=float)
+    batch_size: int | None = recipe_flag("batch_size", "total clips per optimiser step", type=positive_int)
     accum_steps: int = flag(1, "split each step's batch into this many micro-batches (gradient accumulation)",
                             type=positive_int)
-    lr: float | None = flag(None, "peak learning rate (default: the recipe's base_lr x batch / 256)", type=float)
-    clap_weight: float | None = flag(None, "lambda, the weight of the CLAP loss (default: the recipe's, 0.01)",
-                                     ("1",), type=float)
-    mask_ratio: float | None = flag(None, "share of masked patches (default: the preset's, 0.7)", ("1",),
-                                    type=float)
-    ema_decay: tuple[float, float] | None = flag(None, "EMA decay of the target, linear from START to END over "
-                                                 "training (default: the recipe's)", ("1",), type=float, nargs=2,
-                                                 metavar=("START", "END"))
+    lr: float | None = recipe_flag("peak_lr", "peak learning rate; without it, the recipe's base_lr x batch / 256",
+                                   fmt="{:.3g}", type=float)
+    clap_weight: float | None = recipe_flag("clap_weight", "lambda, the weight of the CLAP loss", ("1",), type=float)
+    mask_ratio: float | None = flag(None, "share of masked patches (default: the preset's, 0.7; a resumed run's "
+                                    "own)", ("1",), type=float)
+    ema_decay: tuple[float, float] | None = recipe_flag("ema_decay", "EMA decay of the target, linear from START "
+                                                        "to END over training", ("1",), type=float, nargs=2,
+                                                        metavar=("START", "END"))
     norm_stats: tuple[float, float] | None = flag(None, "log-mel normalisation statistics (default: measured on "
                                                   "the training clips, or the shards' norm_stats.json)", ("1",),
                                                   type=float, nargs=2, metavar=("MEAN", "STD"))
-    device: str = flag("cuda" if CUDA else "cpu", "cpu, cuda, cuda:1, ...")
+    device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, ...")
     precision: str | None = flag(None, "autocast precision (default: bf16 on CUDA, fp32 on CPU); fp16 uses a "
                                  "dynamic loss scale", choices=["fp32", "bf16", "fp16"])
     compile: bool | None = flag(None, "torch.compile the model (default: on for stage 1 on CUDA, off otherwise)",
@@ -237,22 +161,17 @@ class Config:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
-def recipes_table() -> str:
-    rows = [f"  {'stage':5s} {'preset':6s} {'batch':>5s} {'base_lr':>8s} {'epochs':>6s} {'warm-up':>7s} "
-            f"{'betas':>12s} {'ema_decay':>18s} {'clap_weight':>11s}"]
-    for (stage, preset), r in RECIPES.items():  # EMA and lambda are stage 1's alone
-        ema, clap = (str(r.ema_decay), f"{r.clap_weight:g}") if stage == "1" else ("-", "-")
-        rows.append(f"  {stage:5s} {preset:6s} {r.batch_size:5d} {r.base_lr:8.2e} {r.epochs:6g} {r.warmup_epochs:7g} "
-                    f"{str(r.betas):>12s} {ema:>18s} {clap:>11s}")
-    return "\n".join(rows)
+FLAG_STAGES = {f.name: f.metadata["stages"] for f in fields(Config)}    # the stages that take each flag
+RECIPE_FLAGS = ("batch_size", "epochs", "lr", "clap_weight", "ema_decay", "token_drop")  # Recipe fields too
 
 
 def parse_config(argv=None) -> Config:
     """The Config of a command line: one flag per field, stage-specific flags checked against --stage, then
     every default the command line decides settled (settle_defaults)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Recipes (every default of batch, epochs, learning rate, EMA and lambda; "
-                                       "AdamW, weight decay 0.05, clipping at 3.0):\n" + recipes_table())
+                                epilog="Recipes (engine.RECIPES: every default of batch, epochs, learning rate, EMA, "
+                                       "lambda and token drop; AdamW, weight decay 0.05, clipping at 3.0):\n"
+                                       + engine.recipes_table())
     for f in fields(Config):
         options = {k: v for k, v in f.metadata.items() if k != "stages"}
         if f.default is MISSING:
@@ -266,8 +185,8 @@ def parse_config(argv=None) -> Config:
         p.add_argument("--" + f.name.replace("_", "-"), **options)
     config = Config(**vars(p.parse_args(argv)))
     for f in fields(Config):
-        if config.stage not in f.metadata["stages"] and getattr(config, f.name) != f.default:
-            p.error(f"--{f.name.replace('_', '-')} is for stage {' and '.join(f.metadata['stages'])} only, "
+        if config.stage not in FLAG_STAGES[f.name] and getattr(config, f.name) != f.default:
+            p.error(f"--{f.name.replace('_', '-')} is for stage {' and '.join(FLAG_STAGES[f.name])} only, "
                     f"not stage {config.stage}")
     if config.data is None and (config.embeddings or config.audio_root):
         p.error("--embeddings and --audio-root describe your own data; pass --data CSV with them")
@@ -275,32 +194,35 @@ def parse_config(argv=None) -> Config:
 
 
 def settle_defaults(config: Config) -> Config:
-    """Every default that the command line decides, in one place (the --help texts say the same)."""
+    """Every default that the command line alone decides, in one place (the --help texts say the same)."""
     stage, cuda = config.stage, torch.device(config.device).type == "cuda"
     out_dir = config.out_dir or Path("runs") / f"stage{stage}"
     # Compiled by default for the stage-1 step on CUDA; a text encoder's varying token counts would recompile.
     precision, use_compile = runs.amp_defaults("cuda" if cuda else "cpu", config.precision, config.compile,
                                                compile_on_cuda=stage == "1")
+    own_data = config.data is not None
     return replace(
         config, out_dir=out_dir, precision=precision, compile=use_compile,
         preset=config.preset or ("tiny" if stage == "1" else None),
         init=config.init or (Path("runs") / f"stage{PREVIOUS_STAGE[stage]}" / "last.pt" if stage != "1" else None),
-        token_drop=TOKEN_DROP.get(stage) if config.token_drop is None else config.token_drop,
-        audio_root=config.audio_root or (config.data.parent if config.data else None),
-        embedding_model=config.embedding_model or (text_embed.DEFAULT_MODEL if config.data is None else None),
+        audio_root=config.audio_root or (config.data.parent if own_data else None),
+        embeddings=config.embeddings or (text_embed.default_npy_path(config.data) if own_data else None),
+        embedding_model=config.embedding_model or (None if own_data else text_embed.DEFAULT_MODEL),
         workers=(8 if cuda else 0) if config.workers is None else config.workers,
-        preload=config.data is None if config.preload is None else config.preload,
+        preload=not own_data if config.preload is None else config.preload,
         resume=(out_dir / "last.pt").is_file() if config.resume is None else config.resume)
 
 
-def resolve(config: Config, resume: dict | None, init: dict | None) -> tuple[Config, Recipe]:
-    """What a run takes from the checkpoint it starts from, and its recipe with the command line's overrides.
+def settle_run(config: Config, resume: dict | None, init: dict | None) -> tuple[Config, Recipe]:
+    """What a run takes from the checkpoint it starts from, then its recipe: after this every setting is final.
 
-    Stages 2 and 2.1 take the preset of the checkpoint they start from (a
-    different --preset stops the run), a resumed run its own; with your own
-    --data and no --embedding-model, the sentence model is the start's.
+    Stages 2 and 2.1 take --init's preset, a resumed run keeps its own preset,
+    mask ratio and token drop, and with your own --data the sentence model is
+    the start's unless given. The recipe is the stage and preset's row of
+    engine.RECIPES with the command line's overrides; the Config records the
+    values the run trains with.
     """
-    start, preset = resume or init, config.preset
+    start, preset, mask_ratio = resume or init, config.preset, config.mask_ratio
     if start is not None:
         preset = start["args"].get("preset") or "tiny"
         if init is not None and config.preset not in (None, preset):  # a new run of stage 2 or 2.1
@@ -308,13 +230,18 @@ def resolve(config: Config, resume: dict | None, init: dict | None) -> tuple[Con
                              f"run asks for --preset {config.preset}. Drop --preset (stages 2 and 2.1 take it "
                              f"from the checkpoint they start from), or pass --init with a {config.preset} "
                              "checkpoint.")
-    embedding_model = config.embedding_model or (start.get("embedding_model") if start else None)
+    if config.stage == "1" and mask_ratio is None:
+        mask_ratio = resume["model_config"]["mask_ratio"] if resume else m2d.preset(preset).mask_ratio
     token_drop = (resume["args"].get("token_drop") or 0.0) if resume is not None else config.token_drop
-    config = replace(config, preset=preset, embedding_model=embedding_model, token_drop=token_drop)
-    overrides = dict(batch_size=config.batch_size, clap_weight=config.clap_weight, epochs=config.epochs,
-                     ema_decay=tuple(config.ema_decay) if config.ema_decay else None)
-    recipe = replace(RECIPES[(config.stage, preset)], **{k: v for k, v in overrides.items() if v is not None})
-    return config, recipe
+    config = replace(config, preset=preset, mask_ratio=mask_ratio, token_drop=token_drop,
+                     embedding_model=config.embedding_model or (start.get("embedding_model") if start else None))
+    overrides = {name: getattr(config, name) for name in RECIPE_FLAGS if getattr(config, name) is not None}
+    if "ema_decay" in overrides:
+        overrides["ema_decay"] = tuple(overrides["ema_decay"])
+    recipe = replace(RECIPES[(config.stage, preset)], **overrides)
+    ran_with = {name: getattr(recipe, "peak_lr" if name == "lr" else name) for name in RECIPE_FLAGS
+                if config.stage in FLAG_STAGES[name]}
+    return replace(config, **ran_with), recipe
 
 
 def load_previous_stage(stage: str, path: Path) -> dict:
@@ -361,8 +288,10 @@ def load_data(config: Config, start: dict | None, ddp: runs.Distributed) -> RunD
         npy_path, name = None, f"built-in {split}"
     else:
         csv_path, npy_path, name, audio_root = config.data, config.embeddings, str(config.data), config.audio_root
-    table = (text_embed.load_captions(csv_path) if stage_text_side(config, start)[0] == "encoder"
-             else text_embed.load_caption_embeddings(csv_path, npy_path))
+    if stage_text_side(config, start)[0] == "encoder":  # caption text, no embeddings
+        table, npy_path = text_embed.load_captions(csv_path), None
+    else:
+        table = text_embed.load_caption_embeddings(csv_path, npy_path)
     crop_frames = (m2d.preset(config.preset).crop_frames if config.stage == "1"
                    else start["model_config"]["crop_frames"])
     source = data.ShardStore(config.shards) if config.shards else data.AudioFolder(audio_root, config.convert_audio)
@@ -403,22 +332,18 @@ def setup_stage1(config: Config, init: None, run_data: RunData) -> Stage:
         norm_stats = run_data.source.norm_stats
     else:
         norm_stats = data.compute_norm_stats(run_data.dataset)
-    overrides = {"text_dim": run_data.table.dim, "grad_checkpointing": config.grad_checkpointing}
-    if config.mask_ratio is not None:
-        overrides["mask_ratio"] = config.mask_ratio
-    model = m2d.M2DCLAP(m2d.preset(config.preset, **overrides), norm_stats)
+    model = m2d.M2DCLAP(m2d.preset(config.preset, text_dim=run_data.table.dim, mask_ratio=config.mask_ratio,
+                                   grad_checkpointing=config.grad_checkpointing), norm_stats)
     return Stage(model, None, "embeddings", None, frozen_encoder=False)
 
 
 def setup_stage2(config: Config, init: dict, run_data: RunData) -> Stage:
     """Stage 2 as the authors released it: new CLAP parts on the frozen stage-1.1 encoder.
 
-    The audio projector is replaced by a freshly initialised semantic projector
-    (one block), the logit scale restarts at log(100), and the text side is new:
-    a pretrained text encoder (with a fresh projector only when its width
-    differs from the audio width, none for BERT-base into ViT-Base), or a fresh
-    projector on the precomputed sentence embeddings. Only the encoder, its
-    normalisation statistics and the unused M2D parts are kept from --init.
+    A fresh semantic audio projector (one block), the logit scale at log(100),
+    and a new text side: a pretrained text encoder (with a fresh projector only
+    when its width differs from the audio width) or a fresh projector on the
+    sentence embeddings. Only the encoder and the unused M2D parts are kept.
     """
     model, _ = features.model_from_checkpoint(init)
     encoder = tokenizer = None
@@ -465,50 +390,15 @@ def setup_resumed(config: Config, resume: dict) -> Stage:
         raise ValueError("the run's last.pt was written by an earlier version whose text projector had no bias, so its "
                          "optimiser state does not fit this one. Train it again with --no-resume, or go on "
                          "from its weights with the next stage (--init).")
-    model, tokenizer = features.model_from_checkpoint({**resume, "model_config": {
-        **resume["model_config"], "grad_checkpointing": config.grad_checkpointing}})
+    asked = {"grad_checkpointing": config.grad_checkpointing}
+    if config.mask_ratio is not None:  # stage 1's: a different one than the run's is refused by the resume check
+        asked["mask_ratio"] = config.mask_ratio
+    model, tokenizer = features.model_from_checkpoint({**resume, "model_config": {**resume["model_config"], **asked}})
     frozen = config.stage != "1"
     if frozen:
         model.freeze_encoder()
     text_side, text_encoder = stage_text_side(config, resume)
     return Stage(model, tokenizer, text_side, text_encoder, frozen_encoder=frozen)
-
-
-def setup_stage(config: Config, resume: dict | None, init: dict | None, run_data: RunData) -> Stage:
-    """The Stage of this run: its own last.pt, or a new run of its stage."""
-    stage = setup_resumed(config, resume) if resume is not None else NEW_STAGE[config.stage](config, init, run_data)
-    if stage.text_side == "embeddings":
-        text_embed.check_dim(run_data.table, stage.model.config.text_dim)
-    return stage
-
-
-# -----------------------------------------------------------------------------
-# One optimiser step
-
-
-def train_step(model: m2d.M2DCLAP, stepper: runs.Stepper, micro_batches: list, clap_weight: float,
-               ema_decay: float | None, token_drop: float = 0.0) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """One optimiser step of M2D-CLAP over the micro-batches [(log_mel, text), ...] already on the device.
-
-    The losses of losses.m2d_clap_loss drive runs.Stepper.step (accumulation,
-    autocast, loss scaling, clipping, fused AdamW, a non-finite step skipped
-    on the device). After the step the logit scale is clamped and, in stage 1
-    (ema_decay given), the EMA target follows the online encoder; on a
-    skipped step the decay becomes 1, so the target stays exactly as it was.
-    Returns each loss averaged over micro-batches, the gradient norm and the
-    step's finite flag, all as device tensors.
-    """
-    frozen_encoder = ema_decay is None
-
-    def losses(mel, text):
-        outputs = stepper.forward(mel, text, frozen_encoder=frozen_encoder, token_drop=token_drop)
-        return m2d_clap_loss(outputs, model.logit_scale, clap_weight)
-
-    sums, grad_norm, finite = stepper.step(micro_batches, losses)
-    model.clamp_logit_scale()
-    if not frozen_encoder:  # every rank holds the same online weights, so the same target
-        model.ema_update(torch.where(finite, ema_decay, 1.0))
-    return sums, grad_norm, finite
 
 
 # -----------------------------------------------------------------------------
@@ -532,7 +422,6 @@ class Run:
     guard: runs.NonFiniteGuard
     total_steps: int
     warmup_steps: int
-    peak_lr: float
     start_step: int = 0
     last_saved: int | None = None
     bad_clips_reported: int = 0
@@ -542,15 +431,15 @@ class Run:
         return self.stage.model
 
     def settings(self) -> dict:
-        """What makes a run this run: a resume must match it (the peak learning rate may change)."""
+        """What makes a run this run: a resume must match it (the peak lr may change; the token drop is its own)."""
         c = self.config
+        recipe = {k: v for k, v in asdict(self.recipe).items() if k not in ("lr", "token_drop")}
         return dict(stage=c.stage, preset=c.preset, data=self.data.name,
                     embeddings=str(self.data.npy_path) if self.data.npy_path else None,
                     shards=str(c.shards) if c.shards else None, text_side=self.stage.text_side,
                     text_encoder=self.stage.text_encoder, clips=len(self.data.dataset), seed=c.seed,
-                    batch_size=self.recipe.batch_size,
-                    mask_ratio=self.model.config.mask_ratio if c.mask_ratio is None else c.mask_ratio,
-                    total_steps=self.total_steps, warmup_steps=self.warmup_steps, recipe=asdict(self.recipe))
+                    batch_size=self.recipe.batch_size, mask_ratio=self.model.config.mask_ratio,
+                    total_steps=self.total_steps, warmup_steps=self.warmup_steps, recipe=recipe)
 
 
 def train(config: Config):
@@ -578,7 +467,7 @@ def setup_run(config: Config, resume: dict | None, ddp: runs.Distributed, device
     # restores each rank's states just before its first step.
     runs.seed_everything(config.seed + ddp.rank)
     init = load_previous_stage(config.stage, config.init) if config.stage != "1" and resume is None else None
-    config, recipe = resolve(config, resume, init)
+    config, recipe = settle_run(config, resume, init)
     if recipe.batch_size % (config.accum_steps * ddp.world_size):
         raise ValueError(f"--batch-size {recipe.batch_size} is not divisible by {config.accum_steps} accumulation "
                          f"steps x {ddp.world_size} processes")
@@ -589,12 +478,13 @@ def setup_run(config: Config, resume: dict | None, ddp: runs.Distributed, device
     if order.batches_per_epoch == 0:
         raise ValueError(f"{run_data.csv_path} has {len(run_data.dataset)} usable clips, fewer than one batch of "
                          f"{recipe.batch_size}; lower --batch-size")
-    stage = setup_stage(config, resume, init, run_data)
+    stage = setup_resumed(config, resume) if resume is not None else NEW_STAGE[config.stage](config, init, run_data)
+    if stage.text_side == "embeddings":
+        text_embed.check_dim(run_data.table, stage.model.config.text_dim)
     model = stage.model.to(device)
     model.train_clap() if stage.frozen_encoder else model.train()  # a frozen encoder stays in eval mode
     total_steps = config.max_steps or max(1, round(recipe.epochs * order.batches_per_epoch))
-    peak_lr = config.lr or recipe.base_lr * recipe.batch_size / 256
-    optimizer = torch.optim.AdamW(model.param_groups(recipe.weight_decay), lr=peak_lr, betas=recipe.betas, fused=True)
+    optimizer = engine.make_optimizer(model, recipe)
     # The loader gets a generator of its own: starting an epoch must not draw
     # from the global RNG that the masks come from.
     loader = DataLoader(run_data.dataset, batch_size=recipe.batch_size // (config.accum_steps * ddp.world_size),
@@ -606,8 +496,7 @@ def setup_run(config: Config, resume: dict | None, ddp: runs.Distributed, device
                                          config.compile, recipe.clip_grad_norm),
               loader=loader, order=order, log=log,
               guard=runs.NonFiniteGuard(config.max_bad_steps, config.out_dir / "last.pt", log.print),
-              total_steps=total_steps, warmup_steps=max(1, round(total_steps * recipe.warmup_epochs / recipe.epochs)),
-              peak_lr=peak_lr)
+              total_steps=total_steps, warmup_steps=max(1, round(total_steps * recipe.warmup_epochs / recipe.epochs)))
     start(run, resume)
     return run
 
@@ -618,7 +507,7 @@ def start(run: Run, resume: dict | None):
     elapsed_s = 0.0
     if resume is not None:
         run.start_step, elapsed_s = runs.restore_training(resume, run.config.out_dir / "last.pt", run.settings(),
-                                                          run.peak_lr, run.stepper.optimizer, run.stepper.scaler,
+                                                          run.recipe.peak_lr, run.stepper.optimizer, run.stepper.scaler,
                                                           run.log.print)
         run.last_saved = run.start_step
     run.log.start(run.start_step, elapsed_s)
@@ -630,8 +519,8 @@ def start(run: Run, resume: dict | None):
                   f"{norm_stats[1]:.4f}")
     run.log.print(f"{run.total_steps} steps ({run.order.batches_per_epoch} per epoch) | global batch "
                   f"{r.batch_size} = {run.ddp.world_size} processes x {c.accum_steps} accumulation steps x "
-                  f"{r.batch_size // (c.accum_steps * run.ddp.world_size)} clips | peak lr {run.peak_lr:.2e} = "
-                  f"{r.base_lr:.2e} x {r.batch_size} / 256{'' if c.lr is None else ' (overridden by --lr)'} | "
+                  f"{r.batch_size // (c.accum_steps * run.ddp.world_size)} clips | peak lr {r.peak_lr:.2e}"
+                  f"{f' = {r.base_lr:.2e} x {r.batch_size} / 256' if r.lr is None else ' (--lr)'} | "
                   f"{run.device} {stepper.precision}{' compiled' if stepper.compiled else ''} | writing {c.out_dir}")
     run.bad_clips_reported = bad_clip_count(run)
     if resume is None:
@@ -656,16 +545,16 @@ def micro_batches(run: Run):
 
 
 def train_loop(run: Run):
-    """The steps: schedules, one train_step, then logging, non-finite handling and periodic checkpoints."""
+    """The steps: schedules, one engine.train_step, then logging, non-finite handling and periodic checkpoints."""
     c, recipe, model = run.config, run.recipe, run.model
     batch_iter = micro_batches(run)
     for step in range(run.start_step, run.total_steps):
-        lr = lr_at(step, run.total_steps, run.warmup_steps, run.peak_lr)
-        for group in run.stepper.optimizer.param_groups:
-            group["lr"] = lr
-        ema_decay = None if run.stage.frozen_encoder else ema_decay_at(step, run.total_steps, *recipe.ema_decay)
-        sums, grad_norm, finite = train_step(model, run.stepper, [next(batch_iter) for _ in range(c.accum_steps)],
-                                             recipe.clap_weight, ema_decay, c.token_drop or 0.0)
+        lr = engine.lr_at(step, run.total_steps, run.warmup_steps, recipe.peak_lr)
+        engine.set_lr(run.stepper.optimizer, lr)
+        ema_decay = None if run.stage.frozen_encoder else engine.ema_decay_at(step, run.total_steps, *recipe.ema_decay)
+        sums, grad_norm, finite = engine.train_step(model, run.stepper,
+                                                    [next(batch_iter) for _ in range(c.accum_steps)],
+                                                    recipe.clap_weight, ema_decay, recipe.token_drop)
         done = step + 1
         run.guard.record(done, finite, sums, grad_norm)
         log_now = done % c.log_every == 0 or done == run.total_steps or done == 1
@@ -708,15 +597,14 @@ def save_run(run: Run, step: int):
     if not run.ddp.main:
         return
     model = run.model
-    text_encoder = None
-    if model.text_encoder is not None:
-        text_encoder = {"name": run.stage.text_encoder, "config": model.text_encoder.config.to_dict()}
+    text_encoder = (None if model.text_encoder is None
+                    else {"name": run.stage.text_encoder, "config": model.text_encoder.config.to_dict()})
     runs.save_checkpoint(
         run.config.out_dir / "last.pt", stage=run.config.stage, step=step, model=model.state_dict(),
         model_config=asdict(model.config), norm_stats=model.norm_stats.tolist(), text_side=run.stage.text_side,
         text_encoder=text_encoder, embedding_model=run.data.embedding_model, recipe=asdict(run.recipe),
         optimizer=run.stepper.optimizer.state_dict(), scaler=run.stepper.scaler.state_dict(),
-        args=run.config.saved(), resume=runs.resume_state(run.settings(), run.peak_lr, rng, run.log.elapsed_s()))
+        args=run.config.saved(), resume=runs.resume_state(run.settings(), run.recipe.peak_lr, rng, run.log.elapsed_s()))
     run.last_saved = step
 
 
@@ -742,8 +630,6 @@ def finish(run: Run):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["export"]:
-        raise SystemExit("'python train.py export' is now 'python features.py export'")
     stage = argparse.ArgumentParser(add_help=False)
     stage.add_argument("--stage")
     if stage.parse_known_args(argv)[0].stage == "1.1":  # supervised fine-tuning: finetune.py's flags

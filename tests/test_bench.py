@@ -51,3 +51,21 @@ def test_the_prepared_gpu_run_runs_on_the_cpu(tmp_path, capsys):
         assert rows[name]["clips_per_s"] == pytest.approx(rows[name]["batch"] / rows[name]["ms_per_step"] * 1000)
     printed = capsys.readouterr().out
     assert "prepared run on cpu" in printed and "step      6/6" in printed  # train.py itself ran its 6 steps
+
+
+def test_our_variant_times_engine_train_step_with_the_stages_recipe(monkeypatch):
+    real_step, calls = bench.engine.train_step, []
+
+    def counted(model, stepper, micro_batches, clap_weight, ema_decay, token_drop):
+        calls.append((clap_weight, ema_decay, token_drop, stepper.clip_grad_norm,
+                      stepper.optimizer.param_groups[0]["betas"]))
+        return real_step(model, stepper, micro_batches, clap_weight, ema_decay, token_drop)
+
+    monkeypatch.setattr(bench.engine, "train_step", counted)
+    for stage, ema_decay in (("1", 0.995), ("2", None)):
+        args = bench.parse_args(["--stage", stage, "--device", "cpu", "--batch", "2", "--steps", "1", "--warmup", "1"])
+        _, _, _, _, variants, _ = bench.build_variants(args, only="optimized")
+        variants["optimized"]()
+        recipe = bench.engine.RECIPES[(stage, "tiny")]
+        assert calls.pop() == (recipe.clap_weight, ema_decay, recipe.token_drop, recipe.clip_grad_norm, recipe.betas)
+    assert bench.engine.RECIPES[("2", "tiny")].token_drop == 0.3  # the token drop stage 2 trains with

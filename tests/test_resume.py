@@ -13,12 +13,16 @@ import pytest
 import torch
 
 import conftest
+import engine
 import model as m2d
 import runs
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, SAVE_EVERY = 12, 3  # 4 steps an epoch: the run crosses epochs and resumes mid-epoch
+# The tests wait on what the runs print and on their exit, never on a wall clock. This bound only ends a
+# run that hangs for good: a run here takes seconds on an idle machine and minutes on a crowded one.
+HANG_GUARD_S = 3600
 
 
 def write_corpus(root: Path) -> Path:
@@ -32,7 +36,7 @@ def command(root: Path, out_dir: Path, *extra) -> list[str]:
 
 
 # Runs train.main; with KILL_WHILE_SAVING_STEP set, the save of that step writes
-# part of the file, says so on stdout and waits to be killed.
+# part of the file, says so on stdout and waits, however long it takes, to be killed.
 RUNNER = textwrap.dedent("""
     import os, sys, time
     import torch
@@ -45,7 +49,8 @@ RUNNER = textwrap.dedent("""
             f.write(b"the first bytes of a checkpoint")
             f.flush()
             print("SAVING", flush=True)
-            time.sleep(600)
+            while True:
+                time.sleep(60)
         return real_save(obj, f, *args, **kwargs)
 
     torch.save = save
@@ -62,20 +67,21 @@ def start(tmp_path: Path, args: list[str], **env) -> subprocess.Popen:
 
 def run_to_end(tmp_path: Path, args: list[str]) -> str:
     proc = start(tmp_path, args)
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 0, out
     return out
 
 
 def kill_when(proc: subprocess.Popen, marker: str) -> str:
-    """SIGKILL the process as soon as a line starting with marker appears; its output so far."""
+    """SIGKILL the process as soon as a line starting with marker appears (the run's own progress line or
+    the runner's SAVING); its output so far."""
     seen = []
     for line in proc.stdout:
         seen.append(line)
         if line.startswith(marker):
             proc.send_signal(signal.SIGKILL)
             break
-    proc.wait(timeout=60)
+    proc.wait(timeout=HANG_GUARD_S)
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
     return "".join(seen)
 
@@ -150,7 +156,7 @@ def tiny_step_setup(scaler=None):
 
 def step(model, optimizer, scaler, mel, text):
     stepper = runs.Stepper(model, model, optimizer, scaler, torch.autocast("cpu", enabled=False), clip_grad_norm=3.0)
-    return train.train_step(model, stepper, [(mel, text)], 0.01, 0.99)
+    return engine.train_step(model, stepper, [(mel, text)], 0.01, 0.99)
 
 
 def test_a_non_finite_loss_skips_the_step_and_changes_nothing():
@@ -197,7 +203,7 @@ def test_the_loss_scaler_state_is_torch_gradscalers_both_ways():
 
 def test_non_finite_steps_are_skipped_with_a_warning_and_too_many_stop_the_run(tmp_path, monkeypatch, capsys):
     write_corpus(tmp_path)
-    real_losses, calls = train.m2d_clap_loss, []
+    real_losses, calls = engine.m2d_clap_loss, []
 
     def losses_bad_at(bad_calls):
         def m2d_clap_loss(*args):
@@ -207,7 +213,7 @@ def test_non_finite_steps_are_skipped_with_a_warning_and_too_many_stop_the_run(t
         return m2d_clap_loss
 
     args = command(tmp_path, tmp_path / "once")[:-2] + ["--workers", "0", "--max-bad-steps", "3"]
-    monkeypatch.setattr(train, "m2d_clap_loss", losses_bad_at({5, 6}))  # two bad steps, then good ones
+    monkeypatch.setattr(engine, "m2d_clap_loss", losses_bad_at({5, 6}))  # two bad steps, then good ones
     train.main(args)
     out = capsys.readouterr()
     assert "warning: step 5: non-finite" in out.err and "warning: step 6: non-finite" in out.err
@@ -218,7 +224,7 @@ def test_non_finite_steps_are_skipped_with_a_warning_and_too_many_stop_the_run(t
     # The flags are read back every --max-bad-steps steps between log lines: the stop still names the first three.
     args = command(tmp_path, tmp_path / "run")[:-2] + ["--workers", "0", "--max-bad-steps", "3", "--log-every", "50"]
     calls.clear()
-    monkeypatch.setattr(train, "m2d_clap_loss", losses_bad_at(range(8, 100)))
+    monkeypatch.setattr(engine, "m2d_clap_loss", losses_bad_at(range(8, 100)))
     with pytest.raises(SystemExit, match=r"3 steps in a row \(8 to 10\) had a non-finite loss or gradient.*"
                                          r"last good checkpoint, .*last.pt \(step 6\), is intact.*--lr"):
         train.main(args)

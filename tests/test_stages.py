@@ -132,7 +132,7 @@ def test_an_exported_stage2_file_is_a_released_file(runs, tmp_path):
 def test_stage2_starts_new_clap_parts_with_the_logit_scale_at_log_100(runs):
     init = weights(runs / "s1" / "last.pt")
     config = train.parse_config(["--stage", "2", "--init", str(runs / "s1" / "last.pt"), "--text-side", "embeddings"])
-    model = train.setup_stage2(config, init, None).model
+    model = train.setup_stage2(train.settle_run(config, None, init)[0], init, None).model
     assert model.logit_scale.item() == pytest.approx(math.log(100))
     assert (model.config.audio_proj, model.config.audio_proj_depth) == ("semantic", 1)
     state = model.state_dict()
@@ -153,6 +153,7 @@ def test_a_stage2_run_written_before_the_token_drop_resumes_without_it(runs):
     resume = weights(runs / "s2" / "last.pt")
     del resume["args"]["token_drop"]
     config = train.parse_config(["--stage", "2", "--out-dir", str(runs / "s2")])
-    assert config.token_drop == 0.3
-    assert train.resolve(config, resume, None)[0].token_drop == 0.0
+    assert train.settle_run(config, None, weights(runs / "s1" / "last.pt"))[1].token_drop == 0.3  # a new run
+    config, recipe = train.settle_run(config, resume, None)
+    assert config.token_drop == recipe.token_drop == 0.0
 

@@ -12,11 +12,12 @@ import torch
 import model as m2d
 import features
 import runs
+import engine
 import train
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    lrs = [train.lr_at(s, 100, 10, 1.0) for s in range(100)]
+    lrs = [engine.lr_at(s, 100, 10, 1.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
@@ -58,9 +59,9 @@ def test_the_ema_target_moves_by_exactly_the_schedules_amount():
     mel, text = torch.randn(4, 1, 80, 192) * 4 - 7, torch.randn(4, 16)
     target_before = [p.clone() for p in model.target_parameters()]
     online_before = [p.clone() for p in model.online_parameters()]
-    decay = train.ema_decay_at(3, 10, 0.9, 0.99)  # 0.927
+    decay = engine.ema_decay_at(3, 10, 0.9, 0.99)  # 0.927
     stepper = runs.Stepper.build(model, optimizer, torch.device("cpu"), "fp32", use_compile=False, clip_grad_norm=3.0)
-    _, _, applied = train.train_step(model, stepper, [(mel, text)], 0.01, decay)
+    _, _, applied = engine.train_step(model, stepper, [(mel, text)], 0.01, decay)
     assert applied
     for target, before, online, online_was in zip(model.target_parameters(), target_before,
                                                   model.online_parameters(), online_before):
@@ -136,12 +137,12 @@ def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_loadable(tmp_pa
 
 
 def test_ema_schedule_is_linear_from_the_recipes_start_to_end():
-    start, end = train.Recipe().ema_decay
+    start, end = engine.Recipe().ema_decay
     assert (start, end) == (0.99995, 0.99999)  # the paper's
-    assert train.ema_decay_at(0, 100, start, end) == pytest.approx(0.99995)
-    assert train.ema_decay_at(50, 100, start, end) == pytest.approx(0.99997)
-    assert train.ema_decay_at(100, 100, start, end) == pytest.approx(0.99999)
-    assert train.ema_decay_at(25, 100, 0.9, 1.0) == pytest.approx(0.925)
+    assert engine.ema_decay_at(0, 100, start, end) == pytest.approx(0.99995)
+    assert engine.ema_decay_at(50, 100, start, end) == pytest.approx(0.99997)
+    assert engine.ema_decay_at(100, 100, start, end) == pytest.approx(0.99999)
+    assert engine.ema_decay_at(25, 100, 0.9, 1.0) == pytest.approx(0.925)
 
 
 def test_flags_of_another_stage_stop_with_the_stage_they_belong_to(capsys):
@@ -162,12 +163,15 @@ def test_help_shows_the_defaults_and_the_recipes(capsys):
     for default in ("between checkpoint saves (last.pt is replaced atomically each time) (default: 1000)",
                     "Default: tiny in stage 1", "(default: bf16 on CUDA, fp32 on CPU)", "(default: 8 on CUDA, 0 on CPU)"):
         assert default in shown
-    assert "Recipes" in shown and "1 tiny 64 2.00e-03 40 2 (0.9, 0.95) (0.995, 0.999) 0.01" in shown
-
-
-def test_the_export_command_says_where_it_moved():
-    with pytest.raises(SystemExit, match="python features.py export"):
-        train.main(["export", "a.pt", "b.pth"])
+    assert "Recipes" in shown and "1 tiny 64 2.00e-03 40 2 (0.9, 0.95) (0.995, 0.999) 0.01 -" in shown
+    assert "2 tiny 64 4.00e-04 8 0.5 (0.9, 0.999) - - 0.3" in shown
+    # Each recipe flag lists its default per stage and preset.
+    for default in ("total clips per optimiser step (default: stage 1: tiny 64, base/large 2048; stage 2: tiny 64, "
+                    "base/large 2048; stage 2.1: tiny 64, base/large 2048)",
+                    "(default: stage 1: tiny 0.0005, base/large 0.0024; stage 2: tiny 0.0001, base/large 2.4e-05;",
+                    "keeps its own (default: stage 2: 0.3; stage 2.1: 0)",
+                    "over training (default: stage 1: tiny 0.995 0.999, base/large 0.99995 0.99999)"):
+        assert default in shown, default
 
 
 def tiny_training_model():
@@ -188,7 +192,7 @@ def test_a_compiled_step_survives_a_batch_size_change():
                            runs.LossScaler(torch.device("cpu"), False), contextlib.nullcontext(), clip_grad_norm=3.0)
     for batch in (4, 3, 4):
         mel, text = torch.randn(batch, 1, 80, 192) * 4 - 7, torch.randn(batch, 16)
-        sums, _, finite = train.train_step(model, stepper, [(mel, text)], 0.01, 0.99)
+        sums, _, finite = engine.train_step(model, stepper, [(mel, text)], 0.01, 0.99)
         assert finite and torch.isfinite(sums["loss"])
 
 
@@ -209,8 +213,24 @@ def test_defaults_are_settled_once_right_after_parsing(tmp_path):
     stage2 = train.parse_config(["--stage", "2", "--device", "cpu", "--data", str(tmp_path / "c.csv"),
                                  "--out-dir", str(tmp_path), "--precision", "bf16"])
     assert stage2.preset is None and stage2.init == Path("runs/stage1.1/last.pt")  # the preset comes from --init
-    assert stage2.token_drop == 0.3 and train.parse_config(["--stage", "2.1"]).token_drop == 0.0
     assert (stage2.audio_root, stage2.preload, stage2.embedding_model) == (tmp_path, False, None)
+    assert stage2.embeddings == tmp_path / "c.npy"
     assert (stage2.precision, stage2.resume) == ("bf16", False)
     (tmp_path / "last.pt").touch()
     assert train.parse_config(["--stage", "2", "--out-dir", str(tmp_path)]).resume is True
+
+
+def test_the_recipe_row_holds_each_stages_defaults_and_the_command_line_overrides_it():
+    assert [engine.RECIPES[(stage, "base")].token_drop for stage in ("1", "2", "2.1")] == [0.0, 0.3, 0.0]
+    assert engine.RECIPES[("1", "base")].peak_lr == pytest.approx(3e-4 * 2048 / 256)  # base_lr x batch / 256
+    init = {"stage": "1.1", "args": {"preset": "base"}, "embedding_model": "gte-base"}
+    config, recipe = train.settle_run(train.parse_config(["--stage", "2", "--device", "cpu"]), None, init)
+    assert recipe == engine.RECIPES[("2", "base")] and recipe.token_drop == 0.3
+    assert (config.preset, config.embedding_model, config.token_drop) == ("base", "all-MiniLM-L6-v2", 0.3)
+    assert (config.batch_size, config.lr, config.clap_weight) == (2048, recipe.peak_lr, None)  # as it trains
+    argv = ["--stage", "1", "--device", "cpu", "--batch-size", "32", "--lr", "1e-3", "--ema-decay", "0.9", "0.99"]
+    config, recipe = train.settle_run(train.parse_config(argv), None, None)
+    assert (recipe.batch_size, recipe.peak_lr, recipe.ema_decay, recipe.base_lr) == (32, 1e-3, (0.9, 0.99), 2e-3)
+    assert (config.mask_ratio, config.token_drop) == (0.7, None)
+    with pytest.raises(ValueError, match="of the base preset, but this run asks for --preset tiny"):
+        train.settle_run(train.parse_config(["--stage", "2", "--preset", "tiny"]), None, init)
