@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -648,6 +649,32 @@ def check_labels(manifest: Manifest, holdout_fold: str | None = None):
                                     "the split.")
 
 
+def holdouts(manifest: Manifest, folds: list[str] | None = None) -> list[str | None]:
+    """What a classifier trained on the manifest holds out in turn, checked: [None] for a split manifest (with
+    train and test clips), else its folds (at least 2; `folds` picks some). Labels are checked (check_labels)."""
+    if manifest.fold is None:
+        if folds:
+            raise ManifestError(f"{manifest.name}: --folds needs a manifest with a fold column; this one has "
+                                f"{'splits' if manifest.split is not None else 'neither splits nor folds'}")
+        for part in ("train", "test"):
+            if not manifest.indices(part):
+                raise ManifestError(f"{manifest.name}: no clip in the {part} split; training a classifier needs "
+                                    "train and test clips (or use a fold column)")
+        chosen = [None]
+    else:
+        if len(manifest.folds) < 2:
+            raise ManifestError(f"{manifest.name}: every clip is in fold {manifest.folds[0]!r}; holding folds out "
+                                "in turn needs at least 2 folds (or use a split column: train/valid/test)")
+        unknown = sorted(set(folds or []) - set(manifest.folds))
+        if unknown:
+            raise ManifestError(f"{manifest.name}: --folds {unknown} not in the manifest, whose folds are "
+                                f"{manifest.folds}")
+        chosen = list(folds or manifest.folds)
+    for holdout in chosen:
+        check_labels(manifest, holdout)
+    return chosen
+
+
 def label_targets(labels: list[list[str]], classes: list[str], where: str = "") -> torch.Tensor:
     """Label strings per clip -> multi-hot float targets [N, C] in the given class order."""
     index = {c: k for k, c in enumerate(classes)}
@@ -659,6 +686,59 @@ def label_targets(labels: list[list[str]], classes: list[str], where: str = "") 
                                 "a classifier cannot learn them. Fix the label or the split.")
         targets[i, [index[c] for c in clip_labels]] = 1.0
     return targets
+
+
+@dataclass
+class ClipSet:
+    """Labelled clips of a manifest: raw clips (waveforms [samples] or log-mels [F, T]) and targets [N, C].
+
+    Targets are multi-hot (one-hot for single-label tasks) floats, so that
+    mixup can mix them. clips is a list, or LazyClips for AudioSet-scale data.
+    """
+
+    clips: list[torch.Tensor]
+    targets: torch.Tensor
+    names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+
+class LazyClips:
+    """Clips read on demand (shards of millions of clips): indexed like a list, nothing kept in memory."""
+
+    def __init__(self, read, names: list[str]):
+        self.read, self.names = read, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self.read(n) for n in self.names[index]]
+        return self.read(self.names[index])
+
+
+def load_clips(manifest: Manifest, indices: list[int], source: AudioFolder | ShardStore, raw_input: str,
+               lazy: bool = False, workers: int = 1) -> ClipSet:
+    """Some manifest rows as a ClipSet: waveforms (raw_input "wave") or full-length log-mels ("log_mel").
+
+    Waveforms need audio files; log-mels come from audio files or shards.
+    lazy: read each clip when it is indexed; else read them all now, with
+    `workers` threads. Targets follow manifest.classes.
+    """
+    names = [manifest.files[i] for i in indices]
+    missing = source.missing(names)
+    if missing:
+        raise ManifestError(f"{manifest.name}: {len(missing)} clip(s) such as {missing[0]} not found {source.where()}")
+    if raw_input == "wave" and not isinstance(source, AudioFolder):
+        raise ManifestError(f"{manifest.name}: raw_input='wave' needs audio files, not log-mel shards")
+    read = (lambda name: load_audio(source.root / name)) if raw_input == "wave" else source.log_mel
+    targets = label_targets([manifest.labels[i] for i in indices], manifest.classes, manifest.name)
+    if lazy:
+        return ClipSet(LazyClips(read, names), targets, names)
+    with ThreadPoolExecutor(max(workers, 1)) as pool:
+        return ClipSet(list(pool.map(read, names)), targets, names)
 
 
 # -----------------------------------------------------------------------------

@@ -85,15 +85,8 @@ def evaluation_set(csv_path: Path | None, audio_root: Path | None = None) -> dat
     if missing:
         raise data.ManifestError(f"{csv_path}: {len(missing)} audio file(s) such as {manifest.root / missing[0]} "
                                  "not found. Fix file_name or pass the right --audio-root.")
-    if manifest.split is not None:
-        for part in ("train", "test"):
-            if not manifest.indices(part):
-                raise data.ManifestError(f"{csv_path}: the {part} split is empty; the linear probe needs clips in "
-                                         "both train and test (or use a fold column)")
-    if manifest.fold is not None and len(manifest.folds) < 2:
-        raise data.ManifestError(f"{csv_path}: cross-validation needs at least two folds, got {manifest.folds}")
-    for holdout in manifest.folds or [None]:
-        data.check_labels(manifest, holdout)
+    if manifest.split is not None or manifest.fold is not None:
+        data.holdouts(manifest)  # train and test clips, or at least 2 folds, and test labels a training class has
     return manifest
 
 

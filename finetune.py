@@ -52,7 +52,6 @@ import json
 import math
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -346,22 +345,6 @@ def predict(model: m2d.AudioClassifier, clips, recipe: FinetuneRecipe) -> torch.
 
 
 @dataclass
-class ClipSet:
-    """One split: raw clips (waveforms [samples] or log-mels [F, T]; a list or LazyClips) and targets [N, C].
-
-    Targets are multi-hot, one-hot for single-label tasks (as the authors
-    keep them), so mixup can mix them.
-    """
-
-    clips: list[torch.Tensor]
-    targets: torch.Tensor
-    names: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.clips)
-
-
-@dataclass
 class FitState:
     """Where a fit stands after some epochs: what a resumed run needs besides weights and generators."""
 
@@ -407,7 +390,7 @@ def epoch_batches(n_clips: int, recipe: FinetuneRecipe, generator: torch.Generat
     return list(order.split(recipe.batch_size))
 
 
-def train_epoch(t: Trainer, train: ClipSet, weights: torch.Tensor | None) -> tuple[float, float]:
+def train_epoch(t: Trainer, train: data.ClipSet, weights: torch.Tensor | None) -> tuple[float, float]:
     """One epoch of steps; with several processes each takes its share of every batch. (mean loss, last lr)."""
     batches = epoch_batches(len(train), t.recipe, t.order, weights)
     device, losses = train.targets.device, []
@@ -420,7 +403,7 @@ def train_epoch(t: Trainer, train: ClipSet, weights: torch.Tensor | None) -> tup
     return float(np.mean(losses)), lr
 
 
-def fit(t: Trainer, train: ClipSet, valid: ClipSet | None, test: ClipSet, on_epoch=None) -> dict:
+def fit(t: Trainer, train: data.ClipSet, valid: data.ClipSet | None, test: data.ClipSet, on_epoch=None) -> dict:
     """Fine-tune up to recipe.epochs, evaluating after every epoch; returns the reported score and history.
 
     Without a validation split, the test split selects the epoch (the best
@@ -449,7 +432,7 @@ def fit(t: Trainer, train: ClipSet, valid: ClipSet | None, test: ClipSet, on_epo
     return fit_result(t, test, selector is valid)
 
 
-def fit_result(t: Trainer, test: ClipSet, test_once: bool) -> dict:
+def fit_result(t: Trainer, test: data.ClipSet, test_once: bool) -> dict:
     """The reported score, the best epoch, and the test logits and metrics at the best epoch."""
     state, scores = t.state, t.state.best_scores
     if test_once and state.best_state is not None:
@@ -471,21 +454,6 @@ def seed_summary(scores: list[float]) -> dict:
 # A task: its manifest, its clips, the folds held out in turn
 
 
-class LazyClips:
-    """Clips read on demand (AudioSet-scale shards): indexed like a list, nothing kept in memory."""
-
-    def __init__(self, read, names: list[str]):
-        self.read, self.names = read, names
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self.read(n) for n in self.names[index]]
-        return self.read(self.names[index])
-
-
 @dataclass
 class Task:
     """A fine-tuning task: its manifest, where its clips are, and the folds held out in turn ([None]: splits)."""
@@ -496,26 +464,10 @@ class Task:
     lazy: bool = False                   # read clips when a batch needs them (shards)
     workers: int = 1                     # threads reading the clips otherwise
 
-    def clip_set(self, indices: list[int], raw_input: str) -> ClipSet:
-        """The raw clips of some manifest rows: waveforms from audio files, or log-mels (files or shards)."""
-        manifest = self.manifest
-        names = [manifest.files[i] for i in indices]
-        missing = self.source.missing(names)
-        if missing:
-            raise data.ManifestError(f"{manifest.name}: {len(missing)} clip(s) such as {missing[0]} not found "
-                                     f"{self.source.where()}")
-        if raw_input == "wave" and not isinstance(self.source, data.AudioFolder):
-            raise data.ManifestError(f"{manifest.name}: raw_input='wave' needs audio files, not log-mel shards")
-        read = (lambda name: data.load_audio(self.source.root / name)) if raw_input == "wave" else self.source.log_mel
-        targets = data.label_targets([manifest.labels[i] for i in indices], manifest.classes, manifest.name)
-        if self.lazy:
-            return ClipSet(LazyClips(read, names), targets, names)
-        with ThreadPoolExecutor(max(self.workers, 1)) as pool:
-            return ClipSet(list(pool.map(read, names)), targets, names)
-
-    def splits(self, raw_input: str, holdout: str | None) -> tuple[ClipSet, ClipSet | None, ClipSet]:
+    def splits(self, raw_input: str, holdout: str | None) -> tuple[data.ClipSet, data.ClipSet | None, data.ClipSet]:
         """(train, valid or None, test) of one held-out fold (or of the manifest's splits)."""
-        train, valid, test = (self.clip_set(self.manifest.indices(part, holdout), raw_input)
+        train, valid, test = (data.load_clips(self.manifest, self.manifest.indices(part, holdout), self.source,
+                                              raw_input, self.lazy, self.workers)
                               for part in ("train", "valid", "test"))
         return train, (valid if len(valid) else None), test
 
@@ -527,27 +479,8 @@ def load_task(settings: RunSettings) -> Task:
         return Task(manifest, data.AudioFolder(manifest.root), [None], workers=settings.workers)
     manifest = data.read_manifest(settings.manifest, settings.audio_root)
     source = data.ShardStore(settings.shards) if settings.shards else data.AudioFolder(manifest.root)
-    if manifest.fold is None:
-        if settings.folds:
-            raise data.ManifestError(f"{manifest.name}: --folds needs a manifest with a fold column; this one "
-                                     "has splits")
-        holdouts = [None]
-        for part in ("train", "test"):
-            if not manifest.indices(part):
-                raise data.ManifestError(f"{manifest.name}: no clip in the {part} split; a run needs train and "
-                                         "test clips")
-    else:
-        if len(manifest.folds) < 2:
-            raise data.ManifestError(f"{manifest.name}: every clip is in fold {manifest.folds[0]!r}; holding folds "
-                                     "out in turn needs at least 2 folds (or use a split column: train/valid/test)")
-        unknown = sorted(set(settings.folds or []) - set(manifest.folds))
-        if unknown:
-            raise data.ManifestError(f"{manifest.name}: --folds {unknown} not in the manifest, whose folds are "
-                                     f"{manifest.folds}")
-        holdouts = list(settings.folds or manifest.folds)
-    for holdout in holdouts:
-        data.check_labels(manifest, holdout)
-    return Task(manifest, source, holdouts, lazy=settings.shards is not None, workers=settings.workers)
+    return Task(manifest, source, data.holdouts(manifest, settings.folds), lazy=settings.shards is not None,
+                workers=settings.workers)
 
 
 # -----------------------------------------------------------------------------
@@ -738,7 +671,7 @@ def end_epoch(run: FinetuneRun, j: int, t: Trainer):
         raise EpochLimit(f"stopped after {run.epochs_run} epoch(s) (--epochs-limit); run the same command to resume")
 
 
-def write_model(run: FinetuneRun, init: m2d.M2DCLAP, model: m2d.AudioClassifier, result: dict, test: ClipSet):
+def write_model(run: FinetuneRun, init: m2d.M2DCLAP, model: m2d.AudioClassifier, result: dict, test: data.ClipSet):
     """best.pt (and, for stage 1.1, last.pt: the same file) and per_class.csv of the best job so far."""
     model.load_state_dict(result["state"])
     manifest = run.task.manifest

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import finetune as ft
 import metrics
 import model as m2d
@@ -286,7 +287,7 @@ def test_fit_on_waveforms_selects_the_best_validation_epoch_and_tests_it_once():
     model = ft.classifier_for(small_encoder(), 2, recipe, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
     waves = [0.1 * torch.randn(5000, generator=g) for _ in range(8)]   # longer than 33 frames: cropped
-    split = ft.ClipSet(waves, torch.eye(2).repeat(4, 1))
+    split = data.ClipSet(waves, torch.eye(2).repeat(4, 1))
     epochs = []
     trainer = ft.Trainer(model, recipe, ft.make_stepper(model, recipe), order=g, augment=g)
     result = ft.fit(trainer, split, split, split, on_epoch=lambda state: epochs.append(state.epoch))
