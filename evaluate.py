@@ -148,7 +148,8 @@ def run_linear_probe(clip: torch.Tensor, eval_set: data.Manifest, targets: torch
                      skipped: dict, arrays: dict):
     """The linear probe on the train/test split, or averaged over the folds (each held out in turn)."""
     if eval_set.split is not None or eval_set.fold is not None:
-        groups = [(eval_set.indices("train", fold), eval_set.indices("test", fold)) for fold in eval_set.folds or [None]]
+        groups = [(eval_set.indices("train", fold), eval_set.indices("test", fold))
+                  for fold in eval_set.folds or [None]]
     else:
         skipped["linear_probe"] = "the manifest has neither a split nor a fold column"
         return

@@ -19,29 +19,17 @@ run left off.
 The method is the authors' (their evaluation package EVAR, finetune.py,
 driven by nttcslab/m2d's util/ft-*.sh; stage 1.1 is their AudioSet-2M run),
 written to give the same forward pass, loss and gradients on the same weights
-and batch. It reads in the order of a step:
-    (1) crop or pad, (2) mixup on the raw input, (3) log-mel and normalisation,
-    (4) one frequency band and one time band zeroed, (5) random resized crop,
-    (6) model.AudioClassifier: the encoder with its structured token drop,
-    pooling, BatchNorm + Linear head  ->  loss  ->  optimiser step.
-Facts of the authors' code that it keeps, and where it differs on purpose:
-- The learning rate is set after every optimiser step from the fractional
-  epoch of the step just taken (timm's CosineLRScheduler stepped with
-  epoch + iter / iters_per_epoch), so step k runs with the rate of step k - 1
-  (lr_of_iteration). The cosine counts t from 0, not from the end of
-  warm-up: AS2M (70 epochs, 15 of warm-up) falls to 0.891 x its peak at 15.
-- Their "lars" optimiser without weight decay never computes a trust ratio:
-  it is plain SGD with momentum 0.9, which is what we use.
-- The single-label loss is -mean(y * log_softmax(logits)) over the batch AND
-  the classes: cross-entropy divided by the number of classes.
-- The structured token drop keeps the FLAGGED rows and columns first
-  (model.kept_token_ids); keep="unflagged" is the apparent intent.
-- Mixup draws one lambda per clip from Beta(alpha, alpha) and one permutation
-  per batch, on the raw input (waveforms, or un-normalised AS2M log-mels).
-- The random training crop starts in [0, frames - length): their draw never
-  takes the last start. Their validation split is cropped at random too; we
-  take the start, as they do for the test split.
-- Classes: the sorted label strings of the training split, for every split.
+and batch. A step, in order: (1) a random crop, (2) mixup on the raw input,
+(3) log-mel and normalisation, (4) one frequency and one time band zeroed,
+(5) a random resized crop, (6) model.AudioClassifier (the encoder with its
+structured token drop, pooling, BatchNorm + Linear head), the loss, the
+optimiser step. Where the authors' code does something unexpected, it is
+kept and said where it happens: the learning rate lags one step
+(lr_of_iteration), "lars" is plain SGD (make_optimizer), cross-entropy is
+divided by the number of classes (finetune_loss), the token drop keeps the
+flagged tokens first (model.kept_token_ids), the random crop never takes the
+last start (random_crop). On purpose we take the start of validation clips,
+as they do for test clips (they crop validation clips at random).
 """
 
 from __future__ import annotations
@@ -71,9 +59,9 @@ import runs
 # Recipes: the values the authors pass per task (their util/ft-*.sh and EVAR's config/*.yaml)
 
 
-def option(default, help: str):
-    """A recipe field: its default and its --help text."""
-    return field(default=default, metadata={"help": help})
+def option(default, help: str, choices: tuple[str, ...] | None = None):
+    """A recipe field: its default, its --help text and, for a string, its choices."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -81,7 +69,7 @@ class FinetuneRecipe:
     """One fine-tuning task's settings. Every field is a command-line flag (finetune.py --help)."""
 
     optimizer: str = option("sgd", "sgd (momentum 0.9, no weight decay: the authors' 'lars') or adamw "
-                            "(amsgrad, weight decay 1e-4)")
+                            "(amsgrad, weight decay 1e-4)", ("sgd", "adamw"))
     lr: float = option(0.5, "peak learning rate")
     lr_min: float = option(1e-7, "the cosine's floor")
     batch_size: int = option(128, "clips per optimiser step")
@@ -94,18 +82,20 @@ class FinetuneRecipe:
     token_drop_ratio: float = option(0.5, "structured token drop (the authors' training_mask): share of "
                                      "frequency rows and time columns flagged")
     token_drop_keep: str = option("flagged", "which tokens the drop keeps: the flagged first (the authors' "
-                                  "code) or the unflagged")
-    raw_input: str = option("wave", "what the clips are and mixup mixes: waveforms or log-mels [F, T]")
+                                  "code) or the unflagged", ("flagged", "unflagged"))
+    raw_input: str = option("wave", "what the clips are and mixup mixes: waveforms or log-mels [F, T]",
+                             ("wave", "log_mel"))
     input_frames: int = option(1001, "crop length in log-mel frames (waveforms: (frames - 1) x hop samples)")
     encoder_frames: int = option(0, "zero-padded to this many frames after augmentation; 0: input_frames")
     freeze_patch_embed: bool = option(False, "keep the patch embedding fixed")
     feature: str = option("mean", "clip feature: the mean of the kept patch tokens (D), or the frequency rows "
-                          "of each time column stacked (F*D)")
-    loss: str = option("ce", "bce (multi-label) or ce (cross-entropy / number of classes)")
-    sampling: str = option("shuffle", "shuffle, or draw clips by AudioSet's class-balancing weights")
+                          "of each time column stacked (F*D)", ("mean", "stacked"))
+    loss: str = option("ce", "bce (multi-label) or ce (cross-entropy / number of classes)", ("bce", "ce"))
+    sampling: str = option("shuffle", "shuffle, or draw clips by AudioSet's class-balancing weights",
+                            ("shuffle", "weighted"))
     clips_per_epoch: int = option(200_000, "weighted sampling: clips drawn per epoch, without replacement")
-    report: str = option("best_test", "the reporting rule: best_test, best_test_fold_mean or "
-                         "best_valid_then_test")
+    report: str = option("best_test", "the reporting rule", ("best_test", "best_test_fold_mean",
+                                                          "best_valid_then_test"))
     seeds: tuple[int, ...] = option((43, 44, 45), "one run per seed (and held-out fold)")
 
     @property
@@ -660,12 +650,12 @@ def end_epoch(run: FinetuneRun, j: int, t: Trainer):
     seed, holdout = run.jobs[j]
     record = {"step": j * run.recipe.epochs + t.state.epoch, "seed": seed, "fold": holdout, **t.state.history[-1]}
     run.log.write(record)
-    part = "valid" if "valid" in record else "test"
-    metric = run.recipe.metric
+    part, metric = "valid" if "valid" in record else "test", run.recipe.metric
+    score = record.get(part, {}).get(metric, float("nan"))  # nan on the ranks that do not evaluate
+    fold = f" fold {holdout}" if holdout is not None else ""
     run.log.progress(record["step"], {"loss": record["loss"]},
-                     [f"lr {record['lr']:.3g}", f"{part} {metric} {record.get(part, {}).get(metric, float('nan')):.2f}"],
-                     where=f"seed {seed}{f' fold {holdout}' if holdout is not None else ''} | "
-                           f"epoch {t.state.epoch}/{run.recipe.epochs}")
+                     [f"lr {record['lr']:.3g}", f"{part} {metric} {score:.2f}"],
+                     where=f"seed {seed}{fold} | epoch {t.state.epoch}/{run.recipe.epochs}")
     run.epochs_run += 1
     if run.settings.epochs_limit and run.epochs_run >= run.settings.epochs_limit:
         raise EpochLimit(f"stopped after {run.epochs_run} epoch(s) (--epochs-limit); run the same command to resume")
@@ -705,12 +695,6 @@ def write_result(run: FinetuneRun):
 
 # -----------------------------------------------------------------------------
 # The command line: the run's flags, then one flag per recipe field
-
-
-FLAG_CHOICES = {"optimizer": ("sgd", "adamw"), "token_drop_keep": ("flagged", "unflagged"),
-                "raw_input": ("wave", "log_mel"), "feature": ("mean", "stacked"), "loss": ("bce", "ce"),
-                "sampling": ("shuffle", "weighted"),
-                "report": ("best_test", "best_test_fold_mean", "best_valid_then_test")}
 
 
 def recipe_values(name: str) -> str:
@@ -753,7 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
         kind = type(getattr(FinetuneRecipe(), f.name))
         options = ({"action": argparse.BooleanOptionalAction} if kind is bool else
                    {"nargs": "+", "type": int} if kind is tuple else {"type": kind})
-        group.add_argument("--" + f.name.replace("_", "-"), default=None, choices=FLAG_CHOICES.get(f.name),
+        group.add_argument("--" + f.name.replace("_", "-"), default=None, choices=f.metadata["choices"],
                            help=f"{f.metadata['help']} ({recipe_values(f.name)})", **options)
     return p
 
@@ -770,9 +754,9 @@ def parse_args(argv=None) -> tuple[RunSettings, FinetuneRecipe]:
     default_dir = "stage1.1" if args["stage"] == "1.1" else f"finetune-{args['recipe_name']}"
     out_dir = args["out_dir"] or Path("runs") / default_dir
     audio_root = args["audio_root"] or (args["manifest"].parent if args["manifest"] and not args["shards"] else None)
+    resume = (out_dir / RESUME_FILE).is_file() if args["resume"] is None else args["resume"]
     settings = RunSettings(**{**{k: v for k, v in args.items() if k in {f.name for f in fields(RunSettings)}},
-                              "out_dir": out_dir, "audio_root": audio_root,
-                              "resume": (out_dir / RESUME_FILE).is_file() if args["resume"] is None else args["resume"]})
+                              "out_dir": out_dir, "audio_root": audio_root, "resume": resume})
     if "seeds" in overrides:
         overrides["seeds"] = tuple(overrides["seeds"])
     return settings, recipe(args["recipe_name"], **overrides)
