@@ -223,8 +223,8 @@ def _truncated_wav(path: Path) -> str | None:
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, convert: bool = True) -> torch.Tensor:
     """Read an audio file as a mono float32 waveform [samples] at sample_rate.
 
-    With convert=True (the front end of SPEC), multichannel audio is averaged
-    to mono and other rates are resampled. With convert=False, a file that is
+    With convert=True (the authors' front end takes 16 kHz mono), multichannel
+    audio is averaged to mono and other rates are resampled. With convert=False, a file that is
     not already mono at sample_rate is refused: training reads each file every
     epoch, so a corpus in another format should be converted once, up front.
     Unreadable, truncated, empty or non-finite audio raises AudioError naming

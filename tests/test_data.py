@@ -31,7 +31,9 @@ def test_slaney_mel_scale_is_linear_below_1khz_and_logarithmic_above():
 
 
 def reference_log_mel(wave: np.ndarray) -> np.ndarray:
-    """SPEC 2 written out in float64 numpy: framing, periodic Hann, rfft, Slaney mel."""
+    """The front end written out in float64 numpy (the authors' runtime settings).
+
+    Framing, periodic Hann, rfft, Slaney mel."""
     librosa = pytest.importorskip("librosa")
     padded = np.pad(wave.astype(np.float64), 200, mode="reflect")
     n_frames = 1 + len(wave) // 160

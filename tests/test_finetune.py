@@ -202,7 +202,9 @@ def test_token_drop_runs_in_training_mode_only_and_stacked_features_stack_rows()
 
 
 def reference_logits(p: dict, x: torch.Tensor, norm_stats, pos: torch.Tensor, heads: int) -> tuple:
-    """The encoder and head written out from SPEC: returns logits and the batch feature statistics."""
+    """The encoder and head written out by hand (the paper's ViT, the authors' EVAR head).
+
+    Returns the logits and the batch feature statistics."""
     x = (x - norm_stats[0]) / norm_stats[1]
     patches = F.conv2d(x, p["patch_embed.proj.weight"], p["patch_embed.proj.bias"], stride=16)  # [B, D, F, T]
     B, D = patches.shape[:2]
