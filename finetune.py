@@ -304,8 +304,8 @@ def make_stepper(model: m2d.AudioClassifier, recipe: FinetuneRecipe, ddp: runs.D
 
 
 def finetune_step(stepper: runs.Stepper, clips: list[torch.Tensor], targets: torch.Tensor, recipe: FinetuneRecipe,
-                  generator: torch.Generator, lr: float) -> float:
-    """One optimiser step on raw clips and their targets [B, C]; returns the loss.
+                  generator: torch.Generator, lr: float) -> tuple[dict, torch.Tensor]:
+    """One optimiser step on raw clips and their targets [B, C]; returns ({"loss": loss}, the step's finite flag).
 
     stepper.net is the AudioClassifier or its DistributedDataParallel wrapper
     (which averages the gradients); a step with a non-finite loss is skipped.
@@ -320,9 +320,9 @@ def finetune_step(stepper: runs.Stepper, clips: list[torch.Tensor], targets: tor
     model.train()
     for group in stepper.optimizer.param_groups:
         group["lr"] = lr
-    sums, _, _ = stepper.step([(x, targets)], lambda x, y: {                          # (6)
+    sums, _, finite = stepper.step([(x, targets)], lambda x, y: {                     # (6)
         "loss": finetune_loss(stepper.forward(x, generator), y, recipe.loss)})
-    return float(sums["loss"])
+    return sums, finite
 
 
 def predict(model: m2d.AudioClassifier, clips, recipe: FinetuneRecipe) -> torch.Tensor:
@@ -357,6 +357,7 @@ class Trainer:
     order: torch.Generator                # draws the batches: the same on every process
     augment: torch.Generator              # draws the augmentations: one per process
     state: FitState = field(default_factory=FitState)
+    guard: runs.NonFiniteGuard = field(default_factory=lambda: runs.NonFiniteGuard(10, Path(RESUME_FILE)))
     rank: int = 0
     world_size: int = 1
 
@@ -387,9 +388,12 @@ def train_epoch(t: Trainer, train: data.ClipSet, weights: torch.Tensor | None) -
     for ids in batches:
         ids = ids[t.rank::t.world_size]
         lr = lr_of_iteration(t.state.step, len(batches), t.recipe)
-        losses.append(finetune_step(t.stepper, [train.clips[i] for i in ids], train.targets[ids.to(device)],
-                                    t.recipe, t.augment, lr))
+        sums, finite = finetune_step(t.stepper, [train.clips[i] for i in ids], train.targets[ids.to(device)],
+                                     t.recipe, t.augment, lr)
         t.state.step += 1
+        t.guard.record(t.state.step, finite, sums, None)
+        losses.append(float(sums["loss"]))
+    t.guard.check(None)  # a warning per skipped non-finite step; a stop after too many in a row
     return float(np.mean(losses)), lr
 
 
@@ -544,6 +548,7 @@ class RunSettings:
     grad_checkpointing: bool = False     # recompute block activations in backward: less memory
     workers: int = 1
     resume: bool = False                 # go on from out_dir/resume.pt
+    max_bad_steps: int = 10              # stop after this many non-finite steps in a row (each is skipped)
     epochs_limit: int | None = None      # None: no limit; else stop after this many epochs (this invocation)
 
     def identity(self, recipe: FinetuneRecipe, world_size: int) -> dict:
@@ -623,6 +628,7 @@ def run_job(run: FinetuneRun, j: int, resume: dict | None) -> dict:
     t = Trainer(model, recipe, make_stepper(model, recipe, run.ddp, settings.precision, settings.compile),
                 order=torch.Generator().manual_seed(seed),
                 augment=torch.Generator().manual_seed(1_000_003 * (run.ddp.rank + 1) + seed),
+                guard=runs.NonFiniteGuard(settings.max_bad_steps, settings.out_dir / RESUME_FILE, run.log.print),
                 rank=run.ddp.rank, world_size=run.ddp.world_size)
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -732,6 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="go on from the run folder's resume.pt (default: when it exists; --no-resume starts over)")
     p.add_argument("--epochs-limit", type=int, help="stop after this many epochs; the same command resumes")
+    p.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many steps in a row with a "
+                   "non-finite loss (each is skipped with a warning; default: %(default)s)")
     group = p.add_argument_group("recipe fields (default: the --recipe's value, listed per recipe)")
     for f in fields(FinetuneRecipe):
         kind = type(getattr(FinetuneRecipe(), f.name))
@@ -768,7 +776,7 @@ def main(argv=None):
         finetune(settings, task_recipe)
     except EpochLimit as stop:
         print(stop)
-    except (ValueError, FileNotFoundError, runs.CheckpointWriteError) as e:  # ManifestError, ResumeError too
+    except (ValueError, FileNotFoundError, runs.CheckpointWriteError, runs.NonFiniteError) as e:  # ResumeError too
         sys.exit(f"error: {e}")
 
 

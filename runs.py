@@ -503,7 +503,7 @@ class NonFiniteGuard:
         self.skipped_steps = 0  # in this session
         self.pending = []       # (step, finite flag, losses, grad norm) of the steps not yet checked
 
-    def record(self, step: int, finite: torch.Tensor, losses: dict, grad_norm: torch.Tensor):
+    def record(self, step: int, finite: torch.Tensor, losses: dict, grad_norm: torch.Tensor | None):
         """Keep a step's device flag (and what its warning would print) for the next check()."""
         self.pending.append((step, finite, losses, grad_norm))
 
@@ -519,8 +519,9 @@ class NonFiniteGuard:
             self.skipped_steps += 1
             values = ", ".join(f"{key.removeprefix('loss_')} {value.item():.4g}" for key, value in losses.items())
             scale = f"; fp16 loss scale now {scaler.scale.item():g}" if scaler is not None and scaler.enabled else ""
-            self.print(f"warning: step {step}: non-finite loss or gradient ({values}, grad norm "
-                       f"{grad_norm.item():.4g}); step skipped, weights unchanged{scale}", file=sys.stderr, flush=True)
+            norm = f", grad norm {grad_norm.item():.4g}" if grad_norm is not None else ""
+            self.print(f"warning: step {step}: non-finite loss or gradient ({values}{norm}); step skipped, weights "
+                       f"unchanged{scale}", file=sys.stderr, flush=True)
             if self.bad_streak >= self.max_bad_steps:
                 kept = (f"the last good checkpoint, {self.checkpoint} (step {last_saved}), is intact"
                         if last_saved else "no checkpoint had been written yet")

@@ -240,7 +240,9 @@ def test_one_step_without_augmentation_equals_the_written_out_reference(loss, op
         p.register_post_accumulate_grad_hook(lambda p, name=name: grads.__setitem__(name, p.grad.clone()))
 
     stepper = ft.make_stepper(model, recipe)
-    step_loss = ft.finetune_step(stepper, clips, targets, recipe, torch.Generator().manual_seed(0), lr=0.1)
+    sums, finite = ft.finetune_step(stepper, clips, targets, recipe, torch.Generator().manual_seed(0), lr=0.1)
+    step_loss = float(sums["loss"])
+    assert finite
 
     logits, batch_mean, batch_var = reference_logits(params, torch.stack(clips)[:, None], (-7.2, 4.3),
                                                      model.pos_embed, SMALL.num_heads)
@@ -294,6 +296,12 @@ def test_fit_on_waveforms_selects_the_best_validation_epoch_and_tests_it_once():
     trainer = ft.Trainer(model, recipe, ft.make_stepper(model, recipe), order=g, augment=g)
     result = ft.fit(trainer, split, split, split, on_epoch=lambda state: epochs.append(state.epoch))
     assert epochs == [1, 2] and trainer.state.step == 4                # 8 clips in batches of 4, twice
+    nan = data.ClipSet([w * float("nan") for w in waves], split.targets)
+    trainer.state.epoch, weights = 1, {k: v.detach().clone() for k, v in model.named_parameters()}
+    trainer.guard = ft.runs.NonFiniteGuard(2, "resume.pt", print_fn=lambda *a, **k: None)
+    with pytest.raises(ft.runs.NonFiniteError, match="2 steps in a row"):
+        ft.fit(trainer, nan, None, split)                               # skipped with a warning, then stopped
+    assert all(torch.equal(v, weights[k]) for k, v in model.named_parameters())  # the steps changed no weight
     assert len(result["history"]) == 2 and result["best_epoch"] in (1, 2)  # counted from 1, as the progress lines
     assert result["state"]["pos_embed"].shape == (1, 1 + 5 * 3, 32)
     with pytest.raises(ValueError, match="raw_input='wave'"):
