@@ -529,27 +529,45 @@ class EpochLimit(Exception):
     """Raised after --epochs-limit epochs: the run stops cleanly and the same command resumes it."""
 
 
+def setting(default, help: str, **argparse_options):
+    """A RunSettings field: its default, its --help text and how argparse reads it (flag: another flag name)."""
+    return field(default=default, metadata={"help": help, **argparse_options})
+
+
 @dataclass
 class RunSettings:
-    """What a fine-tuning run is told besides its recipe; parse_args settles every default."""
+    """What a fine-tuning run is told besides its recipe: one flag per field, every default settled by parse_args."""
 
-    init: Path = Path("runs/stage1/last.pt")
-    out_dir: Path = Path("runs/finetune-builtin")
-    recipe_name: str = "builtin"
-    manifest: Path | None = None         # None: the built-in data's event labels
-    audio_root: Path | None = None       # None: the manifest's folder
-    shards: Path | None = None           # None: read audio files
-    folds: list[str] | None = None       # None: every fold of the manifest, in turn
-    random_init: bool = False
-    stage: str = "finetune"              # "1.1": the file is a stage-1.1 checkpoint, also written as last.pt
-    device: str = "cpu"
-    precision: str = "fp32"              # as the authors; bf16 / fp16 autocast on a GPU
-    compile: bool = False
-    grad_checkpointing: bool = False     # recompute block activations in backward: less memory
-    workers: int = 1
-    resume: bool = False                 # go on from out_dir/resume.pt
-    max_bad_steps: int = 10              # stop after this many non-finite steps in a row (each is skipped)
-    epochs_limit: int | None = None      # None: no limit; else stop after this many epochs (this invocation)
+    init: Path = setting(Path("runs/stage1/last.pt"), "checkpoint to fine-tune, ours or a released file", type=Path)
+    recipe_name: str = setting("builtin", "task recipe (default: builtin without --manifest; required with it)",
+                               flag="--recipe", choices=tuple(FINETUNE_RECIPES))
+    manifest: Path | None = setting(None, "CSV: file_name, label (several joined by ';' or '|'), and split "
+                                    "(train/valid/test) or fold. Default: the built-in data's event labels", type=Path)
+    audio_root: Path | None = setting(None, "folder the file names are relative to (default: the manifest's; "
+                                      "none with --shards)", type=Path)
+    shards: Path | None = setting(None, "log-mel shards (python data.py prepare) holding the manifest's files "
+                                  "(default: read the audio files)", type=Path)
+    folds: list[str] | None = setting(None, "folds to hold out in turn (default: every fold of the manifest)",
+                                      nargs="+")
+    random_init: bool = setting(False, "a randomly initialised encoder of the same shape: the baseline "
+                                "pre-training must beat", action="store_true")
+    stage: str = setting("finetune", "'1.1' marks the file a stage-1.1 checkpoint and writes it as last.pt too",
+                         choices=("finetune", "1.1"))
+    device: str = setting("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, ...")
+    precision: str = setting("fp32", "autocast precision on a GPU (fp32 as the authors); fp16 uses a dynamic "
+                             "loss scale", choices=("fp32", "bf16", "fp16"))
+    compile: bool = setting(False, "torch.compile the training forward", action="store_true")
+    grad_checkpointing: bool = setting(False, "recompute block activations in the backward pass, trading time "
+                                       "for memory", action="store_true")
+    workers: int = setting(1, "threads reading the clips", type=int)
+    out_dir: Path = setting(Path("runs/finetune-builtin"), "run folder (default: runs/finetune-<recipe>; "
+                            "runs/stage1.1 for --stage 1.1)", type=Path)
+    resume: bool = setting(False, "go on from the run folder's resume.pt (default: when it exists; --no-resume "
+                           "starts over)", action=argparse.BooleanOptionalAction)
+    epochs_limit: int | None = setting(None, "stop after this many epochs; the same command resumes (default: no "
+                                       "limit)", type=int)
+    max_bad_steps: int = setting(10, "stop after this many steps in a row with a non-finite loss (each is "
+                                 "skipped with a warning)", type=int)
 
     def identity(self, recipe: FinetuneRecipe, world_size: int) -> dict:
         """What must stay the same for a run to resume."""
@@ -575,10 +593,6 @@ class FinetuneRun:
     jobs: list[tuple[int, str | None]]   # (seed, held-out fold) in the order they run
     results: list[dict] = field(default_factory=list)  # one summary per job done
     epochs_run: int = 0                  # in this invocation
-
-    @property
-    def out_dir(self) -> Path:
-        return self.settings.out_dir
 
 
 def finetune(settings: RunSettings, recipe: FinetuneRecipe) -> Path:
@@ -649,9 +663,9 @@ def end_epoch(run: FinetuneRun, j: int, t: Trainer):
     """After each epoch: resume.pt, log.jsonl's record and the progress line; stops at --epochs-limit."""
     rng = run.ddp.gather({"order": t.order.get_state(), "augment": t.augment.get_state()})
     if run.ddp.main:
-        runs.save_checkpoint(run.out_dir / RESUME_FILE, stage="finetune", step=t.state.step, job=j, results=run.results,
-                             model=t.model.state_dict(), optimizer=t.stepper.optimizer.state_dict(),
-                             scaler=t.stepper.scaler.state_dict(), fit=vars(t.state),
+        runs.save_checkpoint(run.settings.out_dir / RESUME_FILE, stage="finetune", step=t.state.step, job=j,
+                             results=run.results, model=t.model.state_dict(), fit=vars(t.state),
+                             optimizer=t.stepper.optimizer.state_dict(), scaler=t.stepper.scaler.state_dict(),
                              resume=runs.resume_state(run.identity, run.recipe.lr, rng, run.log.elapsed_s()))
     seed, holdout = run.jobs[j]
     record = {"step": j * run.recipe.epochs + t.state.epoch, "seed": seed, "fold": holdout, **t.state.history[-1]}
@@ -673,11 +687,11 @@ def write_model(run: FinetuneRun, init: m2d.M2DCLAP, model: m2d.AudioClassifier,
     manifest = run.task.manifest
     ckpt = features.finetuned_checkpoint(init, model, manifest.classes, manifest.multi_label,
                                          recipe_record(run.recipe), run.settings.saved(), run.settings.stage)
-    runs.save_checkpoint(run.out_dir / MODEL_FILE, **ckpt)
+    runs.save_checkpoint(run.settings.out_dir / MODEL_FILE, **ckpt)
     if run.settings.stage == "1.1":
-        (run.out_dir / "last.pt").unlink(missing_ok=True)
-        os.link(run.out_dir / MODEL_FILE, run.out_dir / "last.pt")
-    write_per_class(run.out_dir / "per_class.csv", result["test_scores"], test.targets.cpu(), manifest.classes)
+        (run.settings.out_dir / "last.pt").unlink(missing_ok=True)
+        os.link(run.settings.out_dir / MODEL_FILE, run.settings.out_dir / "last.pt")
+    write_per_class(run.settings.out_dir / "per_class.csv", result["test_scores"], test.targets.cpu(), manifest.classes)
 
 
 def write_result(run: FinetuneRun):
@@ -691,12 +705,12 @@ def write_result(run: FinetuneRun):
               "runs": results, "best_run": best, "best_epoch": results[best]["best_epoch"],
               "metrics_at_best": results[best]["metrics"], "classes": run.task.manifest.classes,
               "recipe": recipe_record(recipe), "settings": run.settings.saved()}
-    (run.out_dir / "result.json").write_text(json.dumps(report, indent=1) + "\n")
+    (run.settings.out_dir / "result.json").write_text(json.dumps(report, indent=1) + "\n")
     seed, holdout = run.jobs[best]
-    plot_curves(run.out_dir / "curves.png", [r for r in run.log.records if r["seed"] == seed
+    plot_curves(run.settings.out_dir / "curves.png", [r for r in run.log.records if r["seed"] == seed
                                              and r["fold"] == holdout], recipe.metric, run.log.print)
     run.log.print(f"{recipe.metric} {spread['mean']:.2f} (std {spread['std']:.2f} over {spread['n']} seed(s)); "
-                  f"best run {best + 1}, epoch {report['best_epoch']}; wrote {run.out_dir / MODEL_FILE}")
+                  f"best run {best + 1}, epoch {report['best_epoch']}; wrote {run.settings.out_dir / MODEL_FILE}")
 
 
 # -----------------------------------------------------------------------------
@@ -712,34 +726,13 @@ def recipe_values(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One flag per RunSettings field, then one per recipe field; every default None: not given."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init", type=Path, default=RunSettings.init, help="checkpoint to fine-tune, ours or a "
-                   "released file (default: %(default)s)")
-    p.add_argument("--manifest", type=Path, help="CSV: file_name, label (several joined by ';' or '|'), and split "
-                   "(train/valid/test) or fold. Default: the built-in data's event labels")
-    p.add_argument("--audio-root", type=Path, help="folder the file names are relative to (default: the manifest's)")
-    p.add_argument("--shards", type=Path, help="log-mel shards (python data.py prepare) holding the manifest's files")
-    p.add_argument("--recipe", dest="recipe_name", choices=sorted(FINETUNE_RECIPES),
-                   help="task recipe (default: builtin without --manifest; required with it)")
-    p.add_argument("--folds", nargs="+", help="folds to hold out in turn (default: every fold of the manifest)")
-    p.add_argument("--random-init", action="store_true", help="a randomly initialised encoder of the same shape: "
-                   "the baseline pre-training must beat")
-    p.add_argument("--stage", choices=("finetune", "1.1"), default="finetune", help="'1.1' marks the file a "
-                   "stage-1.1 checkpoint and writes it as last.pt too (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: %(default)s")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision on a "
-                   "GPU (default: fp32, as the authors); fp16 uses a dynamic loss scale")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in the backward "
-                   "pass, trading time for memory")
-    p.add_argument("--workers", type=int, default=1, help="threads reading the clips (default: %(default)s)")
-    p.add_argument("--out-dir", type=Path, help="run folder (default: runs/finetune-<recipe>; runs/stage1.1 for "
-                   "--stage 1.1)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
-                   help="go on from the run folder's resume.pt (default: when it exists; --no-resume starts over)")
-    p.add_argument("--epochs-limit", type=int, help="stop after this many epochs; the same command resumes")
-    p.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many steps in a row with a "
-                   "non-finite loss (each is skipped with a warning; default: %(default)s)")
+    for f in fields(RunSettings):
+        options = {k: v for k, v in f.metadata.items() if k not in ("help", "flag")}
+        shown = "" if "default" in f.metadata["help"] or f.default in (None, False) else f" (default: {f.default})"
+        p.add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")), dest=f.name, default=None,
+                       help=f.metadata["help"] + shown, **options)
     group = p.add_argument_group("recipe fields (default: the --recipe's value, listed per recipe)")
     for f in fields(FinetuneRecipe):
         kind = type(getattr(FinetuneRecipe(), f.name))
@@ -754,20 +747,20 @@ def parse_args(argv=None) -> tuple[RunSettings, FinetuneRecipe]:
     """RunSettings with every default settled, and the recipe with the command line's overrides."""
     p = build_parser()
     args = vars(p.parse_args(argv))
-    overrides = {f.name: args.pop(f.name) for f in fields(FinetuneRecipe) if args[f.name] is not None}
-    if args["recipe_name"] is None:
-        if args["manifest"] is not None:
-            p.error(f"--manifest needs --recipe, one of {sorted(FINETUNE_RECIPES)}")
-        args["recipe_name"] = "builtin"
-    default_dir = "stage1.1" if args["stage"] == "1.1" else f"finetune-{args['recipe_name']}"
-    out_dir = args["out_dir"] or Path("runs") / default_dir
-    audio_root = args["audio_root"] or (args["manifest"].parent if args["manifest"] and not args["shards"] else None)
-    resume = (out_dir / RESUME_FILE).is_file() if args["resume"] is None else args["resume"]
-    settings = RunSettings(**{**{k: v for k, v in args.items() if k in {f.name for f in fields(RunSettings)}},
-                              "out_dir": out_dir, "audio_root": audio_root, "resume": resume})
+    overrides = {f.name: args[f.name] for f in fields(FinetuneRecipe) if args[f.name] is not None}
+    given = {f.name: args[f.name] for f in fields(RunSettings) if args[f.name] is not None}
+    if "manifest" in given and "recipe_name" not in given:
+        p.error(f"--manifest needs --recipe, one of {sorted(FINETUNE_RECIPES)}")
+    settings = RunSettings(**given)
+    default_dir = "stage1.1" if settings.stage == "1.1" else f"finetune-{settings.recipe_name}"
+    out_dir = given.get("out_dir", Path("runs") / default_dir)
+    audio_root = settings.audio_root or (settings.manifest.parent if settings.manifest and not settings.shards
+                                         else None)
+    resume = given.get("resume", (out_dir / RESUME_FILE).is_file())
     if "seeds" in overrides:
         overrides["seeds"] = tuple(overrides["seeds"])
-    return settings, recipe(args["recipe_name"], **overrides)
+    return (replace(settings, out_dir=out_dir, audio_root=audio_root, resume=resume),
+            recipe(settings.recipe_name, **overrides))
 
 
 def main(argv=None):
