@@ -295,12 +295,15 @@ def make_optimizer(model: torch.nn.Module, recipe: FinetuneRecipe) -> torch.opti
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {recipe.optimizer!r}")
 
 
-def make_stepper(model: m2d.AudioClassifier, recipe: FinetuneRecipe, ddp: runs.Distributed = runs.Distributed(),
+def make_stepper(model: m2d.AudioClassifier, recipe: FinetuneRecipe, ddp: runs.Distributed | None = None,
                  precision: str = "fp32", use_compile: bool = False) -> runs.Stepper:
-    """The optimiser step as train.py takes it (runs.Stepper), without gradient clipping, as the authors'."""
-    device = model.norm_stats.device
-    return runs.Stepper.build(ddp.wrap(model, device), make_optimizer(model, recipe), device, precision,
-                              use_compile, clip_grad_norm=None)
+    """The optimiser step as train.py takes it (runs.Stepper), without gradient clipping, as the authors'.
+
+    ddp: the torchrun job (its DistributedDataParallel wrapper averages the
+    gradients); precision and use_compile: as runs.amp_defaults describes.
+    """
+    device, net = model.norm_stats.device, model if ddp is None else ddp.wrap(model, model.norm_stats.device)
+    return runs.Stepper.build(net, make_optimizer(model, recipe), device, precision, use_compile, clip_grad_norm=None)
 
 
 def finetune_step(stepper: runs.Stepper, clips: list[torch.Tensor], targets: torch.Tensor, recipe: FinetuneRecipe,
