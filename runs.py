@@ -9,17 +9,18 @@ library only, never a file of this project, so any piece can be copied alone.
   resume_state / restore_training (optimiser, scaler, step, clock of a
   resumed run), RNG states (rng_state, set_rng_state, gather_rng_states,
   seed_everything, restore_rng), read_log.
-- torchrun: Distributed (rank, world size, barrier, DDP wrapping, mean over
-  ranks, replica check), setup_distributed.
+- torchrun: Distributed (rank, world size, barrier, DDP wrapping, gather and
+  mean over ranks, replica check), setup_distributed.
 - Precision and compilation: amp_defaults (the one place that chooses them),
   autocast, compiled, LossScaler (fp16 loss scaling without host syncs).
 - The optimiser step: Stepper (gradient accumulation, autocast, loss scaling,
-  clipping, and a non-finite step skipped on the device), fused_step.
+  optional clipping, and a non-finite step skipped: on the device with a
+  fused optimiser, fused_step), for pre-training's AdamW and fine-tuning's SGD.
 - NonFiniteGuard: the warnings and the stop for skipped non-finite steps.
 - RunLog: log.jsonl, the progress line with its ETA, and the end summary.
 - Loaders: to_device, stop_workers. format_duration for people.
 
-A training program composes them; train.py shows how:
+A training program composes them; train.py and finetune.py show how:
 
     ddp, device = setup_distributed(torch.device("cuda"))
     precision, use_compile = amp_defaults(device.type)
