@@ -1,6 +1,6 @@
 """Data parallelism on the CPU with Gloo: the distributed CLAP loss equals the
-single-process one, a 2-process stage-1 run keeps identical replicas, and
-2-process runs of stage 1 and of fine-tuning resume bit-identically."""
+single-process one, and a 2-process stage-1 run keeps identical replicas and
+resumes bit-identically (fine-tuning's: test_finetune_run.py)."""
 
 import json
 import math
@@ -113,31 +113,3 @@ def test_two_process_run_keeps_identical_replicas_and_resumes_bit_identically(tm
     for key, value in whole["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
 
-
-def finetune_worker(rank, world, port, args):
-    import finetune
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    finetune.main(args)
-
-
-def test_two_process_fine_tuning_stopped_and_resumed_equals_the_uninterrupted_run(tmp_path, stage1_run):
-    import soundfile as sf
-    labels = ["dog", "cat;dog", "cat", "bird"] * 3
-    for i, label in enumerate(labels):
-        sf.write(tmp_path / f"c{i}.wav", 0.1 * torch.randn(8000, generator=torch.Generator().manual_seed(i)).numpy(),
-                 16000)
-    (tmp_path / "m.csv").write_text("file_name,label,split\n" + "".join(
-        f"c{i}.wav,{label},{'train' if i < 8 else 'test'}\n" for i, label in enumerate(labels)))
-    args = ["--init", str(stage1_run / "last.pt"), "--manifest", str(tmp_path / "m.csv"), "--recipe", "as20k",
-            "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "4", "--input-frames", "33", "--seeds", "43",
-            "--device", "cpu"]
-    mp.spawn(finetune_worker, args=(2, free_port(), [*args, "--out-dir", str(tmp_path / "whole")]), nprocs=2)
-    for extra in (["--epochs-limit", "1"], []):  # each rank's augmentation generator travels in resume.pt
-        mp.spawn(finetune_worker, args=(2, free_port(), [*args, "--out-dir", str(tmp_path / "parts"), *extra]),
-                 nprocs=2)
-    whole, parts = (torch.load(tmp_path / run / "best.pt", weights_only=True) for run in ("whole", "parts"))
-    for key in ("model", "head"):
-        assert all(torch.equal(value, parts[key][k]) for k, value in whole[key].items()), key
-    resume = torch.load(tmp_path / "parts" / "resume.pt", weights_only=True)
-    assert len(resume["resume"]["rng"]) == 2 and resume["fit"]["epoch"] == 2

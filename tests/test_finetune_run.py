@@ -1,8 +1,10 @@
 """The fine-tuning program end to end: manifests of WAV files (single-label folds, multi-label splits),
-bit-identical resume after a stop, the fine-tuned file through features.load_model and tag_audio, and
-the errors bad input gets."""
+bit-identical resume after a stop (in one process and in two), the fine-tuned file through
+features.load_model and tag_audio, and the errors bad input gets."""
 
 import json
+import os
+import socket
 
 import numpy as np
 import pytest
@@ -33,6 +35,12 @@ def write_clips(root, labels: list[str], parts: list[str], column: str) -> str:
 def multi_label_manifest(root) -> str:
     labels = ["dog", "cat;dog", "cat", "bird", "bird;cat", "dog"] * 2
     return write_clips(root, labels, ["train"] * 8 + ["test"] * 4, "split")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -126,3 +134,31 @@ def test_stage11_through_train_py_then_stage2_starts_from_it(tmp_path, init, cor
     for key in ("pos_embed", "blocks.3.mlp.fc2.weight", "norm.weight"):
         assert torch.equal(s2["model"][key], ckpt["model"][key]), key
     assert s2["model_config"]["crop_frames"] == 33 and s2["args"]["token_drop"] == 0.3
+
+
+def finetune_worker(rank, world, port, args):
+    import finetune
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    finetune.main(args)
+
+
+def test_two_process_fine_tuning_stopped_and_resumed_equals_the_uninterrupted_run(tmp_path, init):
+    labels = ["dog", "cat;dog", "cat", "bird"] * 3
+    for i, label in enumerate(labels):
+        sf.write(tmp_path / f"c{i}.wav", 0.1 * torch.randn(8000, generator=torch.Generator().manual_seed(i)).numpy(),
+                 16000)
+    (tmp_path / "m.csv").write_text("file_name,label,split\n" + "".join(
+        f"c{i}.wav,{label},{'train' if i < 8 else 'test'}\n" for i, label in enumerate(labels)))
+    args = ["--init", init, "--manifest", str(tmp_path / "m.csv"), "--recipe", "as20k",
+            "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "4", "--input-frames", "33", "--seeds", "43",
+            "--device", "cpu"]
+    torch.multiprocessing.spawn(finetune_worker, args=(2, free_port(), [*args, "--out-dir", str(tmp_path / "whole")]), nprocs=2)
+    for extra in (["--epochs-limit", "1"], []):  # each rank's augmentation generator travels in resume.pt
+        torch.multiprocessing.spawn(finetune_worker, args=(2, free_port(), [*args, "--out-dir", str(tmp_path / "parts"), *extra]),
+                 nprocs=2)
+    whole, parts = (torch.load(tmp_path / run / "best.pt", weights_only=True) for run in ("whole", "parts"))
+    for key in ("model", "head"):
+        assert all(torch.equal(value, parts[key][k]) for k, value in whole[key].items()), key
+    resume = torch.load(tmp_path / "parts" / "resume.pt", weights_only=True)
+    assert len(resume["resume"]["rng"]) == 2 and resume["fit"]["epoch"] == 2
