@@ -112,4 +112,3 @@ def test_two_process_run_keeps_identical_replicas_and_resumes_bit_identically(tm
     assert logged == [3, 4, 5]  # it went on from step 2 rather than starting over
     for key, value in whole["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
-
