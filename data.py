@@ -228,25 +228,24 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, convert: bool =
     not already mono at sample_rate is refused: training reads each file every
     epoch, so a corpus in another format should be converted once, up front.
     Unreadable, truncated, empty or non-finite audio raises AudioError naming
-    the file.
+    the file and what is wrong with it; the caller, which knows where the file
+    was listed, adds that.
     """
     path = Path(path)
     if not path.is_file():
-        raise AudioError(f"{path}: audio file not found. Check the file_name column and --audio-root.")
+        raise AudioError(f"{path}: audio file not found.")
     try:
         truncated = _truncated_wav(path)
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # [samples, channels]
     except Exception as e:  # libsndfile reports format errors in several exception types
         raise AudioError(f"{path}: cannot be decoded as audio ({type(e).__name__}: {e}). Re-encode it as "
-                         "WAV or FLAC, or leave it out of your caption CSV or file list.") from e
+                         "WAV or FLAC.") from e
     if truncated:
-        raise AudioError(f"{path}: {truncated}. Copy or download it again, or leave it out of your caption CSV "
-                         "or file list.")
+        raise AudioError(f"{path}: {truncated}. Copy or download it again.")
     if data.shape[0] == 0:
-        raise AudioError(f"{path}: has no samples. Leave it out of your caption CSV or file list.")
+        raise AudioError(f"{path}: has no samples.")
     if not np.isfinite(data).all():
-        raise AudioError(f"{path}: contains NaN or inf samples. Re-export the file, or remove it "
-                         "from your caption CSV or file list.")
+        raise AudioError(f"{path}: contains NaN or inf samples. Re-export the file.")
     if not convert and (sr != sample_rate or data.shape[1] != 1):
         raise AudioError(f"{path}: {sr} Hz with {data.shape[1]} channel(s); training reads {sample_rate} Hz mono. "
                          "Convert the corpus once with 'python data.py prepare AUDIO_DIR SHARDS' and train "
@@ -295,7 +294,7 @@ def read_log_mel(path: str | Path, convert: bool = True) -> torch.Tensor:
     min_samples = (MIN_FRAMES - 1) * HOP_SAMPLES  # centred frames: 1 + samples // hop
     if len(wave) < min_samples:
         raise AudioError(f"{path}: only {len(wave) / SAMPLE_RATE:.3f} s long; clips need at least {MIN_FRAMES} "
-                         f"frames, one patch ({min_samples / SAMPLE_RATE:.2f} s). Remove it from the caption CSV.")
+                         f"frames, one patch ({min_samples / SAMPLE_RATE:.2f} s).")
     return log_mel(wave)
 
 
@@ -341,6 +340,12 @@ def caption_rows_by_file(table: text_embed.CaptionTable) -> dict[str, list[int]]
     return rows_of
 
 
+def listed_in(error: AudioError, csv_path: Path) -> AudioError:
+    """error, with where its file is listed and the two ways on: fix or drop the file, or --skip-bad."""
+    return AudioError(f"{error} It is listed in {csv_path}: fix the file or remove its rows there, or pass "
+                      "--skip-bad to train without the clips that cannot be read.")
+
+
 def readable_files(rows_of: dict[str, list[int]], source, preload: bool, skip_bad: BadClipReport | None,
                    csv_path: Path) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
     """The files that can be used, and their log-mels when preloading.
@@ -361,7 +366,7 @@ def readable_files(rows_of: dict[str, list[int]], source, preload: bool, skip_ba
             mels[name] = source.log_mel(name)
         except AudioError as e:
             if skip_bad is None:
-                raise
+                raise listed_in(e, csv_path) from e
             skip_bad.add(name, str(e))
             del rows_of[name]
     if not rows_of:
@@ -425,7 +430,7 @@ class ClipDataset(Dataset):
                 return i, self._read(i)
             except AudioError as e:
                 if self.skip_bad is None:
-                    raise
+                    raise listed_in(e, self.table.csv_path) from e
                 self._bad.add(i)
                 self.skip_bad.add(self.files[i], str(e))
         raise AudioError(f"{self.table.csv_path}: none of its audio files could be read; see {self.skip_bad.path}")
@@ -733,7 +738,14 @@ def load_clips(manifest: Manifest, indices: list[int], source: AudioFolder | Sha
         raise ManifestError(f"{manifest.name}: {len(missing)} clip(s) such as {missing[0]} not found {source.where()}")
     if raw_input == "wave" and not isinstance(source, AudioFolder):
         raise ManifestError(f"{manifest.name}: raw_input='wave' needs audio files, not log-mel shards")
-    read = (lambda name: load_audio(source.root / name)) if raw_input == "wave" else source.log_mel
+    raw = (lambda name: load_audio(source.root / name)) if raw_input == "wave" else source.log_mel
+
+    def read(name: str) -> torch.Tensor:
+        try:
+            return raw(name)
+        except AudioError as e:
+            raise AudioError(f"{e} It is listed in {manifest.name}: fix the file or remove its row.") from e
+
     targets = label_targets([manifest.labels[i] for i in indices], manifest.classes, manifest.name)
     if lazy:
         return ClipSet(LazyClips(read, names), targets, names)

@@ -4,7 +4,7 @@ Like MAE's util/misc.py: plain values in, torch, numpy and the standard
 library only, never a file of this project, so any piece can be copied alone.
 
 - Checkpoint files: atomic_write, save_checkpoint, load_checkpoint (no code
-  from the file runs), keep_periodic.
+  from the file runs; CheckpointError for a file that is not one), keep_periodic.
 - Run folders and resuming: prepare_out_dir, find_resume, check_same_run,
   resume_state / restore_training (optimiser, scaler, step, clock of a
   resumed run), RNG states (rng_state, set_rng_state, gather_rng_states,
@@ -89,7 +89,11 @@ def save_checkpoint(path: Path, **state):
                                    "if any, is unchanged. Free some disk space or pass another --out-dir.") from e
 
 
-class UnsafeCheckpointError(ValueError):
+class CheckpointError(ValueError):
+    """A file that cannot be read as a checkpoint: not one, empty, truncated or corrupted."""
+
+
+class UnsafeCheckpointError(CheckpointError):
     """A checkpoint that would have to run code from the file to be loaded."""
 
 
@@ -108,19 +112,61 @@ def load_checkpoint(path: str | Path) -> dict:
     torch.load(weights_only=True) rebuilds tensors and plain containers only;
     argparse.Namespace, which the released files keep their 'args' in, is the
     one class allowed besides. Anything else is refused, never constructed.
+    A file that is not a checkpoint at all (empty, text, truncated) raises
+    CheckpointError naming the file and what it holds instead.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    check_checkpoint_format(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        reason = str(e).strip().splitlines()
+        if not any("GLOBAL" in line or "global" in line for line in reason):  # not a class: a damaged pickle
+            raise CheckpointError(f"{path}: not a readable checkpoint, its pickled data is damaged "
+                                  f"({_torch_reason(e)}). Copy or download it again.") from e
         raise UnsafeCheckpointError(
             f"{path}: refused. The file holds a pickled object other than tensors, plain containers and "
-            f"argparse.Namespace, and loading it would run code from the file ({reason}). If you trust "
+            f"argparse.Namespace, and loading it would run code from the file ({_torch_reason(e)}). If you trust "
             "its source, re-save just its state dict: torch.save({'model': ckpt['model']}, new_path).") from e
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:  # torch's reader on a damaged file
+        raise CheckpointError(f"{path}: the checkpoint is truncated or corrupted ({_torch_reason(e)}). Copy or "
+                              "download it again, or take another one (a run folder keeps step_*.pt).") from e
+
+
+# torch.save's two formats: a zip archive (since torch 1.6), or a pickle stream starting with a
+# PROTO opcode (protocol 2 to 5), as the oldest released files are written.
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def check_checkpoint_format(path: Path):
+    """Raise CheckpointError, saying what the file holds instead, unless it starts like a torch.save file."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes), not a checkpoint. It was probably cut "
+                              "off while being written or copied; copy or download it again.")
+    if head.startswith(ZIP_MAGIC) or (head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5):
+        return
+    start = head.split(b"\n")[0][:40]
+    try:
+        text = start.decode("utf-8")
+        kind = "JSON" if text.lstrip()[:1] in ("{", "[") else "text"
+        what = f"a {kind} file starting {text!r}"
+    except UnicodeDecodeError:
+        what = f"binary data of another kind (it starts with bytes {head[:8].hex(' ')})"
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint; it is {what}. Pass a file written by train.py or "
+                          "finetune.py (runs/<stage>/last.pt, best.pt) or a released .pth.")
+
+
+def _torch_reason(e: Exception) -> str:
+    """The telling line of one of torch.load's errors (they run to several paragraphs)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    telling = ([line for line in lines if "GLOBAL" in line] + [line for line in lines if "Unsupported" in line]
+               + lines)
+    return telling[0].split(". ")[0].rstrip(".") if telling else type(e).__name__
 
 
 # -----------------------------------------------------------------------------

@@ -192,3 +192,43 @@ def test_one_process_gathers_its_own_value_and_progress_names_its_position(tmp_p
     log.progress(2, {"loss": 0.5}, ["lr 0.1"], where="seed 43 | epoch 2/4")
     line = capsys.readouterr().out.strip()
     assert line.startswith("seed 43 | epoch 2/4 | loss 0.5000 | lr 0.1 | ETA") and "clips/s" not in line
+
+
+def truncated_checkpoint(path):
+    torch.save({"model": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:2000])
+
+
+# (how the file is made, what the message must say): none of them is a checkpoint
+NOT_CHECKPOINTS = {
+    "text": (lambda p: p.write_text("hello world\n"), r"not a PyTorch checkpoint; it is a text file starting 'hello"),
+    "json": (lambda p: p.write_text('{"model": 1}'), r"not a PyTorch checkpoint; it is a JSON file starting"),
+    "empty": (lambda p: p.write_bytes(b""), r"the file is empty \(0 bytes\), not a checkpoint.*copy or download"),
+    "random bytes": (lambda p: p.write_bytes(bytes(range(200, 256)) * 20),
+                     r"not a PyTorch checkpoint; it is binary data of another kind \(it starts with bytes c8 c9"),
+    "truncated": (truncated_checkpoint, r"the checkpoint is truncated or corrupted \(PytorchStreamReader failed "
+                                        r"reading zip archive.*\). Copy or download it again"),
+    "damaged pickle": (lambda p: p.write_bytes(b"\x80\x02" + bytes(range(40))),
+                       r"not a readable checkpoint, its pickled data is damaged"),
+}
+
+
+@pytest.mark.parametrize("kind", list(NOT_CHECKPOINTS))
+def test_a_file_that_is_not_a_checkpoint_gets_one_error_saying_what_it_is(tmp_path, kind):
+    make, message = NOT_CHECKPOINTS[kind]
+    path = tmp_path / "model.pt"
+    make(path)
+    with pytest.raises(runs.CheckpointError, match=message) as e:
+        runs.load_checkpoint(path)
+    assert str(e.value).startswith(f"{path}: ")
+    assert not isinstance(e.value, runs.UnsafeCheckpointError)  # nothing in it would have run code
+    assert "\n" not in str(e.value)  # torch's paragraphs boiled down to one line
+
+
+def test_both_formats_of_torch_save_load(tmp_path):
+    state = {"model": {"w": torch.arange(3.0)}, "step": 2}
+    torch.save(state, tmp_path / "zip.pt")
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name in ("zip.pt", "legacy.pt"):
+        loaded = runs.load_checkpoint(tmp_path / name)
+        assert loaded["step"] == 2 and torch.equal(loaded["model"]["w"], state["model"]["w"])
