@@ -540,6 +540,12 @@ class Manifest:
     captions: list[str] = field(default_factory=list)
     caption_clip: list[int] = field(default_factory=list)
     caption_embeddings: np.ndarray | None = None
+    lines: list[int] = field(default_factory=list)  # the CSV line of each clip's first row, for messages
+
+    def where(self, i: int) -> str:
+        """Where clip i is in the CSV, for messages: 'manifest.csv, line 7 (dog.wav)'."""
+        line = f", line {self.lines[i]}" if i < len(self.lines) else ""
+        return f"{self.name}{line} ({self.files[i]})"
 
     @property
     def classes(self) -> list[str]:
@@ -603,11 +609,11 @@ def read_manifest(csv_path: str | Path, audio_root: str | Path | None = None) ->
                         split=[] if "split" in columns else None, fold=[] if "fold" in columns else None)
     index: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
-        add_manifest_row(manifest, index, row, f"{csv_path}, line {line}")
+        add_manifest_row(manifest, index, row, f"{csv_path}, line {line}", line)
     return manifest
 
 
-def add_manifest_row(manifest: Manifest, index: dict[str, int], row: dict, where: str):
+def add_manifest_row(manifest: Manifest, index: dict[str, int], row: dict, where: str, line: int | None = None):
     """One CSV row: a new clip, or another caption of a clip already read (whose labels it must repeat)."""
     name, text = row["file_name"], row["label"] or ""
     for sep in LABEL_SEPARATORS[1:]:
@@ -631,6 +637,8 @@ def add_manifest_row(manifest: Manifest, index: dict[str, int], row: dict, where
         index[name] = len(manifest.files)
         manifest.files.append(name)
         manifest.labels.append(labels)
+        if line is not None:
+            manifest.lines.append(line)
         if column:
             getattr(manifest, column).append(part)
     if row.get("caption"):
@@ -649,9 +657,9 @@ def check_labels(manifest: Manifest, holdout_fold: str | None = None):
             unknown = sorted(set(manifest.labels[i]) - train)
             if unknown:
                 held = f" (fold {holdout_fold} held out)" if holdout_fold is not None else ""
-                raise ManifestError(f"{manifest.name}: {part} clip {manifest.files[i]} has label(s) {unknown} that "
-                                    f"no training clip has{held}; a classifier cannot learn them. Fix the label or "
-                                    "the split.")
+                raise ManifestError(f"{manifest.where(i)}: a {part} clip with label(s) {unknown} that no training "
+                                    f"clip has{held}; a classifier cannot learn them. Fix the label, or move a clip "
+                                    f"of {unknown[0]!r} into the training {'folds' if held else 'split'}.")
 
 
 def holdouts(manifest: Manifest, folds: list[str] | None = None) -> list[str | None]:
@@ -681,7 +689,10 @@ def holdouts(manifest: Manifest, folds: list[str] | None = None) -> list[str | N
 
 
 def label_targets(labels: list[list[str]], classes: list[str], where: str = "") -> torch.Tensor:
-    """Label strings per clip -> multi-hot float targets [N, C] in the given class order."""
+    """Label strings per clip -> multi-hot float targets [N, C] in the given class order.
+
+    A label outside `classes` is refused; check_labels, run first, names its line.
+    """
     index = {c: k for k, c in enumerate(classes)}
     targets = torch.zeros(len(labels), len(classes))
     for i, clip_labels in enumerate(labels):

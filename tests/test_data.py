@@ -336,10 +336,10 @@ def test_a_bad_manifest_is_named_with_its_line_and_the_fix(tmp_path, text, messa
 
 def test_a_test_label_no_training_clip_has_is_refused_for_splits_and_for_each_held_out_fold(tmp_path):
     (tmp_path / "split.csv").write_text("file_name,label,split\na.wav,dog,train\nb.wav,cat,test\n")
-    with pytest.raises(data.ManifestError, match=r"test clip b.wav has label\(s\) \['cat'\]"):
+    with pytest.raises(data.ManifestError, match=r"split.csv, line 3 \(b.wav\): a test clip with label\(s\) \['cat'\]"):
         data.check_labels(data.read_manifest(tmp_path / "split.csv"))
     (tmp_path / "folds.csv").write_text("file_name,label,fold\na.wav,dog,1\nb.wav,dog,2\nc.wav,cat,2\n")
     folds = data.read_manifest(tmp_path / "folds.csv")
     data.check_labels(folds, "1")
-    with pytest.raises(data.ManifestError, match=r"c.wav has label\(s\) \['cat'\].*fold 2 held out"):
+    with pytest.raises(data.ManifestError, match=r"line 4 \(c.wav\): a test clip with label\(s\) \['cat'\].*fold 2 held out"):
         data.check_labels(folds, "2")

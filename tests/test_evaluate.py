@@ -67,7 +67,8 @@ def test_manifest_reading(tmp_path):
     (GOOD_ROWS + ["gone.wav,tone,A tone.,test"], r"eval.csv: 1 audio file\(s\) such as .*gone.wav not found"),
     ([r.replace(",test", ",train") for r in GOOD_ROWS], r"eval.csv: no clip in the test split"),
     (GOOD_ROWS[:3] + GOOD_ROWS[5:8] + ["high4.wav,tone;whistle,A whistle.,test"],
-     r"test clip high4.wav has label\(s\) \['whistle'\] that no training clip has"),
+     r"eval.csv, line 8 \(high4.wav\): a test clip with label\(s\) \['whistle'\] that no training "
+     r"clip has.*move a clip of 'whistle' into the training split"),
     (GOOD_ROWS[:9] + ["high4.wav,tone;high,A tone.,dev"], r"line 11: split must be train, valid or test, got 'dev'"),
     (GOOD_ROWS + ["low4.wav,tone;high,A tone.,test"], r"low4.wav has labels \['tone', 'high'\] here but"),
 ])

@@ -4,6 +4,7 @@ features.load_model and tag_audio, and the errors bad input gets."""
 
 import json
 import os
+import shutil
 import socket
 
 import numpy as np
@@ -110,8 +111,16 @@ def test_bad_input_is_named(tmp_path, init, capsys):
     assert "needs file_name, label" in error("file_name,split\na.wav,train\n")
     sf.write(tmp_path / "b.wav", np.zeros(8000, dtype=np.float32), 16000)
     assert "at least 2 folds" in error("file_name,label,fold\na.wav,dog,1\nb.wav,cat,1\n")
-    assert "no training clip has" in error("file_name,label,split\na.wav,dog,train\nb.wav,cat,test\n")
-    assert "no training clip has (fold 1 held out)" in error("file_name,label,fold\na.wav,dog,1\nb.wav,cat,2\n")
+    assert "bad.csv, line 3 (b.wav): a test clip with label(s) ['cat'] that no training clip has;" in error(
+        "file_name,label,split\na.wav,dog,train\nb.wav,cat,test\n")
+    # a fold manifest: a label only the held-out fold has, checked for every fold before any training
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)
+    for name in "cde":
+        sf.write(tmp_path / f"{name}.wav", np.zeros(8000, dtype=np.float32), 16000)
+    assert "bad.csv, line 6 (e.wav): a test clip with label(s) ['bird'] that no training clip has (fold 3 held " \
+           "out); a classifier cannot learn them. Fix the label, or move a clip of 'bird' into the training folds." \
+        in error("file_name,label,fold\na.wav,dog,1\nb.wav,cat,2\nc.wav,cat,1\nd.wav,dog,2\ne.wav,bird,3\n")
+    assert not (tmp_path / "run" / "log.jsonl").exists()  # refused before the first fold trained
     assert "a file belongs to one split" in error("file_name,label,split\na.wav,dog,train\na.wav,dog,test\n")
     assert "checkpoint to fine-tune was not found" in error("file_name,label,split\na.wav,dog,train\n"
                                                             "a.wav,dog,test\n", "--init", str(tmp_path / "no.pt"))
