@@ -98,6 +98,20 @@ class FinetuneRecipe:
                                                           "best_valid_then_test"))
     seeds: tuple[int, ...] = option((43, 44, 45), "one run per seed (and held-out fold)")
 
+    def __post_init__(self):
+        """Refuse settings that would run without telling: a warm-up longer than the run never reaches the
+        peak rate (our check, not the authors': their scheduler would run it)."""
+        for name in ("epochs", "batch_size", "input_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if not self.seeds:
+            raise ValueError("--seeds: give at least one seed")
+        if self.warmup_epochs >= self.epochs > 0 and self.warmup_epochs > 0:
+            raise ValueError(f"--warmup-epochs {self.warmup_epochs} does not fit in --epochs {self.epochs}: the "
+                             "learning rate would rise from 0 for the whole run and never reach its peak "
+                             f"(--lr {self.lr}). Pass a --warmup-epochs below {self.epochs} as well, e.g. "
+                             f"--warmup-epochs {self.epochs // 10}.")
+
     @property
     def crop_length(self) -> int:
         """Crop length on the raw input: frames, or samples for waveforms."""
@@ -656,7 +670,7 @@ def run_job(run: FinetuneRun, j: int, resume: dict | None) -> dict:
         t.augment.set_state(resume["resume"]["rng"][run.ddp.rank]["augment"])
     result = fit(t, train, valid, test, on_epoch=lambda state: end_epoch(run, j, t))
     summary = {"seed": seed, "fold": holdout, "score": result["score"], "best_epoch": result["best_epoch"],
-               "metrics": result["metrics"]}
+               "metrics": result["metrics"]}  # best_epoch None: no epoch scored above 0, no weights kept
     if run.ddp.main and result["state"] is not None and result["score"] > max([r["score"] for r in run.results] + [-1]):
         write_model(run, encoder, model, result, test)
     return summary
@@ -701,19 +715,29 @@ def write_result(run: FinetuneRun):
     """result.json: the reported score by the task's rule (per seed: the mean over held-out folds), and curves.png."""
     recipe, results = run.recipe, run.results
     per_seed = {str(seed): float(np.mean([r["score"] for r in results if r["seed"] == seed])) for seed in recipe.seeds}
-    best = max(range(len(results)), key=lambda k: results[k]["score"])
+    best = max(range(len(results)), key=lambda k: results[k]["score"])  # the run whose weights best.pt holds
+    written = results[best]["best_epoch"] is not None  # else no epoch of any run scored above 0
+    model_path = run.settings.out_dir / MODEL_FILE
     spread = seed_summary(list(per_seed.values()))
     report = {"task": run.task.manifest.name, "recipe_name": run.settings.recipe_name, "rule": recipe.report,
               "metric": recipe.metric, "score": spread["mean"], "spread": spread, "per_seed": per_seed,
               "runs": results, "best_run": best, "best_epoch": results[best]["best_epoch"],
+              "model": str(model_path) if written else None,
               "metrics_at_best": results[best]["metrics"], "classes": run.task.manifest.classes,
               "recipe": recipe_record(recipe), "settings": run.settings.saved()}
     (run.settings.out_dir / "result.json").write_text(json.dumps(report, indent=1) + "\n")
     seed, holdout = run.jobs[best]
     plot_curves(run.settings.out_dir / "curves.png", [r for r in run.log.records if r["seed"] == seed
                                              and r["fold"] == holdout], recipe.metric, run.log.print)
-    run.log.print(f"{recipe.metric} {spread['mean']:.2f} (std {spread['std']:.2f} over {spread['n']} seed(s)); "
-                  f"best run {best + 1}, epoch {report['best_epoch']}; wrote {run.settings.out_dir / MODEL_FILE}")
+    score = f"{recipe.metric} {spread['mean']:.2f} (std {spread['std']:.2f} over {spread['n']} seed(s))"
+    if not written:
+        run.log.print(f"{score}; no epoch of any run scored above 0, so no model was written (no {MODEL_FILE}, "
+                      "no per_class.csv). The classifier learned nothing: check that the labels match the audio, "
+                      "or train longer (--epochs) or at another --lr.")
+        return
+    fold = f", fold {holdout}" if holdout is not None else ""
+    run.log.print(f"{score}; best: seed {seed}{fold}, epoch {report['best_epoch']} (runs[{best}] in result.json); "
+                  f"wrote {model_path}")
 
 
 # -----------------------------------------------------------------------------
@@ -762,8 +786,11 @@ def parse_args(argv=None) -> tuple[RunSettings, FinetuneRecipe]:
     resume = given.get("resume", (out_dir / RESUME_FILE).is_file())
     if "seeds" in overrides:
         overrides["seeds"] = tuple(overrides["seeds"])
-    return (replace(settings, out_dir=out_dir, audio_root=audio_root, resume=resume),
-            recipe(settings.recipe_name, **overrides))
+    try:
+        task_recipe = recipe(settings.recipe_name, **overrides)
+    except ValueError as e:
+        sys.exit(f"error: recipe {settings.recipe_name}: {e}")
+    return replace(settings, out_dir=out_dir, audio_root=audio_root, resume=resume), task_recipe
 
 
 def main(argv=None):

@@ -285,12 +285,28 @@ def find_resume(path: Path, resume: bool, stage: str) -> dict | None:
 
 
 def check_same_run(path: Path, saved: dict, now: dict):
-    """A resume must continue the same run: every setting in `now` as it was `saved`."""
-    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in now.items() if saved.get(key) != value]
+    """A resume must continue the same run: every setting in `now` as it was `saved`.
+
+    The error names each setting that differs, down to the field of a nested
+    one ("recipe.epochs 100 -> 10"), never the whole record.
+    """
+    changed = [f"{key} {old!r} -> {new!r}" for key, old, new in differences(saved, now)]
     if changed:
         raise ResumeError(f"{path}: cannot resume with other settings than the run's ({'; '.join(changed)}). "
-                          "Run the interrupted command again unchanged (--lr may change), or pass "
+                          "Run the interrupted command again unchanged, or pass "
                           "--no-resume (starts over, overwriting the run) or another --out-dir.")
+
+
+def differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, value now) of each setting in `now` that differs, nested dicts key by key."""
+    out = []
+    for key, value in now.items():
+        old = saved.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            out += differences(old, value, f"{prefix}{key}.")
+        elif old != value:
+            out.append((f"{prefix}{key}", old, value))
+    return out
 
 
 def resume_state(settings: dict, peak_lr: float, rng: list[dict], elapsed_s: float) -> dict:

@@ -49,12 +49,16 @@ def init(stage1_run):
     return str(stage1_run / "last.pt")
 
 
-def test_folds_each_held_out_and_the_fold_mean_reported(tmp_path, init):
+def test_folds_each_held_out_and_the_fold_mean_reported(tmp_path, init, capsys):
     csv_path = write_clips(tmp_path, ["dog", "cat"] * 6, ["1", "2", "3"] * 4, "fold")
     out = tmp_path / "run"
     ft.main(["--init", init, "--manifest", csv_path, "--recipe", "esc50", "--folds", "1", "2",
              "--out-dir", str(out), *SMALL])
     result = json.loads((out / "result.json").read_text())
+    best = result["runs"][result["best_run"]]  # the summary line names the same run as result.json
+    assert f"best: seed 43, fold {best['fold']}, epoch {best['best_epoch']} (runs[{result['best_run']}] in " \
+           f"result.json); wrote {out / 'best.pt'}" in capsys.readouterr().out
+    assert result["model"] == str(out / "best.pt")
     assert [r["fold"] for r in result["runs"]] == ["1", "2"] and result["rule"] == "best_test_fold_mean"
     assert result["score"] == pytest.approx(np.mean([r["score"] for r in result["runs"]]))
     assert len((out / "log.jsonl").read_text().splitlines()) == 4  # 2 folds x 2 epochs
@@ -74,8 +78,9 @@ def test_resume_after_a_stop_is_bit_identical(tmp_path, init):
         flat_whole, flat_parts = (torch.utils._pytree.tree_flatten(x)[0] for x in (whole, parts))
         assert len(flat_whole) == len(flat_parts)
         assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(flat_whole, flat_parts))
-    with pytest.raises(SystemExit, match="cannot resume with other settings"):
-        ft.main([*args, "--out-dir", str(tmp_path / "parts"), "--lr", "0.1"])
+    with pytest.raises(SystemExit, match=r"resume.pt: cannot resume with other settings than the run's "
+                                         r"\(recipe.epochs 2 -> 3\)\. Run the interrupted command again unchanged"):
+        ft.main([*args, "--out-dir", str(tmp_path / "parts"), "--epochs", "3"])
 
 
 def test_fine_tuned_file_loads_and_tags_as_finetune_predicts(tmp_path, init):
@@ -124,6 +129,30 @@ def test_bad_input_is_named(tmp_path, init, capsys):
     assert "a file belongs to one split" in error("file_name,label,split\na.wav,dog,train\na.wav,dog,test\n")
     assert "checkpoint to fine-tune was not found" in error("file_name,label,split\na.wav,dog,train\n"
                                                             "a.wav,dog,test\n", "--init", str(tmp_path / "no.pt"))
+
+
+def test_a_run_where_no_epoch_scores_above_0_says_that_it_wrote_no_model(tmp_path, init, capsys, monkeypatch):
+    csv_path = write_clips(tmp_path, ["cat", "dog", "dog", "dog"], ["train", "train", "test", "test"], "split")
+    monkeypatch.setattr(ft, "predict", lambda model, clips, recipe: torch.tensor([[1.0, 0.0]] * len(clips)))
+    out = tmp_path / "run"  # every test clip is a dog and every prediction a cat: accuracy 0 in every epoch
+    ft.main(["--init", init, "--manifest", csv_path, "--recipe", "esc50", "--out-dir", str(out), *SMALL])
+    printed = capsys.readouterr().out
+    assert "accuracy 0.00 (std 0.00 over 1 seed(s)); no epoch of any run scored above 0, so no model was written " \
+           "(no best.pt, no per_class.csv)." in printed
+    assert "wrote" not in printed
+    assert not (out / "best.pt").exists() and not (out / "per_class.csv").exists()
+    result = json.loads((out / "result.json").read_text())
+    assert result["model"] is None and result["best_epoch"] is None
+
+
+def test_a_warm_up_that_does_not_fit_in_the_run_is_refused(tmp_path, init):
+    csv_path = multi_label_manifest(tmp_path)
+    with pytest.raises(SystemExit, match=r"recipe esc50: --warmup-epochs 5 does not fit in --epochs 1: the learning "
+                                         r"rate would rise from 0 for the whole run.*--warmup-epochs 0"):
+        ft.main(["--init", init, "--manifest", csv_path, "--recipe", "esc50", "--epochs", "1",
+                 "--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+    ft.recipe("esc50", epochs=1, warmup_epochs=0)  # without a warm-up, one epoch is a run like any
 
 
 def test_stage11_through_train_py_then_stage2_starts_from_it(tmp_path, init, corpus):

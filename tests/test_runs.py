@@ -67,6 +67,16 @@ def test_restore_training_checks_the_settings_and_restores_optimizer_and_scaler(
         runs.restore_training(ckpt, path, {**settings, "batch_size": 16}, 1e-3, fresh, fresh_scaler)
 
 
+def test_a_changed_setting_is_named_down_to_the_field_of_a_nested_one(tmp_path):
+    saved = {"init": "a.pt", "recipe": {"epochs": 100, "lr": 0.5, "seeds": [43, 44]}, "folds": None}
+    runs.check_same_run(tmp_path / "resume.pt", saved, json.loads(json.dumps(saved)))
+    now = {**saved, "recipe": {**saved["recipe"], "epochs": 10}, "folds": ["1"]}
+    with pytest.raises(runs.ResumeError) as e:
+        runs.check_same_run(tmp_path / "resume.pt", saved, now)
+    assert "(recipe.epochs 100 -> 10; folds None -> ['1'])." in str(e.value)
+    assert "lr" not in str(e.value) and "seeds" not in str(e.value)
+
+
 def test_rng_states_survive_a_checkpoint_and_replay_the_same_draws(tmp_path):
     runs.seed_everything(7)
     runs.save_checkpoint(tmp_path / "rng.pt", rng=runs.gather_rng_states(runs.Distributed(), torch.device("cpu")))
