@@ -4,7 +4,7 @@ line and plots. Features come from features.py, manifests from data.py (the
 same rules as fine-tuning's), the scores from metrics.py.
 
 Command line:
-    python evaluate.py                                   # newest run, built-in held-out clips
+    python evaluate.py                                   # newest runs/stage*/last.pt, built-in held-out clips
     python evaluate.py --checkpoint runs/stage1/last.pt --json results.json
     python evaluate.py --data manifest.csv --plot figures/   # your clips: file_name, label, caption, split
 Embedding a corpus and exporting to the released layout are features.py's commands:
@@ -203,11 +203,12 @@ def flatten(results: dict, prefix: str = "") -> dict[str, float]:
 
 
 def print_table(checkpoint: dict, random_init: dict | None):
-    baseline = flatten(random_init) if random_init else {}
-    print(f"{'metric':36s} {'checkpoint':>10s} {'random_init':>12s}")
+    """One row per metric: the checkpoint's value, and the random-init baseline's when it was measured."""
+    baseline = flatten(random_init) if random_init else None
+    print(f"{'metric':36s} {'checkpoint':>10s}" + (f" {'random_init':>12s}" if baseline is not None else ""))
     for key, value in flatten({k: v for k, v in checkpoint.items() if k != "skipped"}).items():
-        base = f"{baseline[key]:12.1f}" if key in baseline else ""
-        print(f"{key:36s} {value:10.1f} {base}")
+        base = "" if baseline is None else f" {baseline[key]:12.1f}" if key in baseline else f" {'-':>12s}"
+        print(f"{key:36s} {value:10.1f}{base}")
     for task, reason in checkpoint.get("skipped", {}).items():
         print(f"{task}: skipped, {reason}")
 
@@ -227,7 +228,7 @@ def fine_tuning_line(path: Path) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help="checkpoint to evaluate (default: the newest of runs/stage2.1, stage2, stage1)")
+                   help="checkpoint to evaluate (default: the most recently written runs/stage{1,1.1,2,2.1}/last.pt)")
     p.add_argument("--data", type=Path, default=None,
                    help="evaluation manifest CSV: file_name, label (';'-separated), optional caption, split "
                         "(train/test) or fold. Default: the built-in data (held-out split)")
@@ -265,7 +266,8 @@ def main(argv=None):
     stage = embedder.info["stage"]
     parts = (f"{eval_set.split.count('train')} train / {eval_set.split.count('test')} test clips"
              if eval_set.split else f"{len(eval_set.files)} clips")
-    print(f"{path} (stage {stage}) on {eval_set.name}: {parts}, {len(eval_set.classes)} classes, "
+    chosen = "" if args.checkpoint else " (the most recently written runs/stage*/last.pt; --checkpoint picks another)"
+    print(f"{path}{chosen}, stage {stage}, on {eval_set.name}: {parts}, {len(eval_set.classes)} classes, "
           f"{len(eval_set.captions)} captions")
     results = {"checkpoint_path": str(path), "stage": stage, "data": eval_set.name}
     results["checkpoint"], arrays = evaluate_model(embedder, eval_set, mels, args.tasks, args.prompt)

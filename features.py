@@ -5,7 +5,7 @@ any length as the authors' runtime does, and gives features and CLAP
 embeddings of raw waveforms. The functions follow HEAR's convention, so this
 module can be handed to HEAR's evaluation kit as it is, from the checkout:
     PYTHONPATH=. hear-validator features --model runs/stage1/last.pt
-(without --model, load_model() takes the newest run under runs/).
+(without --model, load_model() takes the most recently written runs/stage*/last.pt).
 
 Audio is a float tensor [n_clips, n_samples]: mono, 16 kHz, in [-1, 1].
     model = load_model("runs/stage2.1/last.pt")          # ours, or a released .pth
@@ -153,8 +153,8 @@ class Embedder(torch.nn.Module):
 def load_model(model_file_path: str | Path = "", device: str = "cpu", text_encoder: str | None = None) -> Embedder:
     """Load our checkpoint or a released M2D / M2D-CLAP file, in eval mode on `device`.
 
-    HEAR's entry point. Without a path (HEAR's default ""), the newest run of
-    this folder: runs/stage2.1/last.pt, else stage2, else stage1.
+    HEAR's entry point. Without a path (HEAR's default ""), the most recently
+    written runs/stage*/last.pt of this folder (newest_run).
 
     text_encoder: a local Hugging Face folder for the text side, where the
     file does not hold it all: the tokenizer and config of a released
@@ -197,14 +197,21 @@ def load_ours(ckpt: dict, text_encoder: str | None = None) -> Embedder:
 
 
 def newest_run(root: Path = Path("runs")) -> Path:
-    """The checkpoint of the latest stage that has one: stage 2.1, then 2, then 1.1, then 1."""
-    for stage in ("2.1", "2", "1.1", "1"):
-        path = root / f"stage{stage}" / "last.pt"
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"no checkpoint under {root}/stage{{1,1.1,2,2.1}}/last.pt; run 'python train.py --stage 1' "
-                            "first, or name the file: load_model(PATH) in Python, --checkpoint PATH on the command "
-                            "line, hear-validator features --model PATH")
+    """The most recently written runs/stage{1,1.1,2,2.1}/last.pt: the run a user has just trained.
+
+    By the file's modification time, not by stage: a fresh stage 1 wins over a
+    stage 2 left from an earlier experiment.
+    """
+    found = [root / f"stage{stage}" / "last.pt" for stage in RUN_STAGES]
+    found = [path for path in found if path.is_file()]
+    if not found:
+        raise FileNotFoundError(f"no checkpoint under {root}/stage{{{','.join(RUN_STAGES)}}}/last.pt; run 'python "
+                                "train.py --stage 1' first, or name the file: load_model(PATH) in Python, "
+                                "--checkpoint PATH on the command line, hear-validator features --model PATH")
+    return max(found, key=lambda path: path.stat().st_mtime)
+
+
+RUN_STAGES = ("1", "1.1", "2", "2.1")
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Tests of evaluate.py: the linear probe, the evaluation set and the command line (the scores: test_metrics.py)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -114,7 +115,21 @@ def test_tasks_a_checkpoint_cannot_serve_are_skipped_with_the_reason(stage1_chec
     assert "linear_probe" in results and "zero_shot" not in results and "retrieval" not in results
     assert "does not record which sentence model" in results["skipped"]["zero_shot"]
     assert "no captions" in results["skipped"]["retrieval"]
-    assert "zero_shot: skipped" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "zero_shot: skipped" in printed
+    header = next(line for line in printed.splitlines() if line.startswith("metric"))
+    assert header.split() == ["metric", "checkpoint"]  # --no-baseline: no empty random_init column
+    assert re.search(r"^linear_probe.accuracy +\d+\.\d$", printed, re.M)
+
+
+def test_bad_checkpoint_files_stop_evaluate_with_one_line(tmp_path, capsys):
+    (tmp_path / "notes.pt").write_text("my notes\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, message in (("notes.pt", "not a PyTorch checkpoint; it is a text file starting 'my notes'"),
+                          ("empty.pt", "the file is empty (0 bytes)"), ("gone.pt", "gone.pt: checkpoint not found")):
+        with pytest.raises(SystemExit) as stop:
+            evaluate.main(["--checkpoint", str(tmp_path / name)])
+        assert str(stop.value).startswith("error: ") and message in str(stop.value)
 
 
 def test_a_fold_manifest_probes_each_fold_and_its_valid_split_is_not_used(tmp_path):

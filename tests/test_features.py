@@ -193,8 +193,15 @@ def test_load_model_without_a_path_takes_the_newest_run_or_says_which_file_to_pa
     with pytest.raises(FileNotFoundError, match=r"no checkpoint under runs/stage\{1,1.1,2,2.1\}.*load_model\(PATH\)"):
         features.load_model()
     (tmp_path / "runs" / "stage1").mkdir(parents=True)
-    (tmp_path / "runs" / "stage1" / "last.pt").symlink_to(stage1_checkpoint)
+    (tmp_path / "runs" / "stage1" / "last.pt").write_bytes(stage1_checkpoint.read_bytes())
     assert features.load_model().info["path"] == str(Path("runs/stage1/last.pt"))
+    # The most recently written run, not the latest stage: a stale stage 2 loses to a fresh stage 1.
+    (tmp_path / "runs" / "stage2").mkdir()
+    (tmp_path / "runs" / "stage2" / "last.pt").write_bytes(stage1_checkpoint.read_bytes())
+    os.utime(tmp_path / "runs" / "stage2" / "last.pt", (1e9, 1e9))
+    assert features.newest_run() == Path("runs/stage1/last.pt")
+    os.utime(tmp_path / "runs" / "stage1" / "last.pt", (5e8, 5e8))
+    assert features.load_model().info["path"] == str(Path("runs/stage2/last.pt"))
 
 
 def test_timestamps_of_a_25_s_clip_are_regular_and_within_the_documented_bound():
