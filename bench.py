@@ -436,17 +436,23 @@ def prepared_main(argv):
                                 "minutes on one H100): the authors' recipe, our step at two batch sizes, train.py "
                                 "end to end, and Large with gradient checkpointing. With --device cpu it checks the "
                                 "same path.")
-    p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--preset", default="base" if cuda else "tiny", choices=sorted(m2d.PRESETS))
-    p.add_argument("--batch", type=int, default=128 if cuda else 16)
+    p.add_argument("--device", default="cuda" if cuda else "cpu",
+                   help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    p.add_argument("--preset", default="base" if cuda else "tiny", choices=sorted(m2d.PRESETS),
+                   help="model size (default: base on a GPU, tiny on the CPU)")
+    p.add_argument("--batch", type=int, default=128 if cuda else 16,
+                   help="clips per step of the recipe comparison (default: 128 on a GPU, 16 on the CPU)")
     p.add_argument("--big-batch", type=int, default=256 if cuda else 32,
-                   help="our step's larger batch, the GPU default (0: skip)")
-    p.add_argument("--large-preset", default="large", choices=sorted(m2d.PRESETS))
+                   help="our step's larger batch, the GPU default (0: skip; default: 256 on a GPU, 32 on the CPU)")
+    p.add_argument("--large-preset", default="large", choices=sorted(m2d.PRESETS),
+                   help="the model timed with gradient checkpointing (default: large)")
     p.add_argument("--large-batch", type=int, default=None, help="default: 64 on GPU, 2 on CPU")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--train-steps", type=int, default=90, help="steps of the train.py run (timed: the last third)")
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant (default: 10)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps of each variant first, compilation included (default: 3)")
+    p.add_argument("--train-steps", type=int, default=90,
+                   help="steps of the train.py run, the last third timed (default: 90)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON (default: none)")
     args = p.parse_args(argv)
     result = prepared_run(args)
     if args.json:
@@ -519,12 +525,12 @@ def loader_main(argv):
     p = argparse.ArgumentParser(prog="bench.py loader", description="DataLoader clips/s from shards and from "
                                 "per-file .npy of the same clips")
     p.add_argument("out_dir", type=Path, help="shards written by 'python data.py prepare'")
-    p.add_argument("--crop-frames", type=int, default=1001)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--seconds", type=float, default=15.0, help="timed seconds per source")
+    p.add_argument("--crop-frames", type=int, default=1001, help="log-mel frames per crop (default: 1001)")
+    p.add_argument("--batch-size", type=int, default=64, help="clips per batch (default: 64)")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (default: 4)")
+    p.add_argument("--seconds", type=float, default=15.0, help="timed seconds per source (default: 15)")
     p.add_argument("--synthetic-clips", type=int, default=0,
-                   help="first fill an empty OUT_DIR with this many random 10 s (1001-frame) clips")
+                   help="first fill an empty OUT_DIR with this many random 10 s (1001-frame) clips (default: 0)")
     args = p.parse_args(argv)
     if args.synthetic_clips and not (args.out_dir / "index.csv").exists():
         write_synthetic_shards(args.out_dir, args.synthetic_clips, 1001)
@@ -539,12 +545,15 @@ def loader_main(argv):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(m2d.PRESETS))
-    p.add_argument("--stage", default="1", choices=["1", "2"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", default="tiny", choices=sorted(m2d.PRESETS), help="model size (default: tiny)")
+    p.add_argument("--stage", default="1", choices=["1", "2"],
+                   help="whose step: stage 1 (M2D + CLAP), or stage 2 (CLAP, 0.3 token drop) (default: 1)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     p.add_argument("--batch", type=int, default=None, help="clips per step (default: 64 tiny, 16 base on CPU, 128 on GPU)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each variant first (compilation happens here)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant (default: 20; --quick: 10)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps of each variant first, compilation included (default: 3)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="our step's precision (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -552,7 +561,7 @@ def parse_args(argv=None):
     p.add_argument("--text-dim", type=int, default=None, help="sentence-embedding width (default: the preset's)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (both variants)")
     p.add_argument("--quick", action="store_true", help="fewer steps: the prepared GPU run")
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON (default: none)")
     args = p.parse_args(argv)
     if args.batch is None:
         args.batch = 128 if args.device.startswith("cuda") else (64 if args.preset == "tiny" else 16)

@@ -755,7 +755,8 @@ def main(argv=None):
     commands = p.add_subparsers(dest="command", required=True)
     commands.add_parser("render", help="render the built-in dataset's audio into the cache")
     captions = commands.add_parser("captions", help="rewrite assets/builtin_*.csv and their caption embeddings")
-    captions.add_argument("--model", default=text_embed.DEFAULT_MODEL, help="sentence model name or path")
+    captions.add_argument("--model", default=text_embed.DEFAULT_MODEL,
+                          help="sentence model name or path (default: %(default)s)")
     args = p.parse_args(argv)
     if args.command == "render":
         for split in BUILTIN_SPLITS:

@@ -914,13 +914,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Data preparation commands.")
     commands = p.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="convert a folder of audio into log-mel shards (resumable)")
-    prep.add_argument("audio_dir", type=Path)
-    prep.add_argument("out_dir", type=Path)
-    prep.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
-    prep.add_argument("--shard-mb", type=int, default=1024, help="size of one shard file in MiB")
+    prep.add_argument("audio_dir", type=Path, help="folder searched recursively for audio files (any format "
+                      "soundfile reads, any rate and channel count: downmixed and resampled to 16 kHz mono)")
+    prep.add_argument("out_dir", type=Path, help="folder for the shards, index.csv and report.csv; a rerun resumes")
+    prep.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                      help="decoding processes (default: one per core)")
+    prep.add_argument("--shard-mb", type=int, default=1024, help="size of one shard file in MiB (default: 1024)")
     stats = commands.add_parser("stats", help="normalisation statistics of prepared shards")
-    stats.add_argument("out_dir", type=Path)
-    stats.add_argument("--max-clips", type=int, default=10000)
+    stats.add_argument("out_dir", type=Path, help="shards written by 'python data.py prepare'; "
+                       "norm_stats.json is written there")
+    stats.add_argument("--max-clips", type=int, default=10000,
+                       help="clips, evenly spaced through the index, that the mean and std are estimated "
+                            "from (default: 10000)")
     args = p.parse_args(argv)
     if args.command == "prepare":
         written, failed = prepare(args.audio_dir, args.out_dir, args.workers, args.shard_mb)

@@ -239,8 +239,9 @@ def parse_args(argv=None):
                         "the authors' evaluation)")
     add_text_encoder_flag(p)
     p.add_argument("--no-baseline", action="store_true", help="skip the random-init encoder baseline")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here as JSON (default: none)")
     p.add_argument("--plot", type=Path, default=None,
                    help="write PNG figures here (similarity matrix, confusion matrix, training curves); "
                         "needs matplotlib")

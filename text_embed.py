@@ -335,18 +335,19 @@ def main(argv=None):
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="sentence-transformers model name or local path, e.g. a local NV-Embed-v2 "
                         f"folder (default: the bundled {DEFAULT_MODEL})")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="captions encoded together (default: 256)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the model's choice)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
-                   help="storage type of the .npy")
-    p.add_argument("--prompt", default=None, help="text prepended to every caption (instruction models)")
+                   help="storage type of the .npy (default: float16)")
+    p.add_argument("--prompt", default=None, help="text prepended to every caption (instruction models; "
+                   "default: none)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model folder's own code to run (NV-Embed-v2 needs it)")
     p.add_argument("--append-eos", action="store_true",
                    help="end every caption with the tokenizer's end-of-sequence token, as the authors' "
                         "runtime does for NV-Embed-v2")
     p.add_argument("--chunk-rows", type=int, default=100_000,
-                   help="captions per saved chunk; a restarted run skips finished chunks")
+                   help="captions per saved chunk; a restarted run skips finished chunks (default: 100000)")
     args = p.parse_args(argv)
     try:
         out = embed_captions_csv(args.csv, args.out, args.model, args.batch_size, args.device,
