@@ -534,7 +534,10 @@ def loader_main(argv):
     args = p.parse_args(argv)
     if args.synthetic_clips and not (args.out_dir / "index.csv").exists():
         write_synthetic_shards(args.out_dir, args.synthetic_clips, 1001)
-    rates = bench_loader(args.out_dir, args.crop_frames, args.batch_size, args.workers, args.seconds)
+    try:
+        rates = bench_loader(args.out_dir, args.crop_frames, args.batch_size, args.workers, args.seconds)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e} (or pass --synthetic-clips N to time random clips)")
     print(f"DataLoader, batch {args.batch_size}, {args.workers} workers, {args.crop_frames}-frame crops: "
           + ", ".join(f"{k} {v:.0f} clips/s" for k, v in rates.items()))
 

@@ -866,9 +866,14 @@ def prepare(audio_dir: Path, out_dir: Path, workers: int = os.cpu_count() or 1,
     so the index never points at bytes that were not written.
     """
     audio_dir, out_dir = Path(audio_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not audio_dir.is_dir():
+        raise FileNotFoundError(f"{audio_dir}: no such folder; pass the folder that holds the audio files")
     names = sorted(p.relative_to(audio_dir).as_posix() for p in audio_dir.rglob("*")
                    if p.suffix.lower() in AUDIO_SUFFIXES)
+    if not names:
+        raise FileNotFoundError(f"{audio_dir}: no audio files in it or its subfolders (by name: "
+                                f"{', '.join(sorted(AUDIO_SUFFIXES)[:6])}, ...)")
+    out_dir.mkdir(parents=True, exist_ok=True)
     done = set(ShardStore(out_dir).entries) if (out_dir / "index.csv").is_file() else set()
     todo = [n for n in names if n not in done]
     shards = ShardWriter(out_dir, shard_mb)
@@ -927,11 +932,16 @@ def main(argv=None):
                        help="clips, evenly spaced through the index, that the mean and std are estimated "
                             "from (default: 10000)")
     args = p.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            written, failed = prepare(args.audio_dir, args.out_dir, args.workers, args.shard_mb)
+        else:
+            mean, std = shard_stats(args.out_dir, args.max_clips)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     if args.command == "prepare":
-        written, failed = prepare(args.audio_dir, args.out_dir, args.workers, args.shard_mb)
         print(f"prepared {written} clips into {args.out_dir}; {failed} unreadable")
     else:
-        mean, std = shard_stats(args.out_dir, args.max_clips)
         print(f"norm stats: mean {mean:.4f} std {std:.4f} (written to {args.out_dir / 'norm_stats.json'}; "
               f"train.py --shards reads them)")
 

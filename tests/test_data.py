@@ -343,3 +343,17 @@ def test_a_test_label_no_training_clip_has_is_refused_for_splits_and_for_each_he
     data.check_labels(folds, "1")
     with pytest.raises(data.ManifestError, match=r"line 4 \(c.wav\): a test clip with label\(s\) \['cat'\].*fold 2 held out"):
         data.check_labels(folds, "2")
+
+
+def test_the_shard_commands_say_what_is_missing_in_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not audio")
+    for argv, message in ((["prepare", str(tmp_path / "nowhere"), str(tmp_path / "out")], "nowhere: no such folder"),
+                          (["prepare", str(tmp_path / "empty"), str(tmp_path / "out")],
+                           "empty: no audio files in it or its subfolders"),
+                          (["stats", str(tmp_path / "out")], "out/index.csv: no shard index. Run 'python data.py "
+                                                              "prepare AUDIO_DIR")):
+        with pytest.raises(SystemExit) as stop:
+            data.main(argv)
+        assert str(stop.value).startswith("error: ") and message in str(stop.value)
+    assert not (tmp_path / "out").exists()  # nothing made for a folder that had nothing to prepare
