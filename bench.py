@@ -454,6 +454,7 @@ def prepared_main(argv):
                    help="steps of the train.py run, the last third timed (default: 90)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON (default: none)")
     args = p.parse_args(argv)
+    refuse_missing_device(args.device)
     result = prepared_run(args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
@@ -546,6 +547,14 @@ def loader_main(argv):
 # Command line
 
 
+def refuse_missing_device(name: str):
+    """Stop with one line where --device names a device this machine does not have."""
+    try:
+        runs.check_device(name)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(m2d.PRESETS), help="model size (default: tiny)")
@@ -566,6 +575,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer steps: the prepared GPU run")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON (default: none)")
     args = p.parse_args(argv)
+    refuse_missing_device(args.device)
     if args.batch is None:
         args.batch = 128 if args.device.startswith("cuda") else (64 if args.preset == "tiny" else 16)
     if args.text_dim is None:

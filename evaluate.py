@@ -26,6 +26,7 @@ import builtin_data
 import data
 import features
 import metrics
+import runs
 
 
 # -----------------------------------------------------------------------------
@@ -258,6 +259,7 @@ def add_text_encoder_flag(p: argparse.ArgumentParser):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        runs.check_device(args.device)
         path = args.checkpoint or features.newest_run()
         embedder = features.load_model(path, args.device, args.text_encoder)
         eval_set = evaluation_set(args.data, args.audio_root)

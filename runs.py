@@ -10,7 +10,7 @@ library only, never a file of this project, so any piece can be copied alone.
   resumed run), RNG states (rng_state, set_rng_state, gather_rng_states,
   seed_everything, restore_rng), read_log.
 - torchrun: Distributed (rank, world size, barrier, DDP wrapping, gather and
-  mean over ranks, replica check), setup_distributed.
+  mean over ranks, replica check), setup_distributed, check_device.
 - Precision and compilation: amp_defaults (the one place that chooses them),
   autocast, compiled, LossScaler (fp16 loss scaling without host syncs).
 - The optimiser step: Stepper (gradient accumulation, autocast, loss scaling,
@@ -227,11 +227,33 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def setup_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
+def check_device(name: str | torch.device) -> torch.device:
+    """torch.device(name), or a ValueError saying why this machine cannot compute there and what to pass."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: not a device name ({e}); pass cpu, cuda or cuda:N") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this PyTorch is a CPU-only build" if torch.version.cuda is None else
+                   "no CUDA GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
+            raise ValueError(f"--device {name}: {why}. Pass --device cpu, or install PyTorch's CUDA build "
+                             "(the README's GPU install).")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible, "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: Apple's MPS is not available on this machine; pass --device cpu")
+    return device
+
+
+def setup_distributed(device: str | torch.device) -> tuple[Distributed, torch.device]:
     """Join the process group torchrun describes in the environment: NCCL on GPUs, Gloo on CPUs.
 
-    Returns this process's place and its device (on CUDA, the GPU of its local rank).
+    Returns this process's place and its device (on CUDA, the GPU of its local rank); a device this
+    machine does not have is refused first (check_device).
     """
+    device = check_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
         return Distributed(), device

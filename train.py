@@ -77,6 +77,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def share(low_ok: bool, high_ok: bool):
+    """An argparse type: a float in the unit interval, each end allowed or not ([0, 1), (0, 1), [0, 1])."""
+    interval = f"{'[' if low_ok else '('}0, 1{']' if high_ok else ')'}"
+
+    def read(text: str) -> float:
+        value = float(text)
+        if not ((0 <= value if low_ok else 0 < value) and (value <= 1 if high_ok else value < 1)):
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {value:g}")
+        return value
+    read.__name__ = f"a number in {interval}"
+    return read
+
+
 @dataclass
 class Config:
     """Everything a run is told, settled by settle_defaults (right after parsing) and settle_run (after loading
@@ -102,7 +115,7 @@ class Config:
                              "a finetune.py result)", ("2", "2.1"), type=Path)
     token_drop: float | None = recipe_flag("token_drop", "ratio of the structured token drop on the frozen encoder's "
                                            "input while training; a resumed run keeps its own", ("2", "2.1"),
-                                           type=float)
+                                           type=share(True, False))
     text_side: str = flag("encoder", "train a pretrained text encoder on caption text (encoder, needs the "
                           "transformers extra), or a projector on the precomputed sentence embeddings",
                           ("2",), choices=["encoder", "embeddings"])
@@ -122,9 +135,9 @@ class Config:
                                    fmt="{:.3g}", type=float)
     clap_weight: float | None = recipe_flag("clap_weight", "lambda, the weight of the CLAP loss", ("1",), type=float)
     mask_ratio: float | None = flag(None, "share of masked patches (default: the preset's, 0.7; a resumed run's "
-                                    "own)", ("1",), type=float)
+                                    "own)", ("1",), type=share(False, False))
     ema_decay: tuple[float, float] | None = recipe_flag("ema_decay", "EMA decay of the target, linear from START "
-                                                        "to END over training", ("1",), type=float, nargs=2,
+                                                        "to END over training", ("1",), type=share(True, True), nargs=2,
                                                         metavar=("START", "END"))
     norm_stats: tuple[float, float] | None = flag(None, "log-mel normalisation statistics (default: measured on "
                                                   "the training clips, or the shards' norm_stats.json)", ("1",),
@@ -178,7 +191,7 @@ def parse_config(argv=None) -> Config:
             options["required"] = True
         else:
             options["default"] = f.default
-        if "default" not in options["help"].lower() and f.default not in (MISSING, None, False):
+        if "default" not in options["help"].lower() and not any(f.default is v for v in (MISSING, None, False)):
             options["help"] += f" (default: {f.default})"
         if f.metadata["stages"] != STAGES:
             options["help"] = f"stage {' and '.join(f.metadata['stages'])}: {options['help']}"
@@ -190,6 +203,10 @@ def parse_config(argv=None) -> Config:
                     f"not stage {config.stage}")
     if config.data is None and (config.embeddings or config.audio_root):
         p.error("--embeddings and --audio-root describe your own data; pass --data CSV with them")
+    try:
+        runs.check_device(config.device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     return settle_defaults(config)
 
 

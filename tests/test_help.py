@@ -51,7 +51,7 @@ def test_every_flag_has_help_that_states_its_default(module, argv, monkeypatch):
         for action in flags(parser):
             name = "/".join(action.option_strings) or action.dest
             assert action.help, f"{module} {' '.join(argv)}: {name} has no help text"
-            if action.default not in (None, False, argparse.SUPPRESS):
+            if not any(action.default is v for v in (None, False, argparse.SUPPRESS)):
                 assert "default" in action.help, f"{module} {' '.join(argv)}: {name}'s help does not state its " \
                                                  f"default {action.default!r}: {action.help!r}"
 
