@@ -608,13 +608,22 @@ def encode_clap_audio(audio: torch.Tensor, model: Embedder, batch_size: int = 64
 
 
 def check_texts(texts) -> list[str]:
-    """texts as a list of strings, or an error: a bare string would be embedded one character at a time."""
+    """texts as a list of non-blank strings, or an error.
+
+    A bare string would be embedded one character at a time, and an empty or
+    whitespace-only text gives a vector that stands for no sound at all.
+    """
     if isinstance(texts, str):
         raise TypeError(f"texts must be a list of strings, got one string ({texts[:40]!r}); pass [text]")
     texts = list(texts)
     wrong = [t for t in texts if not isinstance(t, str)]
     if wrong:
         raise TypeError(f"texts must be a list of strings; got {type(wrong[0]).__name__} {wrong[0]!r}")
+    blank = [i for i, t in enumerate(texts) if not t.strip()]
+    if blank:
+        raise ValueError(f"texts at index {blank[:10]}{' ...' if len(blank) > 10 else ''} ({len(blank)} of "
+                         f"{len(texts)}) are empty or whitespace only; their embedding would mean nothing. "
+                         "Drop them, or give each a caption.")
     return texts
 
 

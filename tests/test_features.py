@@ -263,3 +263,13 @@ def test_an_empty_text_list_gives_an_empty_tensor_through_a_text_encoder(tmp_pat
                                  features.TextSide("encoder", tokenizer=object()))
     empty = features.encode_clap_text([], embedder)
     assert empty.shape == (0, 192) and empty.dtype == torch.float32
+
+
+def test_empty_or_blank_texts_are_refused_with_their_indices(tiny_embedder):
+    with pytest.raises(ValueError, match=r"texts at index \[1, 2\] \(2 of 3\) are empty or whitespace only.*"
+                                         r"Drop them, or give each a caption"):
+        features.encode_clap_text(["a dog", "", " \n\t"], tiny_embedder, sentence_embeddings=np.zeros((3, 8)))
+    with pytest.raises(ValueError, match=r"texts at index \[0\]"):
+        features.encode_clap_text([""], tiny_embedder)  # before the model's text side is asked for
+    kept = features.encode_clap_text(["a dog"], tiny_embedder, sentence_embeddings=np.zeros((1, 8)))
+    assert kept.shape == (1, 192)
