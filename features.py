@@ -18,6 +18,8 @@ Audio is a float tensor [n_clips, n_samples]: mono, 16 kHz, in [-1, 1].
 Command line:
     python features.py embed --checkpoint CKPT --audio DIR_OR_CSV --out FEATURES/
     python features.py export runs/stage2/last.pt OUT.pth   # ours in the released layout
+    python features.py tag --checkpoint best.pt a.wav ...   # a fine-tuned file's top classes
+    python features.py --help                               # the commands; COMMAND --help for each
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import inspect
 import re
 import sys
 import time
@@ -385,11 +388,20 @@ def conventional_folder_name(config: m2d.M2DConfig, text_encoder: bool) -> str:
 
 
 def export_main(argv):
-    p = argparse.ArgumentParser(prog="features.py export",
-                                description="Write a checkpoint of ours in the released M2D-CLAP layout.")
-    p.add_argument("checkpoint", type=Path, help="a last.pt written by train.py")
-    p.add_argument("out", type=Path, help="output .pth")
-    p.add_argument("--training-parts", action="store_true", help="also write the target network and predictor")
+    """Write a checkpoint of ours in the released M2D-CLAP layout.
+
+    The file holds {'model': state dict} with the released key names and
+    norm_stats: the encoder, the CLAP heads and the text encoder. The command
+    prints the conventional folder name from which load_model and the
+    authors' runtime read the setup.
+
+    python features.py export runs/stage2/last.pt m2d_clap_vit_base-80x1001p16x16p16kpBpTI/weights.pth
+    """
+    p = command_parser("export", export_main)
+    p.add_argument("checkpoint", type=Path, help="a checkpoint written by train.py, e.g. runs/stage2/last.pt")
+    p.add_argument("out", type=Path, help="the .pth file to write (its folders are made)")
+    p.add_argument("--training-parts", action="store_true",
+                   help="also write the target network and predictor (default: off, the encoder and CLAP heads only)")
     args = p.parse_args(argv)
     try:
         state, config = export_released(args.checkpoint, args.out, args.training_parts)
@@ -814,20 +826,37 @@ class Progress:
 
 
 def embed_main(argv=None):
-    p = argparse.ArgumentParser(prog="features.py embed", description=embed_corpus.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="our checkpoint or a released .pth")
+    """Write features of every audio file of a folder or manifest CSV; a rerun resumes where it stopped.
+
+    Per file, under OUT/features/: <name>.clip.npy (the clip feature), with
+    --frames <name>.frames.npy ([T, F*D], one row per 160 ms column; --flat:
+    D-wide), and <name>.clap.npy (the CLAP audio embedding, not normalised)
+    where the model has one. OUT/index.csv lists each written file,
+    OUT/unreadable.csv the files that could not be read and why (they are
+    tried again on the next run).
+
+    python features.py embed --checkpoint runs/stage2/last.pt --audio /data/audio --out features/
+    """
+    gpu = torch.cuda.is_available()
+    p = command_parser("embed", embed_main)
+    p.add_argument("--checkpoint", type=Path, required=True, help="our checkpoint or a released .pth (required)")
     p.add_argument("--audio", type=Path, required=True,
                    help="a folder (searched recursively, any format soundfile reads, any rate and channel count) "
-                        "or a manifest CSV with a file_name column")
-    p.add_argument("--audio-root", type=Path, default=None, help="folder of a manifest's files (default: its folder)")
-    p.add_argument("--out", type=Path, required=True, help="output folder; a rerun resumes where it stopped")
-    p.add_argument("--frames", action="store_true", help="also write frame features [T, F*D] per 160 ms column")
-    p.add_argument("--flat", action="store_true", help="D-wide features (the F patches of a column averaged)")
-    p.add_argument("--batch-size", type=int, default=64, help="10 s crops encoded together")
-    p.add_argument("--workers", type=int, default=2 if torch.cuda.is_available() else 0,
-                   help="processes decoding audio alongside the encoder")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                        "or a manifest CSV with a file_name column (required)")
+    p.add_argument("--audio-root", type=Path, default=None,
+                   help="folder the manifest's file names are relative to (default: the manifest's folder)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (required)")
+    p.add_argument("--frames", action="store_true",
+                   help="also write frame features [T, F*D], one row per 160 ms column (default: off)")
+    p.add_argument("--flat", action="store_true",
+                   help="D-wide features: the F frequency rows of each column averaged (default: off, the F rows "
+                        "stacked: F*D)")
+    p.add_argument("--batch-size", type=int, default=64, help="crops encoded together (default: 64)")
+    p.add_argument("--workers", type=int, default=2 if gpu else 0,
+                   help=f"processes decoding audio alongside the encoder (default: {2 if gpu else 0}; "
+                        "2 with a GPU, 0 without)")
+    p.add_argument("--device", default="cuda" if gpu else "cpu",
+                   help=f"where the model runs (default: {'cuda' if gpu else 'cpu'}; cuda when a GPU is visible)")
     args = p.parse_args(argv)
     try:
         embedder = load_model(args.checkpoint, args.device)
@@ -841,18 +870,6 @@ def embed_main(argv=None):
     print(f"{counts['written']} file(s) written, {counts['already_done']} done before, {counts['unreadable']} "
           f"unreadable (listed in {args.out / 'unreadable.csv'}); index: {args.out / 'index.csv'}")
 
-
-
-
-COMMANDS = {"embed": embed_main, "export": export_main}
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] not in COMMANDS:
-        sys.exit(f"usage: python features.py {{{','.join(COMMANDS)}}} ...; see the top of features.py, "
-                 "or python features.py embed --help")
-    return COMMANDS[argv[0]](argv[1:])
 
 
 # -----------------------------------------------------------------------------
@@ -954,13 +971,29 @@ def tag_audio(audio: torch.Tensor, model: Embedder, batch_size: int = 64) -> tor
 
 
 def tag_main(argv):
-    """python features.py tag --checkpoint best.pt FILES...: each file's top classes."""
-    p = argparse.ArgumentParser(prog="features.py tag", description=tag_main.__doc__)
-    p.add_argument("--checkpoint", type=Path, required=True, help="a fine-tuned file (finetune.py's best.pt)")
-    p.add_argument("--top", type=int, default=3)
-    p.add_argument("files", nargs="+", type=Path)
+    """Print the top classes of each audio file under a fine-tuned checkpoint.
+
+    One line per file: PATH: class score, class score, ... highest first.
+    The scores are those of the fine-tuning evaluation (tag_audio): sigmoids
+    for a multi-label task (each class scored on its own, 0 to 1), softmax
+    otherwise (the scores of all classes sum to 1).
+
+    python features.py tag --checkpoint runs/finetune-esc50/best.pt a.wav b.flac
+    """
+    gpu = torch.cuda.is_available()
+    p = command_parser("tag", tag_main)
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="a fine-tuned file, the best.pt that finetune.py writes (required)")
+    p.add_argument("--top", type=int, default=3, help="how many classes to print per file (default: 3)")
+    p.add_argument("--device", default="cuda" if gpu else "cpu",
+                   help=f"where the model runs (default: {'cuda' if gpu else 'cpu'}; cuda when a GPU is visible)")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                   help="audio files, in any format soundfile reads, at any sample rate and channel count "
+                        "(downmixed to mono and resampled to 16 kHz)")
     args = p.parse_args(argv)
-    model = load_model(args.checkpoint)
+    if args.top < 1:
+        p.error(f"--top must be at least 1, got {args.top}")
+    model = load_model(args.checkpoint, args.device)
     for path in args.files:
         scores = tag_audio(data.load_audio(path)[None], model)[0]
         top = scores.topk(min(args.top, len(model.classes)))
@@ -968,7 +1001,39 @@ def tag_main(argv):
                                                                                     top.indices.tolist())))
 
 
-COMMANDS["tag"] = tag_main
+# -----------------------------------------------------------------------------
+# The command line: python features.py {embed,export,tag} ...
+
+
+COMMANDS = {"embed": embed_main, "export": export_main, "tag": tag_main}
+
+
+def command_parser(name: str, command) -> argparse.ArgumentParser:
+    """The parser of `python features.py NAME`, described by the command function's docstring."""
+    return argparse.ArgumentParser(prog=f"features.py {name}", description=inspect.cleandoc(command.__doc__),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def usage() -> str:
+    """The usage of features.py: each command with the first line of its description."""
+    commands = [f"  {name:<8}{inspect.cleandoc(command.__doc__).splitlines()[0]}" for name, command in COMMANDS.items()]
+    return (f"usage: features.py {{{','.join(COMMANDS)}}} ...\n\n"
+            "The command line of the inference API; the Python functions are described at the top of\n"
+            "features.py and in docs/FEATURES.md.\n\ncommands:\n" + "\n".join(commands) + "\n\n"
+            "python features.py COMMAND --help describes a command and its options.")
+
+
+def main(argv=None):
+    """Run the command argv names; --help prints the usage; no command, or an unknown one, exits with status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage())
+        sys.exit(0)
+    if not argv or argv[0] not in COMMANDS:
+        problem = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"{usage()}\nfeatures.py: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    return COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ validator), CLAP embeddings, bad input, and corpus embedding."""
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -273,3 +274,54 @@ def test_empty_or_blank_texts_are_refused_with_their_indices(tiny_embedder):
         features.encode_clap_text([""], tiny_embedder)  # before the model's text side is asked for
     kept = features.encode_clap_text(["a dog"], tiny_embedder, sentence_embeddings=np.zeros((1, 8)))
     assert kept.shape == (1, 192)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_help_lists_the_commands_and_a_missing_or_unknown_command_exits_2(capsys):
+    with pytest.raises(SystemExit) as done:
+        features.main(["--help"])
+    printed = capsys.readouterr()
+    assert done.value.code == 0 and printed.err == ""
+    for command in ("embed", "export", "tag"):
+        assert re.search(rf"^  {command} +\w.+$", printed.out, re.MULTILINE), printed.out
+    assert "python features.py COMMAND --help" in printed.out
+    for argv, problem in (([], "no command given"), (["bogus"], "unknown command 'bogus'")):
+        with pytest.raises(SystemExit) as done:
+            features.main(argv)
+        printed = capsys.readouterr()
+        assert done.value.code == 2 and printed.out == ""
+        assert printed.err.startswith("usage: features.py {embed,export,tag}") and problem in printed.err
+
+
+def command_help(command: str, capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        features.main([command, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """Each argument listed in a --help text (an entry starts two spaces in), its help text on one line."""
+    arguments = text[text.index("\n\npositional arguments:\n") if "positional arguments:" in text
+                     else text.index("\n\noptions:\n"):]
+    entries = re.split(r"\n  (?=\S)", arguments)[1:]
+    return {e.split()[0].rstrip(","): " ".join(e.split()) for e in entries}
+
+
+@pytest.mark.parametrize("command", ["embed", "export", "tag"])
+def test_every_option_of_every_command_has_help_stating_its_default(command, capsys):
+    text = command_help(command, capsys)
+    entries = help_entries(text)
+    assert "--help" not in entries and "-h" in entries
+    for name, entry in entries.items():
+        assert len(entry.split()) > 3, entry  # a help text beside the name
+        if name.startswith("--") and "(required)" not in entry:
+            assert "(default: " in entry, entry
+    if command == "tag":
+        assert "(default: 3)" in entries["--top"] and "per file" in entries["--top"]
+        assert "any format soundfile reads" in entries["FILE"] and "sample rate and channel count" in entries["FILE"]
+        assert "(default: " in entries["--device"]
+        description = " ".join(text.split())
+        assert "sigmoids for a multi-label task" in description and "softmax otherwise" in description
