@@ -976,7 +976,9 @@ def tag_main(argv):
     One line per file: PATH: class score, class score, ... highest first.
     The scores are those of the fine-tuning evaluation (tag_audio): sigmoids
     for a multi-label task (each class scored on its own, 0 to 1), softmax
-    otherwise (the scores of all classes sum to 1).
+    otherwise (the scores of all classes sum to 1). A file that cannot be
+    read is reported on stderr as PATH: reason and the others are still
+    tagged; the exit status is then 1.
 
     python features.py tag --checkpoint runs/finetune-esc50/best.pt a.wav b.flac
     """
@@ -993,12 +995,32 @@ def tag_main(argv):
     args = p.parse_args(argv)
     if args.top < 1:
         p.error(f"--top must be at least 1, got {args.top}")
-    model = load_model(args.checkpoint, args.device)
+    try:
+        model = load_model(args.checkpoint, args.device)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"error: {e}")
+    if getattr(model, "classifier", None) is None:
+        sys.exit(f"error: {args.checkpoint}: not a fine-tuned checkpoint (it has no classification head); tag "
+                 "needs the best.pt that finetune.py writes")
+    failed = 0
     for path in args.files:
-        scores = tag_audio(data.load_audio(path)[None], model)[0]
+        try:
+            scores = tag_audio(data.load_audio(path)[None], model)[0]
+        except (ValueError, OSError) as e:  # data.AudioError is a ValueError
+            print(one_line(path, e), file=sys.stderr, flush=True)
+            failed += 1
+            continue
         top = scores.topk(min(args.top, len(model.classes)))
         print(f"{path}: " + ", ".join(f"{model.classes[k]} {v:.3f}" for v, k in zip(top.values.tolist(),
-                                                                                    top.indices.tolist())))
+                                                                                    top.indices.tolist())), flush=True)
+    if failed:
+        sys.exit(f"{failed} of {len(args.files)} file(s) could not be read (listed above); the others are tagged")
+
+
+def one_line(path: Path, error: Exception) -> str:
+    """'PATH: reason' on one line, the path said once where the message already starts with it."""
+    reason = " ".join(str(error).splitlines())
+    return reason if reason.startswith(f"{path}:") else f"{path}: {reason}"
 
 
 # -----------------------------------------------------------------------------

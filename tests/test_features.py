@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 import data
 import features
 import model as m2d
+import runs
 
 
 @pytest.fixture(scope="module")
@@ -325,3 +327,62 @@ def test_every_option_of_every_command_has_help_stating_its_default(command, cap
         assert "(default: " in entries["--device"]
         description = " ".join(text.split())
         assert "sigmoids for a multi-label task" in description and "softmax otherwise" in description
+
+
+# --- tagging with a fine-tuned file -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finetuned_file(tiny, tmp_path_factory) -> Path:
+    """A fine-tuned checkpoint of the tiny model, as finetune.py writes it: 3 classes, single-label, on waveforms."""
+    torch.manual_seed(0)
+    classifier = m2d.AudioClassifier.from_encoder(tiny, 3, 48)
+    torch.nn.init.normal_(classifier.head.weight)  # scores that differ from class to class
+    recipe = {"feature": "mean", "raw_input": "wave", "input_frames": 48}
+    path = tmp_path_factory.mktemp("finetuned") / "best.pt"
+    runs.save_checkpoint(path, **features.finetuned_checkpoint(tiny, classifier, ["bird", "cat", "dog"], False,
+                                                               recipe, {}))
+    return path
+
+
+def test_tag_reports_each_unreadable_file_in_one_line_tags_the_others_and_exits_1(finetuned_file, tmp_path,
+                                                                                   capsys):
+    rng = np.random.default_rng(0)
+    sf.write(tmp_path / "a.wav", 0.1 * rng.standard_normal(8000), 16000)
+    sf.write(tmp_path / "b.flac", 0.1 * rng.standard_normal((22050, 2)), 44100)
+    (tmp_path / "garbage.wav").write_bytes(b"RIFF\x00\x10\x00\x00WAVEfmt garbage")
+    files = [tmp_path / "a.wav", tmp_path / "missing.wav", tmp_path / "garbage.wav", tmp_path / "b.flac"]
+    with pytest.raises(SystemExit) as done:
+        features.main(["tag", "--checkpoint", str(finetuned_file), "--top", "2", "--device", "cpu", *map(str, files)])
+    printed = capsys.readouterr()
+    assert done.value.code == "2 of 4 file(s) could not be read (listed above); the others are tagged"
+    errors = printed.err.splitlines()
+    assert len(errors) == 2 and "Traceback" not in printed.err
+    assert errors[0].startswith(f"{files[1]}: ") and "not found" in errors[0]
+    assert errors[1].startswith(f"{files[2]}: ") and "cannot be decoded" in errors[1]
+    model = features.load_model(finetuned_file)
+    lines = printed.out.splitlines()
+    assert [line.split(": ")[0] for line in lines] == [str(files[0]), str(files[3])]
+    for line, path in zip(lines, (files[0], files[3])):
+        scores = features.tag_audio(data.load_audio(path)[None], model)[0]
+        assert scores.sum().item() == pytest.approx(1.0, abs=1e-5)  # single-label: softmax
+        top = scores.topk(2)
+        assert line == f"{path}: " + ", ".join(f"{model.classes[k]} {v:.3f}" for v, k in zip(top.values.tolist(),
+                                                                                           top.indices.tolist()))
+    features.main(["tag", "--checkpoint", str(finetuned_file), "--device", "cpu", str(files[0])])  # exit 0
+    assert len(capsys.readouterr().out.split(", ")) == 3  # --top's default
+
+
+def test_tag_with_a_checkpoint_that_cannot_tag_stops_in_one_line(finetuned_file, tiny, tmp_path, capsys):
+    sf.write(tmp_path / "a.wav", np.zeros(8000), 16000)
+    pretrained = tmp_path / "last.pt"
+    runs.save_checkpoint(pretrained, stage="1", model_config=asdict(tiny.config), norm_stats=tiny.norm_stats.tolist(),
+                         model=tiny.state_dict())
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(1000))
+    for checkpoint, reason in ((pretrained, "not a fine-tuned checkpoint.*finetune.py"),
+                               (tmp_path / "missing.pt", "missing.pt: checkpoint not found"),
+                               (tmp_path / "random.pt", "random.pt")):
+        with pytest.raises(SystemExit, match=f"^error: .*{reason}") as done:
+            features.main(["tag", "--checkpoint", str(checkpoint), str(tmp_path / "a.wav")])
+        assert "\n" not in done.value.code
+        assert capsys.readouterr().out == ""
