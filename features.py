@@ -27,8 +27,11 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
 import inspect
+import json
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -761,7 +764,9 @@ def embed_corpus(embedder: Embedder, root: Path, names: list[str], out: Path, fr
     ([T, F*D] per 160 ms column; flat=True: D-wide), and <name>.clap.npy (the
     CLAP audio embedding, not normalised) where the model has one. index.csv
     lists each written file; unreadable.csv the files that could not be read,
-    with the reason (they are tried again on the next run).
+    with the reason (they are tried again on the next run). It adds to
+    whatever out/ holds: claim_out_folder first checks that out/ was made
+    with the same checkpoint, frames and flat (the embed command does).
     """
     index_path, report_path = out / "index.csv", out / "unreadable.csv"
     done = set()
@@ -806,6 +811,77 @@ def embed_corpus(embedder: Embedder, root: Path, names: list[str], out: Path, fr
     return counts
 
 
+# What decides the features embed writes, recorded in out/settings.json, and what embed writes under out/.
+SETTINGS_FILE = "settings.json"
+EMBED_OUTPUTS = ("features", "index.csv", "unreadable.csv", SETTINGS_FILE)
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes (as sha256sum prints it), read a chunk at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def corpus_settings(checkpoint: Path, frames: bool, flat: bool) -> dict:
+    """The settings that decide what embed writes: the checkpoint (its path and the sha256 of its bytes), frames, flat.
+
+    The hash, not the file's size or time, tells the weights apart: a
+    checkpoint retrained and saved over the same path has the same size.
+    """
+    return {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": file_sha256(checkpoint),
+            "frames": frames, "flat": flat}
+
+
+def settings_changes(old: dict, new: dict) -> list[str]:
+    """'setting: old -> new' for each setting that differs; the checkpoint differs when its bytes do."""
+    changes = []
+    if old.get("checkpoint_sha256") != new["checkpoint_sha256"]:
+        changes.append(f"--checkpoint: {old.get('checkpoint')} (sha256 {str(old.get('checkpoint_sha256'))[:12]}) "
+                       f"-> {new['checkpoint']} (sha256 {new['checkpoint_sha256'][:12]})")
+    on_off = {True: "on", False: "off"}
+    changes += [f"--{k}: {on_off.get(old.get(k), old.get(k))} -> {on_off[new[k]]}" for k in ("frames", "flat")
+                if old.get(k) != new[k]]
+    return changes
+
+
+def claim_out_folder(out: Path, settings: dict, overwrite: bool = False):
+    """Make out/ the folder of these settings, or refuse: one folder never mixes features of two settings.
+
+    A new folder records them in out/settings.json; a folder of the same
+    settings is resumed. One of other settings, or with an index.csv but no
+    settings.json (an earlier version wrote it), is refused, unless
+    overwrite, which first deletes what embed wrote there (EMBED_OUTPUTS)
+    and nothing else.
+    """
+    if overwrite:
+        for name in EMBED_OUTPUTS:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
+    way_out = (f"Pass a new --out, or --overwrite to delete its {', '.join(EMBED_OUTPUTS)} and embed afresh "
+               "(nothing else in it is touched).")
+    try:
+        old = json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none there, or unreadable
+        old = None
+    if old is None and (out / "index.csv").is_file():
+        raise ValueError(f"{out}: holds features (index.csv) but no readable {SETTINGS_FILE}, as earlier versions "
+                         "wrote them: cannot tell which checkpoint, --frames and --flat made them, so new features "
+                         f"cannot safely join them. {way_out}")
+    if isinstance(old, dict):
+        changes = settings_changes(old, settings)
+        if changes:
+            raise ValueError(f"{out}: holds features made with other settings ({'; '.join(changes)}); adding to "
+                             f"them would mix the two in one index. {way_out}")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    runs.atomic_write(out / SETTINGS_FILE, lambda f: f.write(json.dumps(settings, indent=2).encode("utf-8")))
+
+
 class Progress:
     """A one-line progress bar on stderr: files done, rate and time left."""
 
@@ -833,7 +909,10 @@ def embed_main(argv=None):
     D-wide), and <name>.clap.npy (the CLAP audio embedding, not normalised)
     where the model has one. OUT/index.csv lists each written file,
     OUT/unreadable.csv the files that could not be read and why (they are
-    tried again on the next run).
+    tried again on the next run). OUT/settings.json records the checkpoint
+    (its path and sha256), --frames and --flat: the same command resumes,
+    and one with other settings is refused rather than mixing two kinds of
+    features in one folder.
 
     python features.py embed --checkpoint runs/stage2/last.pt --audio /data/audio --out features/
     """
@@ -845,7 +924,11 @@ def embed_main(argv=None):
                         "or a manifest CSV with a file_name column (required)")
     p.add_argument("--audio-root", type=Path, default=None,
                    help="folder the manifest's file names are relative to (default: the manifest's folder)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (required)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder (required); a rerun with the same settings resumes where it stopped")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"first delete what embed wrote in --out ({', '.join(EMBED_OUTPUTS)}), e.g. to embed it "
+                        "again with another checkpoint (default: off: resume, or refuse other settings)")
     p.add_argument("--frames", action="store_true",
                    help="also write frame features [T, F*D], one row per 160 ms column (default: off)")
     p.add_argument("--flat", action="store_true",
@@ -859,14 +942,18 @@ def embed_main(argv=None):
                    help=f"where the model runs (default: {'cuda' if gpu else 'cpu'}; cuda when a GPU is visible)")
     args = p.parse_args(argv)
     try:
-        embedder = load_model(args.checkpoint, args.device)
         root, names, skipped = audio_files(args.audio, args.audio_root)
-    except (ValueError, FileNotFoundError) as e:
+        embedder = load_model(args.checkpoint, args.device)
+        claim_out_folder(args.out, corpus_settings(args.checkpoint, args.frames, args.flat), args.overwrite)
+    except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
     if skipped:
         print(f"not audio by name, left out: {len(skipped)} file(s): {', '.join(skipped[:5])}"
               f"{' ...' if len(skipped) > 5 else ''}")
-    counts = embed_corpus(embedder, root, names, args.out, args.frames, args.flat, args.batch_size, args.workers)
+    try:
+        counts = embed_corpus(embedder, root, names, args.out, args.frames, args.flat, args.batch_size, args.workers)
+    except OSError as e:  # a full disk, a folder that cannot be written
+        sys.exit(f"error: {e}")
     print(f"{counts['written']} file(s) written, {counts['already_done']} done before, {counts['unreadable']} "
           f"unreadable (listed in {args.out / 'unreadable.csv'}); index: {args.out / 'index.csv'}")
 

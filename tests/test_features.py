@@ -2,6 +2,8 @@
 validator), CLAP embeddings, bad input, and corpus embedding."""
 
 import csv
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -386,3 +388,58 @@ def test_tag_with_a_checkpoint_that_cannot_tag_stops_in_one_line(finetuned_file,
             features.main(["tag", "--checkpoint", str(checkpoint), str(tmp_path / "a.wav")])
         assert "\n" not in done.value.code
         assert capsys.readouterr().out == ""
+
+
+def folder_state(folder: Path) -> dict:
+    """Every file under folder: its bytes and modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_embed_into_a_folder_of_other_settings_is_refused_and_the_same_settings_resume(stage1_checkpoint, tmp_path,
+                                                                                      capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(2):
+        sf.write(corpus / f"c{i}.wav", 0.1 * np.random.default_rng(i).standard_normal(8000), 16000)
+    checkpoint, out = tmp_path / "last.pt", tmp_path / "features"
+    checkpoint.write_bytes(stage1_checkpoint.read_bytes())
+
+    def embed(*flags):
+        features.main(["embed", "--checkpoint", str(checkpoint), "--audio", str(corpus), "--out", str(out), *flags])
+        return capsys.readouterr().out
+
+    assert "2 file(s) written, 0 done before" in embed()
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings == {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": hashlib.sha256(
+        checkpoint.read_bytes()).hexdigest(), "frames": False, "flat": False}
+    assert "0 file(s) written, 2 done before" in embed()  # the same settings resume
+    before = folder_state(out)
+    for flags, change in ((["--frames"], "--frames: off -> on"), (["--flat"], "--flat: off -> on")):
+        with pytest.raises(SystemExit, match=rf"^error: {out}: holds features made with other settings "
+                                             rf"\({change}\).*a new --out, or --overwrite"):
+            embed(*flags)
+    # The checkpoint retrained and saved over the same path: the same size and time, other weights.
+    ckpt = runs.load_checkpoint(checkpoint)
+    ckpt["model"]["blocks.0.attn.qkv.weight"] += 1.0
+    stat = checkpoint.stat()
+    runs.save_checkpoint(checkpoint, **ckpt)
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert checkpoint.stat().st_size == stat.st_size
+    with pytest.raises(SystemExit, match=rf"\(--checkpoint: {checkpoint.resolve()} \(sha256 "
+                                         rf"{settings['checkpoint_sha256'][:12]}\) -> {checkpoint.resolve()} "
+                                         r"\(sha256 [0-9a-f]{12}\)\)") as refused:
+        embed()
+    assert "\n" not in refused.value.code
+    assert folder_state(out) == before  # refusals touch nothing
+
+    (out / "notes.txt").write_text("mine")
+    assert "2 file(s) written, 0 done before" in embed("--frames", "--overwrite")
+    assert json.loads((out / "settings.json").read_text())["frames"] is True
+    assert (out / "notes.txt").read_text() == "mine"
+    with open(out / "index.csv", newline="") as f:
+        assert all(row["frames"] for row in csv.DictReader(f))
+
+    (out / "settings.json").unlink()  # a folder an earlier version wrote
+    with pytest.raises(SystemExit, match=r"index.csv\) but no readable settings.json.*cannot tell which checkpoint"):
+        embed("--frames")
+
