@@ -366,8 +366,10 @@ def export_released(ckpt_path: Path, out_path: Path, training_parts: bool = Fals
     the 2025 release, plus the target network and predictor with
     training_parts=True.
     """
+    if out_path.is_dir():
+        raise ValueError(f"{out_path}: is a folder; name the file to write, e.g. {out_path / 'weights.pth'}")
     ckpt = runs.load_checkpoint(ckpt_path)
-    if "model_config" not in ckpt:
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
         raise ValueError(f"{ckpt_path}: not a checkpoint written by train.py")
     model_config, state = upgraded(ckpt)
     training = ("target_", "decoder_", "mask_token")
@@ -408,7 +410,7 @@ def export_main(argv):
     args = p.parse_args(argv)
     try:
         state, config = export_released(args.checkpoint, args.out, args.training_parts)
-    except (ValueError, FileNotFoundError, runs.CheckpointWriteError) as e:
+    except (ValueError, OSError, runs.CheckpointWriteError) as e:  # OSError: an output folder that cannot be made
         sys.exit(f"error: {e}")
     has_text_encoder = any(k.startswith("text_encoder.") for k in state)
     print(f"wrote {args.out}: {len(state)} tensors with the released key names. Tools that read the setup "

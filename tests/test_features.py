@@ -443,3 +443,18 @@ def test_embed_into_a_folder_of_other_settings_is_refused_and_the_same_settings_
     with pytest.raises(SystemExit, match=r"index.csv\) but no readable settings.json.*cannot tell which checkpoint"):
         embed("--frames")
 
+
+def test_export_with_bad_paths_stops_in_one_line(stage1_checkpoint, tmp_path):
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(1000))
+    (tmp_path / "a_file").write_text("")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    for checkpoint, out, reason in (
+            (tmp_path / "missing.pt", tmp_path / "w.pth", "missing.pt: checkpoint not found"),
+            (tmp_path / "random.pt", tmp_path / "w.pth", "random.pt: refused"),
+            (tmp_path / "tensor.pt", tmp_path / "w.pth", "tensor.pt: not a checkpoint written by train.py"),
+            (stage1_checkpoint, tmp_path / "a_file" / "w.pth", "File exists"),
+            (stage1_checkpoint, tmp_path, "is a folder; name the file to write")):
+        with pytest.raises(SystemExit, match=f"^error: .*{reason}") as done:
+            features.main(["export", str(checkpoint), str(out)])
+        assert "\n" not in done.value.code
+    assert not (tmp_path / "w.pth").exists()
