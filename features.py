@@ -815,7 +815,7 @@ def embed_corpus(embedder: Embedder, root: Path, names: list[str], out: Path, fr
 
 # What decides the features embed writes, recorded in out/settings.json, and what embed writes under out/.
 SETTINGS_FILE = "settings.json"
-EMBED_OUTPUTS = ("features", "index.csv", "unreadable.csv", SETTINGS_FILE)
+EMBED_OUTPUTS = ("features/", "index.csv", "unreadable.csv", SETTINGS_FILE)
 
 
 def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -870,18 +870,18 @@ def claim_out_folder(out: Path, settings: dict, overwrite: bool = False):
         old = json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):  # none there, or unreadable
         old = None
-    if old is None and (out / "index.csv").is_file():
-        raise ValueError(f"{out}: holds features (index.csv) but no readable {SETTINGS_FILE}, as earlier versions "
-                         "wrote them: cannot tell which checkpoint, --frames and --flat made them, so new features "
-                         f"cannot safely join them. {way_out}")
-    if isinstance(old, dict):
-        changes = settings_changes(old, settings)
-        if changes:
-            raise ValueError(f"{out}: holds features made with other settings ({'; '.join(changes)}); adding to "
-                             f"them would mix the two in one index. {way_out}")
+    if not isinstance(old, dict):
+        if (out / "index.csv").is_file():
+            raise ValueError(f"{out}: holds features (index.csv) but no readable {SETTINGS_FILE}, as earlier "
+                             "versions wrote them: cannot tell which checkpoint, --frames and --flat made them, so "
+                             f"new features cannot safely join them. {way_out}")
+        out.mkdir(parents=True, exist_ok=True)
+        runs.atomic_write(out / SETTINGS_FILE, lambda f: f.write(json.dumps(settings, indent=2).encode("utf-8")))
         return
-    out.mkdir(parents=True, exist_ok=True)
-    runs.atomic_write(out / SETTINGS_FILE, lambda f: f.write(json.dumps(settings, indent=2).encode("utf-8")))
+    changes = settings_changes(old, settings)
+    if changes:
+        raise ValueError(f"{out}: holds features made with other settings ({'; '.join(changes)}); adding to them "
+                         f"would mix the two in one index. {way_out}")
 
 
 class Progress:

@@ -439,9 +439,13 @@ def test_embed_into_a_folder_of_other_settings_is_refused_and_the_same_settings_
     with open(out / "index.csv", newline="") as f:
         assert all(row["frames"] for row in csv.DictReader(f))
 
-    (out / "settings.json").unlink()  # a folder an earlier version wrote
-    with pytest.raises(SystemExit, match=r"index.csv\) but no readable settings.json.*cannot tell which checkpoint"):
-        embed("--frames")
+    for settings_file in ("[1, 2]", None):  # not settings, and none: a folder an earlier version wrote
+        (out / "settings.json").unlink()
+        if settings_file:
+            (out / "settings.json").write_text(settings_file)
+        with pytest.raises(SystemExit, match=r"index.csv\) but no readable settings.json.*cannot tell which "
+                                             r"checkpoint.*--overwrite to delete its features/, index.csv"):
+            embed("--frames")
 
 
 def test_export_with_bad_paths_stops_in_one_line(stage1_checkpoint, tmp_path):
