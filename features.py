@@ -18,6 +18,8 @@ Audio is a float tensor [n_clips, n_samples]: mono, 16 kHz, in [-1, 1].
 Command line:
     python features.py embed --checkpoint CKPT --audio DIR_OR_CSV --out FEATURES/
     python features.py export runs/stage2/last.pt OUT.pth   # ours in the released layout
+    python features.py tag --checkpoint best.pt a.wav ...   # a fine-tuned file's top classes
+    python features.py --help                               # the commands; COMMAND --help for each
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
+import inspect
+import json
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -367,8 +373,10 @@ def export_released(ckpt_path: Path, out_path: Path, training_parts: bool = Fals
     the 2025 release, plus the target network and predictor with
     training_parts=True.
     """
+    if out_path.is_dir():
+        raise ValueError(f"{out_path}: is a folder; name the file to write, e.g. {out_path / 'weights.pth'}")
     ckpt = runs.load_checkpoint(ckpt_path)
-    if "model_config" not in ckpt:
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
         raise ValueError(f"{ckpt_path}: not a checkpoint written by train.py")
     model_config, state = upgraded(ckpt)
     training = ("target_", "decoder_", "mask_token")
@@ -392,15 +400,24 @@ def conventional_folder_name(config: m2d.M2DConfig, text_encoder: bool) -> str:
 
 
 def export_main(argv):
-    p = argparse.ArgumentParser(prog="features.py export",
-                                description="Write a checkpoint of ours in the released M2D-CLAP layout.")
-    p.add_argument("checkpoint", type=Path, help="a last.pt written by train.py")
-    p.add_argument("out", type=Path, help="output .pth")
-    p.add_argument("--training-parts", action="store_true", help="also write the target network and predictor")
+    """Write a checkpoint of ours in the released M2D-CLAP layout.
+
+    The file holds {'model': state dict} with the released key names and
+    norm_stats: the encoder, the CLAP heads and the text encoder. The command
+    prints the conventional folder name from which load_model and the
+    authors' runtime read the setup.
+
+    python features.py export runs/stage2/last.pt m2d_clap_vit_base-80x1001p16x16p16kpBpTI/weights.pth
+    """
+    p = command_parser("export", export_main)
+    p.add_argument("checkpoint", type=Path, help="a checkpoint written by train.py, e.g. runs/stage2/last.pt")
+    p.add_argument("out", type=Path, help="the .pth file to write (its folders are made)")
+    p.add_argument("--training-parts", action="store_true",
+                   help="also write the target network and predictor (default: off, the encoder and CLAP heads only)")
     args = p.parse_args(argv)
     try:
         state, config = export_released(args.checkpoint, args.out, args.training_parts)
-    except (ValueError, FileNotFoundError, runs.CheckpointWriteError) as e:
+    except (ValueError, OSError, runs.CheckpointWriteError) as e:  # OSError: an output folder that cannot be made
         sys.exit(f"error: {e}")
     has_text_encoder = any(k.startswith("text_encoder.") for k in state)
     print(f"wrote {args.out}: {len(state)} tensors with the released key names. Tools that read the setup "
@@ -615,13 +632,22 @@ def encode_clap_audio(audio: torch.Tensor, model: Embedder, batch_size: int = 64
 
 
 def check_texts(texts) -> list[str]:
-    """texts as a list of strings, or an error: a bare string would be embedded one character at a time."""
+    """texts as a list of non-blank strings, or an error.
+
+    A bare string would be embedded one character at a time, and an empty or
+    whitespace-only text gives a vector that stands for no sound at all.
+    """
     if isinstance(texts, str):
         raise TypeError(f"texts must be a list of strings, got one string ({texts[:40]!r}); pass [text]")
     texts = list(texts)
     wrong = [t for t in texts if not isinstance(t, str)]
     if wrong:
         raise TypeError(f"texts must be a list of strings; got {type(wrong[0]).__name__} {wrong[0]!r}")
+    blank = [i for i, t in enumerate(texts) if not t.strip()]
+    if blank:
+        raise ValueError(f"texts at index {blank[:10]}{' ...' if len(blank) > 10 else ''} ({len(blank)} of "
+                         f"{len(texts)}) are empty or whitespace only; their embedding would mean nothing. "
+                         "Drop them, or give each a caption.")
     return texts
 
 
@@ -747,7 +773,9 @@ def embed_corpus(embedder: Embedder, root: Path, names: list[str], out: Path, fr
     ([T, F*D] per 160 ms column; flat=True: D-wide), and <name>.clap.npy (the
     CLAP audio embedding, not normalised) where the model has one. index.csv
     lists each written file; unreadable.csv the files that could not be read,
-    with the reason (they are tried again on the next run).
+    with the reason (they are tried again on the next run). It adds to
+    whatever out/ holds: claim_out_folder first checks that out/ was made
+    with the same checkpoint, frames and flat (the embed command does).
     """
     index_path, report_path = out / "index.csv", out / "unreadable.csv"
     done = set()
@@ -792,6 +820,77 @@ def embed_corpus(embedder: Embedder, root: Path, names: list[str], out: Path, fr
     return counts
 
 
+# What decides the features embed writes, recorded in out/settings.json, and what embed writes under out/.
+SETTINGS_FILE = "settings.json"
+EMBED_OUTPUTS = ("features/", "index.csv", "unreadable.csv", SETTINGS_FILE)
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes (as sha256sum prints it), read a chunk at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def corpus_settings(checkpoint: Path, frames: bool, flat: bool) -> dict:
+    """The settings that decide what embed writes: the checkpoint (its path and the sha256 of its bytes), frames, flat.
+
+    The hash, not the file's size or time, tells the weights apart: a
+    checkpoint retrained and saved over the same path has the same size.
+    """
+    return {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": file_sha256(checkpoint),
+            "frames": frames, "flat": flat}
+
+
+def settings_changes(old: dict, new: dict) -> list[str]:
+    """'setting: old -> new' for each setting that differs; the checkpoint differs when its bytes do."""
+    changes = []
+    if old.get("checkpoint_sha256") != new["checkpoint_sha256"]:
+        changes.append(f"--checkpoint: {old.get('checkpoint')} (sha256 {str(old.get('checkpoint_sha256'))[:12]}) "
+                       f"-> {new['checkpoint']} (sha256 {new['checkpoint_sha256'][:12]})")
+    on_off = {True: "on", False: "off"}
+    changes += [f"--{k}: {on_off.get(old.get(k), old.get(k))} -> {on_off[new[k]]}" for k in ("frames", "flat")
+                if old.get(k) != new[k]]
+    return changes
+
+
+def claim_out_folder(out: Path, settings: dict, overwrite: bool = False):
+    """Make out/ the folder of these settings, or refuse: one folder never mixes features of two settings.
+
+    A new folder records them in out/settings.json; a folder of the same
+    settings is resumed. One of other settings, or with an index.csv but no
+    settings.json (an earlier version wrote it), is refused, unless
+    overwrite, which first deletes what embed wrote there (EMBED_OUTPUTS)
+    and nothing else.
+    """
+    if overwrite:
+        for name in EMBED_OUTPUTS:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
+    way_out = (f"Pass a new --out, or --overwrite to delete its {', '.join(EMBED_OUTPUTS)} and embed afresh "
+               "(nothing else in it is touched).")
+    try:
+        old = json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none there, or unreadable
+        old = None
+    if not isinstance(old, dict):
+        if (out / "index.csv").is_file():
+            raise ValueError(f"{out}: holds features (index.csv) but no readable {SETTINGS_FILE}, as earlier "
+                             "versions wrote them: cannot tell which checkpoint, --frames and --flat made them, so "
+                             f"new features cannot safely join them. {way_out}")
+        out.mkdir(parents=True, exist_ok=True)
+        runs.atomic_write(out / SETTINGS_FILE, lambda f: f.write(json.dumps(settings, indent=2).encode("utf-8")))
+        return
+    changes = settings_changes(old, settings)
+    if changes:
+        raise ValueError(f"{out}: holds features made with other settings ({'; '.join(changes)}); adding to them "
+                         f"would mix the two in one index. {way_out}")
+
+
 class Progress:
     """A one-line progress bar on stderr: files done, rate and time left."""
 
@@ -812,45 +911,61 @@ class Progress:
 
 
 def embed_main(argv=None):
-    p = argparse.ArgumentParser(prog="features.py embed", description=embed_corpus.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="our checkpoint or a released .pth")
+    """Write features of every audio file of a folder or manifest CSV; a rerun resumes where it stopped.
+
+    Per file, under OUT/features/: <name>.clip.npy (the clip feature), with
+    --frames <name>.frames.npy ([T, F*D], one row per 160 ms column; --flat:
+    D-wide), and <name>.clap.npy (the CLAP audio embedding, not normalised)
+    where the model has one. OUT/index.csv lists each written file,
+    OUT/unreadable.csv the files that could not be read and why (they are
+    tried again on the next run). OUT/settings.json records the checkpoint
+    (its path and sha256), --frames and --flat: the same command resumes,
+    and one with other settings is refused rather than mixing two kinds of
+    features in one folder.
+
+    python features.py embed --checkpoint runs/stage2/last.pt --audio /data/audio --out features/
+    """
+    gpu = torch.cuda.is_available()
+    p = command_parser("embed", embed_main)
+    p.add_argument("--checkpoint", type=Path, required=True, help="our checkpoint or a released .pth (required)")
     p.add_argument("--audio", type=Path, required=True,
                    help="a folder (searched recursively, any format soundfile reads, any rate and channel count) "
-                        "or a manifest CSV with a file_name column")
-    p.add_argument("--audio-root", type=Path, default=None, help="folder of a manifest's files (default: its folder)")
-    p.add_argument("--out", type=Path, required=True, help="output folder; a rerun resumes where it stopped")
-    p.add_argument("--frames", action="store_true", help="also write frame features [T, F*D] per 160 ms column")
-    p.add_argument("--flat", action="store_true", help="D-wide features (the F patches of a column averaged)")
-    p.add_argument("--batch-size", type=int, default=64, help="10 s crops encoded together")
-    p.add_argument("--workers", type=int, default=2 if torch.cuda.is_available() else 0,
-                   help="processes decoding audio alongside the encoder")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                        "or a manifest CSV with a file_name column (required)")
+    p.add_argument("--audio-root", type=Path, default=None,
+                   help="folder the manifest's file names are relative to (default: the manifest's folder)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder (required); a rerun with the same settings resumes where it stopped")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"first delete what embed wrote in --out ({', '.join(EMBED_OUTPUTS)}), e.g. to embed it "
+                        "again with another checkpoint (default: off: resume, or refuse other settings)")
+    p.add_argument("--frames", action="store_true",
+                   help="also write frame features [T, F*D], one row per 160 ms column (default: off)")
+    p.add_argument("--flat", action="store_true",
+                   help="D-wide features: the F frequency rows of each column averaged (default: off, the F rows "
+                        "stacked: F*D)")
+    p.add_argument("--batch-size", type=int, default=64, help="crops encoded together (default: 64)")
+    p.add_argument("--workers", type=int, default=2 if gpu else 0,
+                   help=f"processes decoding audio alongside the encoder (default: {2 if gpu else 0}; "
+                        "2 with a GPU, 0 without)")
+    p.add_argument("--device", default="cuda" if gpu else "cpu",
+                   help=f"where the model runs (default: {'cuda' if gpu else 'cpu'}; cuda when a GPU is visible)")
     args = p.parse_args(argv)
     try:
-        embedder = load_model(args.checkpoint, args.device)
         root, names, skipped = audio_files(args.audio, args.audio_root)
-    except (ValueError, FileNotFoundError) as e:
+        embedder = load_model(args.checkpoint, args.device)
+        claim_out_folder(args.out, corpus_settings(args.checkpoint, args.frames, args.flat), args.overwrite)
+    except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
     if skipped:
         print(f"not audio by name, left out: {len(skipped)} file(s): {', '.join(skipped[:5])}"
               f"{' ...' if len(skipped) > 5 else ''}")
-    counts = embed_corpus(embedder, root, names, args.out, args.frames, args.flat, args.batch_size, args.workers)
+    try:
+        counts = embed_corpus(embedder, root, names, args.out, args.frames, args.flat, args.batch_size, args.workers)
+    except OSError as e:  # a full disk, a folder that cannot be written
+        sys.exit(f"error: {e}")
     print(f"{counts['written']} file(s) written, {counts['already_done']} done before, {counts['unreadable']} "
           f"unreadable (listed in {args.out / 'unreadable.csv'}); index: {args.out / 'index.csv'}")
 
-
-
-
-COMMANDS = {"embed": embed_main, "export": export_main}
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] not in COMMANDS:
-        sys.exit(f"usage: python features.py {{{','.join(COMMANDS)}}} ...; see the top of features.py, "
-                 "or python features.py embed --help")
-    return COMMANDS[argv[0]](argv[1:])
 
 
 # -----------------------------------------------------------------------------
@@ -952,21 +1067,91 @@ def tag_audio(audio: torch.Tensor, model: Embedder, batch_size: int = 64) -> tor
 
 
 def tag_main(argv):
-    """python features.py tag --checkpoint best.pt FILES...: each file's top classes."""
-    p = argparse.ArgumentParser(prog="features.py tag", description=tag_main.__doc__)
-    p.add_argument("--checkpoint", type=Path, required=True, help="a fine-tuned file (finetune.py's best.pt)")
-    p.add_argument("--top", type=int, default=3)
-    p.add_argument("files", nargs="+", type=Path)
+    """Print the top classes of each audio file under a fine-tuned checkpoint.
+
+    One line per file: PATH: class score, class score, ... highest first.
+    The scores are those of the fine-tuning evaluation (tag_audio): sigmoids
+    for a multi-label task (each class scored on its own, 0 to 1), softmax
+    otherwise (the scores of all classes sum to 1). A file that cannot be
+    read is reported on stderr as PATH: reason and the others are still
+    tagged; the exit status is then 1.
+
+    python features.py tag --checkpoint runs/finetune-esc50/best.pt a.wav b.flac
+    """
+    gpu = torch.cuda.is_available()
+    p = command_parser("tag", tag_main)
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="a fine-tuned file, the best.pt that finetune.py writes (required)")
+    p.add_argument("--top", type=int, default=3, help="how many classes to print per file (default: 3)")
+    p.add_argument("--device", default="cuda" if gpu else "cpu",
+                   help=f"where the model runs (default: {'cuda' if gpu else 'cpu'}; cuda when a GPU is visible)")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                   help="audio files, in any format soundfile reads, at any sample rate and channel count "
+                        "(downmixed to mono and resampled to 16 kHz)")
     args = p.parse_args(argv)
-    model = load_model(args.checkpoint)
+    if args.top < 1:
+        p.error(f"--top must be at least 1, got {args.top}")
+    try:
+        model = load_model(args.checkpoint, args.device)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"error: {e}")
+    if getattr(model, "classifier", None) is None:
+        sys.exit(f"error: {args.checkpoint}: not a fine-tuned checkpoint (it has no classification head); tag "
+                 "needs the best.pt that finetune.py writes")
+    failed = 0
     for path in args.files:
-        scores = tag_audio(data.load_audio(path)[None], model)[0]
+        try:
+            scores = tag_audio(data.load_audio(path)[None], model)[0]
+        except (ValueError, OSError) as e:  # data.AudioError is a ValueError
+            print(one_line(path, e), file=sys.stderr, flush=True)
+            failed += 1
+            continue
         top = scores.topk(min(args.top, len(model.classes)))
         print(f"{path}: " + ", ".join(f"{model.classes[k]} {v:.3f}" for v, k in zip(top.values.tolist(),
-                                                                                    top.indices.tolist())))
+                                                                                    top.indices.tolist())), flush=True)
+    if failed:
+        sys.exit(f"{failed} of {len(args.files)} file(s) could not be read (listed above); the others are tagged")
 
 
-COMMANDS["tag"] = tag_main
+def one_line(path: Path, error: Exception) -> str:
+    """'PATH: reason' on one line, the path said once where the message already starts with it."""
+    reason = " ".join(str(error).splitlines())
+    return reason if reason.startswith(f"{path}:") else f"{path}: {reason}"
+
+
+# -----------------------------------------------------------------------------
+# The command line: python features.py {embed,export,tag} ...
+
+
+COMMANDS = {"embed": embed_main, "export": export_main, "tag": tag_main}
+
+
+def command_parser(name: str, command) -> argparse.ArgumentParser:
+    """The parser of `python features.py NAME`, described by the command function's docstring."""
+    return argparse.ArgumentParser(prog=f"features.py {name}", description=inspect.cleandoc(command.__doc__),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def usage() -> str:
+    """The usage of features.py: each command with the first line of its description."""
+    commands = [f"  {name:<8}{inspect.cleandoc(command.__doc__).splitlines()[0]}" for name, command in COMMANDS.items()]
+    return (f"usage: features.py {{{','.join(COMMANDS)}}} ...\n\n"
+            "The command line of the inference API; the Python functions are described at the top of\n"
+            "features.py and in docs/FEATURES.md.\n\ncommands:\n" + "\n".join(commands) + "\n\n"
+            "python features.py COMMAND --help describes a command and its options.")
+
+
+def main(argv=None):
+    """Run the command argv names; --help prints the usage; no command, or an unknown one, exits with status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage())
+        sys.exit(0)
+    if not argv or argv[0] not in COMMANDS:
+        problem = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"{usage()}\nfeatures.py: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    return COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

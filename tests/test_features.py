@@ -2,9 +2,13 @@
 validator), CLAP embeddings, bad input, and corpus embedding."""
 
 import csv
+import hashlib
+import json
 import os
+import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 import data
 import features
 import model as m2d
+import runs
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +275,197 @@ def test_an_empty_text_list_gives_an_empty_tensor_through_a_text_encoder(tmp_pat
                                  features.TextSide("encoder", tokenizer=object()))
     empty = features.encode_clap_text([], embedder)
     assert empty.shape == (0, 192) and empty.dtype == torch.float32
+
+
+def test_empty_or_blank_texts_are_refused_with_their_indices(tiny_embedder):
+    with pytest.raises(ValueError, match=r"texts at index \[1, 2\] \(2 of 3\) are empty or whitespace only.*"
+                                         r"Drop them, or give each a caption"):
+        features.encode_clap_text(["a dog", "", " \n\t"], tiny_embedder, sentence_embeddings=np.zeros((3, 8)))
+    with pytest.raises(ValueError, match=r"texts at index \[0\]"):
+        features.encode_clap_text([""], tiny_embedder)  # before the model's text side is asked for
+    kept = features.encode_clap_text(["a dog"], tiny_embedder, sentence_embeddings=np.zeros((1, 8)))
+    assert kept.shape == (1, 192)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_help_lists_the_commands_and_a_missing_or_unknown_command_exits_2(capsys):
+    with pytest.raises(SystemExit) as done:
+        features.main(["--help"])
+    printed = capsys.readouterr()
+    assert done.value.code == 0 and printed.err == ""
+    for command in ("embed", "export", "tag"):
+        assert re.search(rf"^  {command} +\w.+$", printed.out, re.MULTILINE), printed.out
+    assert "python features.py COMMAND --help" in printed.out
+    for argv, problem in (([], "no command given"), (["bogus"], "unknown command 'bogus'")):
+        with pytest.raises(SystemExit) as done:
+            features.main(argv)
+        printed = capsys.readouterr()
+        assert done.value.code == 2 and printed.out == ""
+        assert printed.err.startswith("usage: features.py {embed,export,tag}") and problem in printed.err
+
+
+def command_help(command: str, capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        features.main([command, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """Each argument listed in a --help text (an entry starts two spaces in), its help text on one line."""
+    arguments = text[text.index("\n\npositional arguments:\n") if "positional arguments:" in text
+                     else text.index("\n\noptions:\n"):]
+    entries = re.split(r"\n  (?=\S)", arguments)[1:]
+    return {e.split()[0].rstrip(","): " ".join(e.split()) for e in entries}
+
+
+@pytest.mark.parametrize("command", ["embed", "export", "tag"])
+def test_every_option_of_every_command_has_help_stating_its_default(command, capsys):
+    text = command_help(command, capsys)
+    entries = help_entries(text)
+    assert "--help" not in entries and "-h" in entries
+    for name, entry in entries.items():
+        assert len(entry.split()) > 3, entry  # a help text beside the name
+        if name.startswith("--") and "(required)" not in entry:
+            assert "(default: " in entry, entry
+    if command == "tag":
+        assert "(default: 3)" in entries["--top"] and "per file" in entries["--top"]
+        assert "any format soundfile reads" in entries["FILE"] and "sample rate and channel count" in entries["FILE"]
+        assert "(default: " in entries["--device"]
+        description = " ".join(text.split())
+        assert "sigmoids for a multi-label task" in description and "softmax otherwise" in description
+
+
+# --- tagging with a fine-tuned file -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finetuned_file(tiny, tmp_path_factory) -> Path:
+    """A fine-tuned checkpoint of the tiny model, as finetune.py writes it: 3 classes, single-label, on waveforms."""
+    torch.manual_seed(0)
+    classifier = m2d.AudioClassifier.from_encoder(tiny, 3, 48)
+    torch.nn.init.normal_(classifier.head.weight)  # scores that differ from class to class
+    recipe = {"feature": "mean", "raw_input": "wave", "input_frames": 48}
+    path = tmp_path_factory.mktemp("finetuned") / "best.pt"
+    runs.save_checkpoint(path, **features.finetuned_checkpoint(tiny, classifier, ["bird", "cat", "dog"], False,
+                                                               recipe, {}))
+    return path
+
+
+def test_tag_reports_each_unreadable_file_in_one_line_tags_the_others_and_exits_1(finetuned_file, tmp_path,
+                                                                                   capsys):
+    rng = np.random.default_rng(0)
+    sf.write(tmp_path / "a.wav", 0.1 * rng.standard_normal(8000), 16000)
+    sf.write(tmp_path / "b.flac", 0.1 * rng.standard_normal((22050, 2)), 44100)
+    (tmp_path / "garbage.wav").write_bytes(b"RIFF\x00\x10\x00\x00WAVEfmt garbage")
+    files = [tmp_path / "a.wav", tmp_path / "missing.wav", tmp_path / "garbage.wav", tmp_path / "b.flac"]
+    with pytest.raises(SystemExit) as done:
+        features.main(["tag", "--checkpoint", str(finetuned_file), "--top", "2", "--device", "cpu", *map(str, files)])
+    printed = capsys.readouterr()
+    assert done.value.code == "2 of 4 file(s) could not be read (listed above); the others are tagged"
+    errors = printed.err.splitlines()
+    assert len(errors) == 2 and "Traceback" not in printed.err
+    assert errors[0].startswith(f"{files[1]}: ") and "not found" in errors[0]
+    assert errors[1].startswith(f"{files[2]}: ") and "cannot be decoded" in errors[1]
+    model = features.load_model(finetuned_file)
+    lines = printed.out.splitlines()
+    assert [line.split(": ")[0] for line in lines] == [str(files[0]), str(files[3])]
+    for line, path in zip(lines, (files[0], files[3])):
+        scores = features.tag_audio(data.load_audio(path)[None], model)[0]
+        assert scores.sum().item() == pytest.approx(1.0, abs=1e-5)  # single-label: softmax
+        top = scores.topk(2)
+        assert line == f"{path}: " + ", ".join(f"{model.classes[k]} {v:.3f}" for v, k in zip(top.values.tolist(),
+                                                                                           top.indices.tolist()))
+    features.main(["tag", "--checkpoint", str(finetuned_file), "--device", "cpu", str(files[0])])  # exit 0
+    assert len(capsys.readouterr().out.split(", ")) == 3  # --top's default
+
+
+def test_tag_with_a_checkpoint_that_cannot_tag_stops_in_one_line(finetuned_file, tiny, tmp_path, capsys):
+    sf.write(tmp_path / "a.wav", np.zeros(8000), 16000)
+    pretrained = tmp_path / "last.pt"
+    runs.save_checkpoint(pretrained, stage="1", model_config=asdict(tiny.config), norm_stats=tiny.norm_stats.tolist(),
+                         model=tiny.state_dict())
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(1000))
+    for checkpoint, reason in ((pretrained, "not a fine-tuned checkpoint.*finetune.py"),
+                               (tmp_path / "missing.pt", "missing.pt: checkpoint not found"),
+                               (tmp_path / "random.pt", "random.pt")):
+        with pytest.raises(SystemExit, match=f"^error: .*{reason}") as done:
+            features.main(["tag", "--checkpoint", str(checkpoint), str(tmp_path / "a.wav")])
+        assert "\n" not in done.value.code
+        assert capsys.readouterr().out == ""
+
+
+def folder_state(folder: Path) -> dict:
+    """Every file under folder: its bytes and modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_embed_into_a_folder_of_other_settings_is_refused_and_the_same_settings_resume(stage1_checkpoint, tmp_path,
+                                                                                      capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(2):
+        sf.write(corpus / f"c{i}.wav", 0.1 * np.random.default_rng(i).standard_normal(8000), 16000)
+    checkpoint, out = tmp_path / "last.pt", tmp_path / "features"
+    checkpoint.write_bytes(stage1_checkpoint.read_bytes())
+
+    def embed(*flags):
+        features.main(["embed", "--checkpoint", str(checkpoint), "--audio", str(corpus), "--out", str(out), *flags])
+        return capsys.readouterr().out
+
+    assert "2 file(s) written, 0 done before" in embed()
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings == {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": hashlib.sha256(
+        checkpoint.read_bytes()).hexdigest(), "frames": False, "flat": False}
+    assert "0 file(s) written, 2 done before" in embed()  # the same settings resume
+    before = folder_state(out)
+    for flags, change in ((["--frames"], "--frames: off -> on"), (["--flat"], "--flat: off -> on")):
+        with pytest.raises(SystemExit, match=rf"^error: {out}: holds features made with other settings "
+                                             rf"\({change}\).*a new --out, or --overwrite"):
+            embed(*flags)
+    # The checkpoint retrained and saved over the same path: the same size and time, other weights.
+    ckpt = runs.load_checkpoint(checkpoint)
+    ckpt["model"]["blocks.0.attn.qkv.weight"] += 1.0
+    stat = checkpoint.stat()
+    runs.save_checkpoint(checkpoint, **ckpt)
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert checkpoint.stat().st_size == stat.st_size
+    with pytest.raises(SystemExit, match=rf"\(--checkpoint: {checkpoint.resolve()} \(sha256 "
+                                         rf"{settings['checkpoint_sha256'][:12]}\) -> {checkpoint.resolve()} "
+                                         r"\(sha256 [0-9a-f]{12}\)\)") as refused:
+        embed()
+    assert "\n" not in refused.value.code
+    assert folder_state(out) == before  # refusals touch nothing
+
+    (out / "notes.txt").write_text("mine")
+    assert "2 file(s) written, 0 done before" in embed("--frames", "--overwrite")
+    assert json.loads((out / "settings.json").read_text())["frames"] is True
+    assert (out / "notes.txt").read_text() == "mine"
+    with open(out / "index.csv", newline="") as f:
+        assert all(row["frames"] for row in csv.DictReader(f))
+
+    for settings_file in ("[1, 2]", None):  # not settings, and none: a folder an earlier version wrote
+        (out / "settings.json").unlink()
+        if settings_file:
+            (out / "settings.json").write_text(settings_file)
+        with pytest.raises(SystemExit, match=r"index.csv\) but no readable settings.json.*cannot tell which "
+                                             r"checkpoint.*--overwrite to delete its features/, index.csv"):
+            embed("--frames")
+
+
+def test_export_with_bad_paths_stops_in_one_line(stage1_checkpoint, tmp_path):
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(1000))
+    (tmp_path / "a_file").write_text("")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    for checkpoint, out, reason in (
+            (tmp_path / "missing.pt", tmp_path / "w.pth", "missing.pt: checkpoint not found"),
+            (tmp_path / "random.pt", tmp_path / "w.pth", "random.pt: refused"),
+            (tmp_path / "tensor.pt", tmp_path / "w.pth", "tensor.pt: not a checkpoint written by train.py"),
+            (stage1_checkpoint, tmp_path / "a_file" / "w.pth", "File exists"),
+            (stage1_checkpoint, tmp_path, "is a folder; name the file to write")):
+        with pytest.raises(SystemExit, match=f"^error: .*{reason}") as done:
+            features.main(["export", str(checkpoint), str(out)])
+        assert "\n" not in done.value.code
+    assert not (tmp_path / "w.pth").exists()
