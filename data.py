@@ -641,7 +641,7 @@ def add_manifest_row(manifest: Manifest, index: dict[str, int], row: dict, where
             manifest.lines.append(line)
         if column:
             getattr(manifest, column).append(part)
-    if row.get("caption"):
+    if (row.get("caption") or "").strip():  # a blank cell: the clip has no caption on this row
         manifest.captions.append(row["caption"])
         manifest.caption_clip.append(index[name])
 

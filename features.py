@@ -952,7 +952,7 @@ def embed_main(argv=None):
     args = p.parse_args(argv)
     try:
         root, names, skipped = audio_files(args.audio, args.audio_root)
-        embedder = load_model(args.checkpoint, args.device)
+        embedder = load_model(args.checkpoint, runs.check_device(args.device))
         claim_out_folder(args.out, corpus_settings(args.checkpoint, args.frames, args.flat), args.overwrite)
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
@@ -1092,7 +1092,7 @@ def tag_main(argv):
     if args.top < 1:
         p.error(f"--top must be at least 1, got {args.top}")
     try:
-        model = load_model(args.checkpoint, args.device)
+        model = load_model(args.checkpoint, runs.check_device(args.device))
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
     if getattr(model, "classifier", None) is None:

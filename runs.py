@@ -86,7 +86,7 @@ def save_checkpoint(path: Path, **state):
         atomic_write(path, lambda f: torch.save(state, f))
     except OSError as e:
         raise CheckpointWriteError(f"{path}: could not write the checkpoint ({e}); the previous checkpoint there, "
-                                   "if any, is unchanged. Free some disk space or pass another --out-dir.") from e
+                                   "if any, is unchanged. Free some disk space, or write to another folder.") from e
 
 
 class CheckpointError(ValueError):

@@ -388,11 +388,15 @@ def test_tag_with_a_checkpoint_that_cannot_tag_stops_in_one_line(finetuned_file,
     runs.save_checkpoint(pretrained, stage="1", model_config=asdict(tiny.config), norm_stats=tiny.norm_stats.tolist(),
                          model=tiny.state_dict())
     (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(1000))
-    for checkpoint, reason in ((pretrained, "not a fine-tuned checkpoint.*finetune.py"),
-                               (tmp_path / "missing.pt", "missing.pt: checkpoint not found"),
-                               (tmp_path / "random.pt", "random.pt")):
+    (tmp_path / "notes.pt").write_text("my notes")
+    for checkpoint, reason, *flags in (
+            (pretrained, "not a fine-tuned checkpoint.*finetune.py"),
+            (tmp_path / "missing.pt", "missing.pt: checkpoint not found"),
+            (tmp_path / "random.pt", "random.pt: not a PyTorch checkpoint; it is binary data"),
+            (tmp_path / "notes.pt", "notes.pt: not a PyTorch checkpoint; it is a text file starting 'my notes'"),
+            (finetuned_file, "--device cuda:99: ", "--device", "cuda:99")):  # no such GPU, or no CUDA at all
         with pytest.raises(SystemExit, match=f"^error: .*{reason}") as done:
-            features.main(["tag", "--checkpoint", str(checkpoint), str(tmp_path / "a.wav")])
+            features.main(["tag", "--checkpoint", str(checkpoint), *flags, str(tmp_path / "a.wav")])
         assert "\n" not in done.value.code
         assert capsys.readouterr().out == ""
 
@@ -461,7 +465,7 @@ def test_export_with_bad_paths_stops_in_one_line(stage1_checkpoint, tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     for checkpoint, out, reason in (
             (tmp_path / "missing.pt", tmp_path / "w.pth", "missing.pt: checkpoint not found"),
-            (tmp_path / "random.pt", tmp_path / "w.pth", "random.pt: refused"),
+            (tmp_path / "random.pt", tmp_path / "w.pth", "random.pt: not a PyTorch checkpoint"),
             (tmp_path / "tensor.pt", tmp_path / "w.pth", "tensor.pt: not a checkpoint written by train.py"),
             (stage1_checkpoint, tmp_path / "a_file" / "w.pth", "File exists"),
             (stage1_checkpoint, tmp_path, "is a folder; name the file to write")):
