@@ -91,9 +91,16 @@ def evaluation_set(csv_path: Path | None, audio_root: Path | None = None) -> dat
     return manifest
 
 
-def log_mels_from_files(paths: list[Path]) -> list[torch.Tensor]:
-    """Full-length log-mels [n_mels, frames] of audio files (any format, rate, channel count and length)."""
-    return [data.log_mel(data.load_audio(p)) for p in paths]  # feature extraction pads any length
+def manifest_log_mels(manifest: data.Manifest) -> list[torch.Tensor]:
+    """Full-length log-mels [n_mels, frames] of a manifest's clips (any format, rate, channel count and length:
+    feature extraction pads any length); a file that cannot be read stops it, named with its manifest line."""
+    mels = []
+    for i, name in enumerate(manifest.files):
+        try:
+            mels.append(data.log_mel(data.load_audio(manifest.root / name)))
+        except data.AudioError as e:
+            raise data.AudioError(f"{e} It is listed in {manifest.where(i)}: fix the file or remove its row.") from e
+    return mels
 
 
 # -----------------------------------------------------------------------------
@@ -263,7 +270,7 @@ def main(argv=None):
         path = args.checkpoint or features.newest_run()
         embedder = features.load_model(path, args.device, args.text_encoder)
         eval_set = evaluation_set(args.data, args.audio_root)
-        mels = log_mels_from_files([eval_set.root / f for f in eval_set.files])
+        mels = manifest_log_mels(eval_set)
     except (ValueError, FileNotFoundError) as e:  # ManifestError and AudioError included
         sys.exit(f"error: {e}")
     stage = embedder.info["stage"]

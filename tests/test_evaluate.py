@@ -122,6 +122,15 @@ def test_tasks_a_checkpoint_cannot_serve_are_skipped_with_the_reason(stage1_chec
     assert re.search(r"^linear_probe.accuracy +\d+\.\d$", printed, re.M)
 
 
+def test_an_unreadable_clip_stops_evaluate_naming_its_manifest_line(stage1_checkpoint, tmp_path):
+    path = write_manifest(tmp_path, GOOD_ROWS)
+    (tmp_path / "high1.wav").write_bytes(b"not audio")
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--checkpoint", str(stage1_checkpoint), "--data", str(path), "--no-baseline"])
+    assert re.search(r"^error: .*high1.wav: cannot be decoded as audio.*Re-encode it as WAV or FLAC\. It is listed "
+                     r"in .*eval.csv, line 8 \(high1.wav\): fix the file or remove its row\.$", str(stop.value))
+
+
 def test_bad_checkpoint_files_stop_evaluate_with_one_line(tmp_path, capsys):
     (tmp_path / "notes.pt").write_text("my notes\n")
     (tmp_path / "empty.pt").write_bytes(b"")
