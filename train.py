@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -268,6 +269,11 @@ def load_previous_stage(stage: str, path: Path) -> dict:
     file (the 2024 recipe) or any finetune.py result, when --init names one.
     """
     previous = PREVIOUS_STAGE[stage]
+    result = path.parent / "result.json"  # finetune.py's report: a stage 1.1 whose epochs all scored 0 kept no model
+    if not path.is_file() and result.is_file() and json.loads(result.read_text()).get("model", "") is None:
+        raise FileNotFoundError(f"{path}: stage {previous} ran but kept no model, since none of its epochs scored "
+                                f"above 0 ({result}). Run stage {previous} again longer or at another --lr, or pass "
+                                "--init PATH.")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no stage-{previous} checkpoint to start stage {stage} from. "
                                 f"Run 'python train.py --stage {previous}' first, or pass --init PATH.")

@@ -143,6 +143,10 @@ def test_a_run_where_no_epoch_scores_above_0_says_that_it_wrote_no_model(tmp_pat
     assert not (out / "best.pt").exists() and not (out / "per_class.csv").exists()
     result = json.loads((out / "result.json").read_text())
     assert result["model"] is None and result["best_epoch"] is None
+    import train  # as stage 2 finds it, had this been stage 1.1
+    with pytest.raises(FileNotFoundError, match=r"last.pt: stage 1.1 ran but kept no model, since none of its epochs "
+                                                r"scored above 0"):
+        train.load_previous_stage("2", out / "last.pt")
 
 
 def test_a_warm_up_that_does_not_fit_in_the_run_is_refused(tmp_path, init):
