@@ -119,9 +119,15 @@ def recipes_table() -> str:
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
-    """Linear warm-up to peak_lr, then cosine decay to 0 at total_steps."""
+    """Linear warm-up from 0 to peak_lr, then cosine decay to 0 at total_steps.
+
+    As the authors' steps run it (MAE's util/lr_sched.py, called with the
+    fractional epoch before each step): step s of the warm-up runs at
+    peak * s / warmup_steps, so the first step has rate 0 and moves only
+    AdamW's moments.
+    """
     if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
+        return peak_lr * step / warmup_steps
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     return peak_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 

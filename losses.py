@@ -81,7 +81,7 @@ class ClapLoss(nn.Module):
     """Symmetric contrastive loss with the audio-text pairs on the diagonal.
 
     logits = exp(s) * a @ t^T with L2-normalised a and t, s the model's learned
-    logit_scale (the training loop clamps the parameter to [0, log 100] after
+    logit_scale (the training loop clamps the parameter to [0, 4.6052] after
     each optimiser step, so the loss uses it as it is); the loss is the mean
     of the audio->text and text->audio cross-entropies, over the batch
     gathered from all data-parallel ranks (see gather_features).

@@ -86,7 +86,9 @@ PRESETS: dict[str, M2DConfig] = {
 
 DEFAULT_NORM_STATS = (-7.1, 4.2)  # log-mel mean and std of the 2022 M2D models (files without norm_stats)
 ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.", "norm_stats")  # the audio encoder
-MAX_LOGIT_SCALE = math.log(100.0)  # the CLAP temperature's floor: logits at most 100 x cosine
+# The CLAP temperature's floor, logits at most about 100 x cosine: the literal 4.6052 of the authors'
+# clip_logit_scale (clap/clap_only.py, also stage 2's starting value), not log(100) = 4.6051702.
+MAX_LOGIT_SCALE = 4.6052
 
 
 def preset(name: str, **overrides) -> M2DConfig:
@@ -553,7 +555,7 @@ class M2DCLAP(AudioEncoder):
 
     @torch.no_grad()
     def clamp_logit_scale(self):
-        """Keep the logit scale parameter in [0, log 100], after every optimiser step.
+        """Keep the logit scale parameter in [0, 4.6052] (log 100 as the authors write it), after every step.
 
         Clamping the parameter, not its use in the loss, keeps its gradient
         alive at the ceiling, as the authors' training does.
@@ -603,13 +605,14 @@ class M2DCLAP(AudioEncoder):
     # --- optimiser ------------------------------------------------------------
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay on weight matrices only, not on biases, norms, tokens or scales."""
-        no_decay_names = {"cls_token", "mask_token", "audio_proj.sem_token", "logit_scale"}
+        """AdamW groups by the authors' rule (timm's param_groups_weight_decay): no decay for tensors of
+        one dimension or fewer (norms, biases, the logit scale) and for biases; everything else decays,
+        the CLS, mask and semantic tokens ([1, 1, D]) included."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 or name in no_decay_names else decay).append(p)
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 
@@ -733,8 +736,10 @@ def kept_token_ids(flags: torch.Tensor, keep: str = "flagged") -> torch.Tensor:
     unflagged tokens fill the remaining places (for 5 x 62 at ratio 0.5:
     155, 172, 168 or 124 tokens for NF = 0, 1, 2, 3). keep="unflagged" keeps
     exactly the unflagged tokens, the apparent intent of a "drop". Ties keep
-    grid order here (a stable sort); the authors' sort is not stable, so which
-    tied tokens fill the places left over may differ from theirs, never how many.
+    grid order here (a stable sort), our choice: the authors'
+    torch.argsort(descending=True) is not stable on the CPU (on a GPU, rows
+    longer than 32 elements sort stably), so which tied tokens fill the places
+    left over may differ from theirs, never how many.
     """
     if keep not in ("flagged", "unflagged"):
         raise ValueError(f"keep must be 'flagged' (the authors' behaviour) or 'unflagged', got {keep!r}")

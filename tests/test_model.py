@@ -166,15 +166,25 @@ def test_ema_update_arithmetic():
         assert torch.equal(o, p)
 
 
-def test_weight_decay_groups_exclude_biases_norms_and_tokens(tiny_model):
+def test_weight_decay_groups_follow_the_authors_rule(tiny_model):
+    # timm's param_groups_weight_decay, which the authors' programs build their AdamW groups with: no decay for
+    # tensors of one dimension or fewer and for biases, decay for everything else, tokens of shape [1, 1, D] too.
     decay, no_decay = tiny_model.param_groups(0.05)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
     names = {id(p): n for n, p in tiny_model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     skipped = {names[id(p)] for p in no_decay["params"]}
-    assert "blocks.0.attn.qkv.weight" in decayed and "patch_embed.proj.weight" in decayed
-    assert {"cls_token", "mask_token", "audio_proj.sem_token", "logit_scale",
-            "blocks.0.attn.qkv.bias", "norm.weight"} <= skipped
+    timm_rule = {n for n, p in tiny_model.named_parameters()
+                 if p.requires_grad and (p.ndim <= 1 or n.endswith(".bias"))}
+    assert skipped == timm_rule
+    assert {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "cls_token", "mask_token",
+            "audio_proj.sem_token"} <= decayed
+    assert {"logit_scale", "blocks.0.attn.qkv.bias", "norm.weight"} <= skipped
     assert not any(n.startswith("target_") for n in decayed | skipped)
+
+
+def test_the_logit_scale_ceiling_is_the_authors_literal():
+    assert m2d.MAX_LOGIT_SCALE == 4.6052  # their clip_logit_scale's value, not log(100) = 4.6051702...
 
 
 def test_predictor_output_follows_the_masked_order(tiny_model):
@@ -212,9 +222,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_clamp_logit_scale_keeps_the_parameter_in_0_to_log_100():
+def test_clamp_logit_scale_keeps_the_parameter_in_0_to_the_authors_4_6052():
     model = m2d.M2DCLAP(m2d.preset("tiny", depth=1, predictor_depth=1))
-    for value, expected in [(10.0, math.log(100.0)), (-2.0, 0.0), (2.5, 2.5)]:
+    for value, expected in [(10.0, torch.tensor(4.6052).item()), (-2.0, 0.0), (2.5, 2.5)]:
         with torch.no_grad():
             model.logit_scale.fill_(value)
         model.clamp_logit_scale()

@@ -5,7 +5,6 @@ transformers extra), never a mock.
 """
 
 import json
-import math
 import sys
 
 import pytest
@@ -129,11 +128,11 @@ def test_an_exported_stage2_file_is_a_released_file(runs, tmp_path):
     torch.testing.assert_close(features.encode_clap_audio(audio, released), features.encode_clap_audio(audio, ours))
 
 
-def test_stage2_starts_new_clap_parts_with_the_logit_scale_at_log_100(runs):
+def test_stage2_starts_new_clap_parts_with_the_logit_scale_at_the_authors_4_6052(runs):
     init = weights(runs / "s1" / "last.pt")
     config = train.parse_config(["--stage", "2", "--init", str(runs / "s1" / "last.pt"), "--text-side", "embeddings"])
     model = train.setup_stage2(train.settle_run(config, None, init)[0], init, None).model
-    assert model.logit_scale.item() == pytest.approx(math.log(100))
+    assert model.logit_scale.item() == torch.tensor(4.6052).item()  # the authors' literal, as a float32
     assert (model.config.audio_proj, model.config.audio_proj_depth) == ("semantic", 1)
     state = model.state_dict()
     for key, value in init["model"].items():

@@ -16,12 +16,23 @@ import engine
 import train
 
 
-def test_lr_schedule_warms_up_then_decays_to_zero():
-    lrs = [engine.lr_at(s, 100, 10, 1.0) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert lrs[10] == pytest.approx(1.0)
-    assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-3
+def authors_lr(epoch: float, lr: float, warmup_epochs: float, epochs: float, min_lr: float = 0.0) -> float:
+    """The rule of MAE's util/lr_sched.adjust_learning_rate, which the authors call before every step with the
+    fractional epoch (data_iter_step / len(data_loader) + epoch), restated here as the reference."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+
+def test_lr_schedule_is_the_authors_from_a_first_step_at_rate_0():
+    steps_per_epoch, epochs, warmup = 7, 12, 2
+    lrs = [engine.lr_at(s, epochs * steps_per_epoch, warmup * steps_per_epoch, 1.5e-4)
+           for s in range(epochs * steps_per_epoch)]
+    expected = [authors_lr(s / steps_per_epoch, 1.5e-4, warmup, epochs) for s in range(epochs * steps_per_epoch)]
+    assert lrs == pytest.approx(expected, rel=1e-12, abs=0)
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1.5e-4 / 14)   # the first step only moves AdamW's moments
+    assert lrs[14] == pytest.approx(1.5e-4)                         # the peak, right after the warm-up
+    assert all(a >= b for a, b in zip(lrs[14:], lrs[15:])) and lrs[-1] < 1e-6
 
 
 def test_short_stage1_run_learns(stage1_run):
