@@ -342,7 +342,12 @@ def restore_training(ckpt: dict, path: Path, settings: dict, peak_lr: float, opt
     check_same_run(path, ckpt["resume"]["run"], settings)
     if ckpt["resume"]["peak_lr"] != peak_lr:
         log(f"peak lr changed on resume: {ckpt['resume']['peak_lr']:.2e} -> {peak_lr:.2e}")
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError as e:  # torch: "... parameter group that doesn't match the size of optimizer's group"
+        raise ResumeError(f"{path}: its optimiser state has other parameter groups than this version builds "
+                          f"({e}); a version with another weight-decay rule wrote it. Resume it with that "
+                          "version, or pass --no-resume to start over.") from e
     scaler.load_state_dict(ckpt["scaler"])
     return ckpt["step"], ckpt["resume"]["elapsed_s"]
 

@@ -77,6 +77,18 @@ def test_a_changed_setting_is_named_down_to_the_field_of_a_nested_one(tmp_path):
     assert "lr" not in str(e.value) and "seeds" not in str(e.value)
 
 
+def test_an_optimiser_state_of_other_groups_is_refused_naming_the_file(tmp_path):
+    weights = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
+    old = torch.optim.AdamW([{"params": weights[:1]}, {"params": weights[1:]}])  # another grouping
+    runs.save_checkpoint(tmp_path / "last.pt", step=3, optimizer=old.state_dict(), scaler={},
+                         resume={"run": {}, "peak_lr": 1e-3, "elapsed_s": 0.0})
+    new = torch.optim.AdamW([{"params": weights}, {"params": []}])
+    with pytest.raises(runs.ResumeError, match=r"last.pt: its optimiser state has other parameter groups.*"
+                                               r"--no-resume"):
+        runs.restore_training(runs.load_checkpoint(tmp_path / "last.pt"), tmp_path / "last.pt", {}, 1e-3, new,
+                              runs.LossScaler(torch.device("cpu"), False), print)
+
+
 def test_rng_states_survive_a_checkpoint_and_replay_the_same_draws(tmp_path):
     runs.seed_everything(7)
     runs.save_checkpoint(tmp_path / "rng.pt", rng=runs.gather_rng_states(runs.Distributed(), torch.device("cpu")))
