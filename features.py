@@ -52,12 +52,16 @@ def upgraded(ckpt: dict) -> tuple[dict, dict]:
     """(model config, state dict) of a checkpoint of ours, written by this version or an earlier one.
 
     Earlier versions saved a Linear text projector without a bias (a zero bias
-    is the same function) and mean-pooled every stage-2 text encoder.
+    is the same function), mean-pooled every stage-2 text encoder, and left
+    out the text encoder's pooler (with_text_pooler).
     """
     model_config = dict(ckpt["model_config"])
     if ckpt.get("text_encoder") and "text_pooling" not in model_config:
         model_config["text_pooling"] = "mean"
-    return model_config, with_text_proj_bias(ckpt["model"], model_config.get("text_proj"))
+    state = with_text_proj_bias(ckpt["model"], model_config.get("text_proj"))
+    if ckpt.get("text_encoder") and not any(k.startswith("text_encoder.pooler.") for k in state):
+        state = with_text_pooler(state, ckpt["text_encoder"]["config"])
+    return model_config, state
 
 
 def with_text_proj_bias(state: dict, text_proj: str | None) -> dict:
@@ -66,6 +70,19 @@ def with_text_proj_bias(state: dict, text_proj: str | None) -> dict:
     if text_proj == "linear" and "text_proj.bias" not in state:
         state["text_proj.bias"] = torch.zeros(state["text_proj.weight"].shape[0])
     return state
+
+
+def with_text_pooler(state: dict, text_encoder_config: dict) -> dict:
+    """The state dict of a checkpoint written before the text encoder kept its pooler, with one.
+
+    The pooler is that of a fresh encoder of the saved architecture (always
+    the same values: text_embed builds it seeded apart). No text feature reads
+    it, so the model computes what it did; it is there for the authors'
+    runtime, which loads a text encoder strictly, pooler included. An
+    architecture without a pooler gets nothing.
+    """
+    fresh = text_embed.text_encoder_from_config(text_encoder_config).state_dict()
+    return {**state, **{"text_encoder." + k: v for k, v in fresh.items() if k.startswith("pooler.")}}
 
 
 def random_init_copy(model: m2d.M2DCLAP, seed: int = 0) -> m2d.M2DCLAP:
@@ -230,7 +247,6 @@ RUN_STAGES = ("1", "1.1", "2", "2.1")
 RELEASED_PREFIXES = ("module.ar.runtime.backbone.", "backbone.", "module.")
 # Keys of released files that our model has no place for, and why they can go.
 RELEASED_IGNORED = {
-    "text_encoder.pooler.": "BERT's pooler: the text feature is the CLS token or a token mean, never the pooler",
     "text_encoder.embeddings.position_ids": "a constant buffer that older transformers versions saved",
 }
 ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "blocks.0.attn.qkv.weight",
@@ -358,7 +374,9 @@ def released_text_side(path: Path, letter: str, text_state: dict, has_clap: bool
         raise ValueError(f"{path}: its text encoder does not fit the architecture of {folder}/config.json "
                          f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}). "
                          f"Pass the folder of {name}.") from e
-    missing = [k for k in missing if not k.endswith("position_ids")]
+    # A BERT saved without its pooler (our exports before it was kept) keeps the pooler of the
+    # folder's architecture, seeded: no text feature reads it.
+    missing = [k for k in missing if not k.endswith("position_ids") and not k.startswith("pooler.")]
     if missing or unexpected:
         raise ValueError(f"{path}: its text encoder does not fit the architecture of {folder}/config.json: "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}. Pass the folder of {name}.")

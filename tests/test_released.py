@@ -6,6 +6,7 @@ through the public loader.
 """
 
 import argparse
+import dataclasses
 import functools
 import math
 
@@ -255,11 +256,12 @@ def small_bert_folder(tmp_path_factory):
     return folder, bert.eval()
 
 
-@pytest.mark.parametrize("prefix", ["text_encoder.text_encoder.", "text_encoder."])
-def test_stage2_file_with_a_text_encoder(tmp_path, small_bert_folder, prefix):
+@pytest.mark.parametrize("prefix,pooler", [("text_encoder.text_encoder.", True), ("text_encoder.", True),
+                                           ("text_encoder.text_encoder.", False)])
+def test_stage2_file_with_a_text_encoder(tmp_path, small_bert_folder, prefix, pooler):
+    """Released BERTs carry their pooler, which loads; one saved without it (our earlier exports) loads too."""
     folder, bert = small_bert_folder
-    text_state = {prefix + k: v for k, v in bert.state_dict().items()}
-    assert any(".pooler." in k for k in text_state)  # released BERTs carry a pooler
+    text_state = {prefix + k: v for k, v in bert.state_dict().items() if pooler or ".pooler." not in k}
     state = {**vit_base_encoder_state(62, dim=NARROW),
              **training_parts_state(62, "semantic", "linear", text_dim=64, dim=NARROW)}
     state.update(text_state)
@@ -272,6 +274,8 @@ def test_stage2_file_with_a_text_encoder(tmp_path, small_bert_folder, prefix):
 
     loaded = features.load_model(path, text_encoder=str(folder))
     assert loaded.model.config.text_pooling == "cls" and loaded.model.config.text_proj == "linear"
+    if pooler:
+        assert torch.equal(loaded.model.text_encoder.pooler.dense.weight, bert.pooler.dense.weight)
     assert_all_landed(loaded.model, {k: v for k, v in state.items() if not k.startswith("text_encoder.")})
     captions = ["A dog barks twice.", "Rain on a tin roof while a very long caption " + "goes on " * 100]
     tokens = loaded.text.tokenizer(captions, padding=True, truncation=True, max_length=512, return_tensors="pt")
@@ -397,3 +401,91 @@ def test_an_nv_embed_file_uses_the_sentence_model_with_an_end_of_sequence_token(
     embedded = torch.from_numpy(sentence.encode([c + "[SEP]" for c in captions], convert_to_numpy=True))
     expected = embedded @ state["text_proj.weight"].T + state["text_proj.bias"]
     torch.testing.assert_close(features.encode_clap_text(captions, loaded), expected, atol=1e-5, rtol=1e-5)
+
+
+# --- ours in the authors' runtime ----------------------------------------------------------------
+#
+# Key names as the authors' runtime reads them (m2d/runtime_audio.py, examples/portable_m2d.py).
+
+AUTHORS_ENCODER = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "norm_stats")  # timm's ViT names
+
+
+def our_stage2_model(bert_folder):
+    """A stage-2 model of ours, 96 wide (12 heads), with the small BERT as its text encoder (CLS token)."""
+    import model as m2d
+    import text_embed
+    encoder, tokenizer = text_embed.load_text_encoder(str(bert_folder))
+    torch.manual_seed(0)
+    config = m2d.preset("tiny", embed_dim=NARROW, depth=2, num_heads=12, text_dim=64, text_proj="linear",
+                        text_pooling="cls")
+    model = m2d.M2DCLAP(config, (-7.2618, 4.3512), encoder).eval()
+    return model, features.Embedder(model, {}, features.TextSide("encoder", tokenizer=tokenizer))
+
+
+def assert_same_clap_outputs(loaded, source):
+    captions = ["A dog barks twice.", "Rain on a tin roof."]
+    audio = torch.rand(2, 40000, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.testing.assert_close(features.encode_clap_audio(audio, loaded), features.encode_clap_audio(audio, source))
+    torch.testing.assert_close(features.encode_clap_text(captions, loaded), features.encode_clap_text(captions, source))
+
+
+class TimmBlock(torch.nn.Module):
+    """The key names of timm's Block, which the authors' ViT and semantic projector are made of."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.attn, self.mlp = torch.nn.Module(), torch.nn.Module()
+        self.attn.qkv, self.attn.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.mlp.fc1, self.mlp.fc2 = torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+
+
+class AuthorsClapModel(torch.nn.Module):
+    """An M2D-CLAP with a BERT as the authors' runtime builds it from a file's names: the ViT (timm's names, its
+    norm_stats a parameter), the semantic projector (AudioToSemantic), a Linear text projector, the logit scale,
+    and the text encoder wrapper whose text_encoder is the BertModel, pooler included."""
+
+    def __init__(self, dim: int, depth: int, n_patches: int, text_dim: int, bert_config):
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+
+        def zeros(*shape):
+            return torch.nn.Parameter(torch.zeros(shape))
+
+        self.cls_token, self.pos_embed, self.norm_stats = zeros(1, 1, dim), zeros(1, 1 + n_patches, dim), zeros(2)
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.proj = torch.nn.Conv2d(1, dim, 16, stride=16)
+        self.blocks = torch.nn.ModuleList(TimmBlock(dim, 4 * dim) for _ in range(depth))
+        self.norm = torch.nn.LayerNorm(dim)
+        self.audio_proj = torch.nn.Module()
+        self.audio_proj.sem_token = zeros(1, 1, dim)
+        self.audio_proj.sem_blocks = torch.nn.ModuleList([TimmBlock(dim, dim)])
+        self.audio_proj.norm = torch.nn.LayerNorm(dim)
+        self.text_proj = torch.nn.Linear(text_dim, dim)
+        self.logit_scale = zeros()
+        self.text_encoder = torch.nn.Module()
+        self.text_encoder.text_encoder = transformers.BertModel(bert_config)  # with its pooler, as AutoModel builds it
+
+
+def test_an_exported_file_loads_strictly_into_the_authors_model(tmp_path, small_bert_folder):
+    """Every key the authors' model has, and no other; their runtime loads the text encoder strictly."""
+    transformers = pytest.importorskip("transformers")
+    folder, bert = small_bert_folder
+    model, source = our_stage2_model(folder)
+    ckpt = {"stage": "2", "model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+            "norm_stats": model.norm_stats.tolist(), "text_side": "encoder",
+            "text_encoder": {"name": str(folder), "config": model.text_encoder.config.to_dict()}, "args": {}}
+    torch.save(ckpt, tmp_path / "last.pt")
+    out = tmp_path / "m2d_clap_vit_base-80x192p16x16p16kpBpTI" / "weights.pth"  # vit_base: 12 heads
+    features.main(["export", str(tmp_path / "last.pt"), str(out)])
+    exported = torch.load(out, weights_only=True)["model"]
+
+    authors = AuthorsClapModel(NARROW, 2, 5 * 12, 64, bert.config)
+    authors.load_state_dict(exported, strict=True)
+    assert torch.equal(authors.text_encoder.text_encoder.pooler.dense.weight, bert.pooler.dense.weight)
+    # The runtime's own step (get_text_encoder): one text_encoder. off, into the wrapper, strictly.
+    wrapper = torch.nn.Module()
+    wrapper.text_encoder = transformers.BertModel(bert.config)
+    wrapper.load_state_dict({k[len("text_encoder."):]: v for k, v in exported.items() if k.startswith("text_encoder.")})
+    # And back here: the same outputs.
+    assert_same_clap_outputs(features.load_model(out, text_encoder=str(folder)), source)
