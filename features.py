@@ -238,15 +238,22 @@ RUN_STAGES = ("1", "1.1", "2", "2.1")
 
 
 # -----------------------------------------------------------------------------
-# Released M2D / M2D-CLAP files (the layouts of the authors' releases, nttcslab/m2d)
+# Released M2D / M2D-CLAP files: every file the authors' programs write (nttcslab/m2d)
 #
-# A released file keeps a state dict under 'model' (often beside an
-# argparse.Namespace under 'args'), with our key names behind an optional
-# wrapper prefix; the folder name tells the input size and the text side.
+# - A released file keeps a state dict under 'model' (often beside an argparse.Namespace under
+#   'args'), with our key names behind an optional wrapper prefix; the folder name tells the
+#   input size and the text side.
+# - A training checkpoint (checkpoint-N.pth, MAE's util/misc.save_model) adds 'optimizer',
+#   'scaler' and 'epoch', which are ignored. The stage-1 programs write the M2D model's keys as
+#   they are. The stage-2 program (clap/clap_only.py) saves its runtime: the encoder and audio
+#   projector under 'backbone.', the BERT under 'text_encoder.text_encoder.', the trained logit
+#   scale as 'logit_scale', and the log-mel front end's fixed buffers under 'to_spec.'.
 
 RELEASED_PREFIXES = ("module.ar.runtime.backbone.", "backbone.", "module.")
 # Keys of released files that our model has no place for, and why they can go.
 RELEASED_IGNORED = {
+    "to_spec.": "the runtime's log-mel front end (nnAudio's MelSpectrogram: the buffers mel_basis, stft.wsin, "
+                "stft.wcos, stft.window_mask), fixed numbers that data.LogMelSpectrogram computes itself",
     "text_encoder.embeddings.position_ids": "a constant buffer that older transformers versions saved",
 }
 ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "blocks.0.attn.qkv.weight",
@@ -296,6 +303,8 @@ def released_facts(path: Path, args) -> dict:
         facts["n_mels"], facts["crop_frames"] = (int(v) for v in size)
     if getattr(args, "sr", None):
         facts["sample_rate"] = int(str(args.sr).rstrip("k")) * 1000
+    if "text_kind" not in facts and getattr(args, "text_encoder", None) in TEXT_KINDS:  # the stage-2 program's
+        facts["text_kind"] = args.text_encoder
     size = re.search(r"vit_(tiny|small|base|large|huge)", str(getattr(args, "model", "") or path.parent.name))
     facts["num_heads"] = getattr(args, "num_heads", None) or (m2d.VIT_HEADS[size.group(1)] if size else None)
     if facts.get("sample_rate", data.SAMPLE_RATE) != data.SAMPLE_RATE:

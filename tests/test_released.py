@@ -403,9 +403,12 @@ def test_an_nv_embed_file_uses_the_sentence_model_with_an_end_of_sequence_token(
     torch.testing.assert_close(features.encode_clap_text(captions, loaded), expected, atol=1e-5, rtol=1e-5)
 
 
-# --- ours in the authors' runtime ----------------------------------------------------------------
+# --- ours in the authors' runtime, and their training files here ---------------------------------
 #
-# Key names as the authors' runtime reads them (m2d/runtime_audio.py, examples/portable_m2d.py).
+# Key names as the authors' code writes and reads them: their runtime (m2d/runtime_audio.py,
+# examples/portable_m2d.py) and MAE's util/misc.save_model (checkpoint-N.pth of train_audio.py,
+# clap/train_clap.py and clap/clap_only.py, whose stage-2 model is the runtime: backbone, to_spec,
+# text_encoder, logit_scale).
 
 AUTHORS_ENCODER = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "norm_stats")  # timm's ViT names
 
@@ -489,3 +492,56 @@ def test_an_exported_file_loads_strictly_into_the_authors_model(tmp_path, small_
     wrapper.load_state_dict({k[len("text_encoder."):]: v for k, v in exported.items() if k.startswith("text_encoder.")})
     # And back here: the same outputs.
     assert_same_clap_outputs(features.load_model(out, text_encoder=str(folder)), source)
+
+
+def nnaudio_mel_buffers(prefix: str) -> dict:
+    """The buffers of nnAudio's MelSpectrogram as the runtime builds it (16 kHz, n_fft 400, 80 mel bins)."""
+    return {prefix + "mel_basis": torch.rand(80, 201), prefix + "stft.wsin": torch.randn(201, 1, 400),
+            prefix + "stft.wcos": torch.randn(201, 1, 400), prefix + "stft.window_mask": torch.rand(1, 400, 1)}
+
+
+def mae_training_entries(epoch: int) -> dict:
+    """What util/misc.save_model saves beside 'model' and 'args': optimiser and loss-scaler states, the epoch."""
+    weight = torch.nn.Parameter(torch.zeros(4, 3))
+    optimizer = torch.optim.AdamW([{"params": [weight], "weight_decay": 0.05}], lr=2.4e-5, betas=(0.9, 0.95))
+    weight.grad = torch.ones(4, 3)
+    optimizer.step()
+    scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+              "_growth_tracker": 0}
+    return {"optimizer": optimizer.state_dict(), "epoch": epoch, "scaler": scaler}
+
+
+def test_a_stage2_training_checkpoint_of_the_authors_loads_with_its_trained_logit_scale(tmp_path, small_bert_folder):
+    folder, _ = small_bert_folder
+    source, source_embedder = our_stage2_model(folder)
+    state = source.state_dict()
+    backbone = (*AUTHORS_ENCODER, "audio_proj.", "text_proj.")
+    model = {"backbone." + k: v for k, v in state.items() if k.startswith(backbone)}
+    model.update(nnaudio_mel_buffers("to_spec."))
+    model.update({"text_encoder." + k: v for k, v in state.items() if k.startswith("text_encoder.")})
+    model["logit_scale"] = torch.tensor(3.3)
+    args = argparse.Namespace(batch_size=512, epochs=30, base_model="m2d_clap_vit_base-80x1001p16x16p16kpN-2025-stage1"
+                              ".1/weights_ep66it3124-0.49058_loss0.0147.pth", audio_frames=1001, sr="16k",
+                              text_encoder="B", sem_mode=1, mask_ratio=0.3, input_size=[80, 192], eff_batch_size=2048)
+    path = tmp_path / "m2d_clap_vit_base-80x192p16x16p16kpBpTI-2025-stage2" / "checkpoint-30.pth"
+    path.parent.mkdir()
+    torch.save({"model": model, **mae_training_entries(30), "args": args}, path)
+
+    loaded = features.load_model(path, text_encoder=str(folder))
+    assert loaded.info["missing_parts"] == ["target", "predictor"]
+    assert loaded.model.logit_scale.item() == pytest.approx(3.3)  # the trained one
+    assert_same_clap_outputs(loaded, source_embedder)
+    moved = tmp_path / "renamed" / path.name  # without the folder name, the text side is the program's --text_encoder
+    moved.parent.mkdir()
+    path.rename(moved)
+    assert features.load_model(moved).info["text_kind"] == "B"
+
+
+def test_a_stage1_training_checkpoint_of_the_authors_loads(tmp_path):
+    state = {**vit_base_encoder_state(38, dim=NARROW), **training_parts_state(38, "semantic", "linear", dim=NARROW)}
+    path = save_released(tmp_path, "m2d_clap_vit_base-80x608p16x16-240128", state,
+                         args=argparse.Namespace(input_size=[80, 608], model="m2d_clap_vit_base", sr="16k"))
+    torch.save({**torch.load(path, weights_only=False), **mae_training_entries(300)}, path)
+    loaded = features.load_model(path)
+    assert loaded.info["missing_parts"] == []
+    assert_all_landed(loaded.model, state)
