@@ -52,12 +52,16 @@ def upgraded(ckpt: dict) -> tuple[dict, dict]:
     """(model config, state dict) of a checkpoint of ours, written by this version or an earlier one.
 
     Earlier versions saved a Linear text projector without a bias (a zero bias
-    is the same function) and mean-pooled every stage-2 text encoder.
+    is the same function), mean-pooled every stage-2 text encoder, and left
+    out the text encoder's pooler (with_text_pooler).
     """
     model_config = dict(ckpt["model_config"])
     if ckpt.get("text_encoder") and "text_pooling" not in model_config:
         model_config["text_pooling"] = "mean"
-    return model_config, with_text_proj_bias(ckpt["model"], model_config.get("text_proj"))
+    state = with_text_proj_bias(ckpt["model"], model_config.get("text_proj"))
+    if ckpt.get("text_encoder") and not any(k.startswith("text_encoder.pooler.") for k in state):
+        state = with_text_pooler(state, ckpt["text_encoder"]["config"])
+    return model_config, state
 
 
 def with_text_proj_bias(state: dict, text_proj: str | None) -> dict:
@@ -66,6 +70,19 @@ def with_text_proj_bias(state: dict, text_proj: str | None) -> dict:
     if text_proj == "linear" and "text_proj.bias" not in state:
         state["text_proj.bias"] = torch.zeros(state["text_proj.weight"].shape[0])
     return state
+
+
+def with_text_pooler(state: dict, text_encoder_config: dict) -> dict:
+    """The state dict of a checkpoint written before the text encoder kept its pooler, with one.
+
+    The pooler is that of a fresh encoder of the saved architecture (always
+    the same values: text_embed builds it seeded apart). No text feature reads
+    it, so the model computes what it did; it is there for the authors'
+    runtime, which loads a text encoder strictly, pooler included. An
+    architecture without a pooler gets nothing.
+    """
+    fresh = text_embed.text_encoder_from_config(text_encoder_config).state_dict()
+    return {**state, **{"text_encoder." + k: v for k, v in fresh.items() if k.startswith("pooler.")}}
 
 
 def random_init_copy(model: m2d.M2DCLAP, seed: int = 0) -> m2d.M2DCLAP:
@@ -221,16 +238,27 @@ RUN_STAGES = ("1", "1.1", "2", "2.1")
 
 
 # -----------------------------------------------------------------------------
-# Released M2D / M2D-CLAP files (the layouts of the authors' releases, nttcslab/m2d)
+# Released M2D / M2D-CLAP files: every file the authors' programs write (nttcslab/m2d, and
+# their evaluation package EVAR, nttcslab/eval-audio-repr)
 #
-# A released file keeps a state dict under 'model' (often beside an
-# argparse.Namespace under 'args'), with our key names behind an optional
-# wrapper prefix; the folder name tells the input size and the text side.
+# - A released file keeps a state dict under 'model' (often beside an argparse.Namespace under
+#   'args'), with our key names behind an optional wrapper prefix; the folder name tells the
+#   input size and the text side.
+# - A training checkpoint (checkpoint-N.pth, MAE's util/misc.save_model) adds 'optimizer',
+#   'scaler' and 'epoch', which are ignored. The stage-1 programs write the M2D model's keys as
+#   they are. The stage-2 program (clap/clap_only.py) saves its runtime: the encoder and audio
+#   projector under 'backbone.', the BERT under 'text_encoder.text_encoder.', the trained logit
+#   scale as 'logit_scale', and the log-mel front end's fixed buffers under 'to_spec.'.
+# - An EVAR fine-tuning result (weights_ep<E>it<I>-<score>_loss<L>.pth, the authors' stage 1.1)
+#   is the bare state dict of a DataParallel-wrapped task network: the runtime under
+#   'module.ar.runtime.' (the encoder under its 'backbone.', the front end under its 'to_spec.'),
+#   the classifier under 'module.head.' (EVAR_HEAD).
 
-RELEASED_PREFIXES = ("module.ar.runtime.backbone.", "backbone.", "module.")
+RELEASED_PREFIXES = ("module.ar.runtime.backbone.", "module.ar.runtime.", "backbone.", "module.")
 # Keys of released files that our model has no place for, and why they can go.
 RELEASED_IGNORED = {
-    "text_encoder.pooler.": "BERT's pooler: the text feature is the CLS token or a token mean, never the pooler",
+    "to_spec.": "the runtime's log-mel front end (nnAudio's MelSpectrogram: the buffers mel_basis, stft.wsin, "
+                "stft.wcos, stft.window_mask), fixed numbers that data.LogMelSpectrogram computes itself",
     "text_encoder.embeddings.position_ids": "a constant buffer that older transformers versions saved",
 }
 ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "blocks.0.attn.qkv.weight",
@@ -280,6 +308,8 @@ def released_facts(path: Path, args) -> dict:
         facts["n_mels"], facts["crop_frames"] = (int(v) for v in size)
     if getattr(args, "sr", None):
         facts["sample_rate"] = int(str(args.sr).rstrip("k")) * 1000
+    if "text_kind" not in facts and getattr(args, "text_encoder", None) in TEXT_KINDS:  # the stage-2 program's
+        facts["text_kind"] = args.text_encoder
     size = re.search(r"vit_(tiny|small|base|large|huge)", str(getattr(args, "model", "") or path.parent.name))
     facts["num_heads"] = getattr(args, "num_heads", None) or (m2d.VIT_HEADS[size.group(1)] if size else None)
     if facts.get("sample_rate", data.SAMPLE_RATE) != data.SAMPLE_RATE:
@@ -293,13 +323,16 @@ def load_released(path: Path, raw: dict, text_encoder: str | None = None) -> Emb
     Parts a file does not have (the target and predictor of an inference
     file, the CLAP heads of an encoder-only one) keep their initialisation
     and are listed in info["missing_parts"]; every encoder tensor must be
-    present, and no key may be left over.
+    present, and no key may be left over. The classification head of an
+    EVAR fine-tuning result becomes the Embedder's classifier where it maps
+    onto ours (attach_evar_head).
     """
     args = raw.get("args") if isinstance(raw, dict) else None
     state = raw["model"] if isinstance(raw, dict) and "model" in raw else raw
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a state dict (a dict of tensors, possibly under 'model')")
     state = strip_released_keys(state)
+    head = {k: state.pop(k) for k in list(state) if k.startswith(("head.norm.", "head.mlp."))}  # EVAR's classifier
     missing = [k for k in ENCODER_KEYS if k not in state]
     if missing:
         raise ValueError(f"{path}: not an M2D audio encoder: tensors {missing} are missing (keys seen: "
@@ -333,7 +366,67 @@ def load_released(path: Path, raw: dict, text_encoder: str | None = None) -> Emb
     info = {"stage": "released", "norm_stats": list(norm_stats), "model_config": asdict(config),
             "missing_parts": [p for p, prefix in parts.items() if any(k.startswith(prefix) for k in absent)],
             "text_kind": facts.get("text_kind")}
-    return Embedder(model, info, text)
+    embedder = Embedder(model, info, text)
+    if head:
+        attach_evar_head(embedder, head)
+    return embedder
+
+
+# EVAR's classifier (its finetune.py TaskHead: BatchNorm1d without affine parameters, then an MLP
+# whose one layer, when no hidden sizes are asked for, is mlp.mlp.0) under AudioClassifier's names.
+EVAR_HEAD = {"head.norm.running_mean": "head_norm.running_mean", "head.norm.running_var": "head_norm.running_var",
+             "head.norm.num_batches_tracked": "head_norm.num_batches_tracked",
+             "head.mlp.mlp.0.weight": "head.weight", "head.mlp.mlp.0.bias": "head.bias"}
+
+
+def attach_evar_head(embedder: Embedder, head: dict):
+    """Give an Embedder of an EVAR fine-tuning result its classifier, where EVAR's head maps onto ours.
+
+    A head of one Linear on the mean of the patch tokens (D wide) or on the
+    stacked time columns (F * D) is AudioClassifier's head_norm and head.
+    The file holds neither the class names (EVAR numbers the classes in the
+    sorted order of the task's label strings) nor whether the task is
+    multi-label: the classes are named by their numbers and scored as
+    multi-label (sigmoids), as AudioSet's stage 1.1 is. A head with hidden
+    layers has no place in ours and is left out. info["head"] says which.
+    """
+    config = embedder.model.config
+    widths = {config.embed_dim: "mean", config.grid_size[0] * config.embed_dim: "stacked"}
+    required = set(EVAR_HEAD) - {"head.norm.num_batches_tracked"}
+    if not required <= set(head) <= set(EVAR_HEAD) or head["head.mlp.mlp.0.weight"].shape[1] not in widths:
+        embedder.info["head"] = (f"left out: an EVAR classification head that AudioClassifier has no place for "
+                                 f"(tensors {sorted(head)[:6]})")
+        return
+    n_classes, width = head["head.mlp.mlp.0.weight"].shape
+    state = {"head_norm.num_batches_tracked": torch.tensor(0), **{EVAR_HEAD[k]: v for k, v in head.items()}}
+    attach_classifier(embedder, {"classes": [f"class {i}" for i in range(n_classes)], "head": state,
+                                 "multi_label": True, "recipe": {"feature": widths[width], "raw_input": "wave",
+                                                                 "input_frames": config.crop_frames}})
+    embedder.info["head"] = (f"EVAR's classifier: {n_classes} classes on the {widths[width]} feature, named by their "
+                             "numbers (EVAR's order: the sorted label strings), scored as multi-label")
+
+
+def released_init(path: Path, raw: dict) -> dict:
+    """A released or EVAR file as the checkpoint stage 2 starts from: our layout, stage "released".
+
+    The authors' stage 2 starts from their stage 1.1, an EVAR fine-tuning
+    result; any file load_model reads will do, read the same way. Stage 2
+    keeps its encoder and norm_stats; parts the file lacks keep their
+    initialisation, and a text encoder or classifier in it is left out
+    (stage 2 brings its own text side). args.preset, whose recipe stage 2
+    trains with, is the preset of the encoder's width and depth.
+    """
+    model = load_released(path, raw).model
+    config = model.config
+    presets = [name for name, p in m2d.PRESETS.items() if (p.embed_dim, p.depth) == (config.embed_dim, config.depth)]
+    if not presets:
+        raise ValueError(f"{path}: a ViT {config.embed_dim} wide and {config.depth} blocks deep, the shape of none of "
+                         f"the presets ({', '.join(f'{n} {p.embed_dim}/{p.depth}' for n, p in m2d.PRESETS.items())}) "
+                         "whose recipes stage 2 trains with")
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("text_encoder.")}
+    return {"stage": "released", "model_config": asdict(config), "norm_stats": model.norm_stats.tolist(),
+            "model": state, "args": {"preset": presets[0]}, "text_side": None, "text_encoder": None,
+            "embedding_model": None}
 
 
 def released_text_side(path: Path, letter: str, text_state: dict, has_clap: bool, folder: str | None):
@@ -358,7 +451,9 @@ def released_text_side(path: Path, letter: str, text_state: dict, has_clap: bool
         raise ValueError(f"{path}: its text encoder does not fit the architecture of {folder}/config.json "
                          f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}). "
                          f"Pass the folder of {name}.") from e
-    missing = [k for k in missing if not k.endswith("position_ids")]
+    # A BERT saved without its pooler (our exports before it was kept) keeps the pooler of the
+    # folder's architecture, seeded: no text feature reads it.
+    missing = [k for k in missing if not k.endswith("position_ids") and not k.startswith("pooler.")]
     if missing or unexpected:
         raise ValueError(f"{path}: its text encoder does not fit the architecture of {folder}/config.json: "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}. Pass the folder of {name}.")

