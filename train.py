@@ -367,8 +367,8 @@ def setup_stage1(config: Config, init: None, run_data: RunData) -> Stage:
 def setup_stage2(config: Config, init: dict, run_data: RunData) -> Stage:
     """Stage 2 as the authors released it: new CLAP parts on the frozen stage-1.1 encoder.
 
-    A fresh semantic audio projector (one block), the logit scale at 4.6052 (log 100, as the authors write it),
-    and a new text side: a pretrained text encoder (with a fresh projector only
+    A fresh semantic audio projector (one block), the logit scale at 4.6052
+    (log 100, as the authors write it), and a new text side: a pretrained text encoder (with a fresh projector only
     when its width differs from the audio width) or a fresh projector on the
     sentence embeddings. Only the encoder and the unused M2D parts are kept.
     """
@@ -391,7 +391,8 @@ def setup_stage2(config: Config, init: dict, run_data: RunData) -> Stage:
                                   for k in missing)
     with torch.no_grad():
         model.logit_scale.fill_(m2d.MAX_LOGIT_SCALE)
-    print(f"stage 2 from a stage-{init['stage']} encoder | new semantic audio projector | logit scale 4.6052 | "
+    source = "an encoder of the authors' files" if init["stage"] == "released" else f"a stage-{init['stage']} encoder"
+    print(f"stage 2 from {source} | new semantic audio projector | logit scale 4.6052 | "
           f"text side: {config.text_encoder if encoder is not None else 'sentence embeddings'} ({text_dim}-d"
           f"{f', {pooling} feature' if encoder is not None else ''}, "
           f"{'no projector' if text_proj == 'none' else 'new linear projector'}) | token drop {config.token_drop:g}")
