@@ -261,8 +261,8 @@ RELEASED_IGNORED = {
                 "stft.wcos, stft.window_mask), fixed numbers that data.LogMelSpectrogram computes itself",
     "text_encoder.embeddings.position_ids": "a constant buffer that older transformers versions saved",
 }
-ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "blocks.0.attn.qkv.weight",
-                "blocks.0.mlp.fc1.weight", "norm.weight", "norm.bias")
+ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+                "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "norm.weight", "norm.bias")
 # The text-side letter of a folder name (the authors' runtime assumes A when there is none):
 # the text model, and how its feature is taken.
 TEXT_KINDS = {"A": ("thenlper/gte-base", "mean"), "B": ("bert-base-uncased", "cls"),
