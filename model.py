@@ -607,7 +607,12 @@ class M2DCLAP(AudioEncoder):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups by the authors' rule (timm's param_groups_weight_decay): no decay for tensors of
         one dimension or fewer (norms, biases, the logit scale) and for biases; everything else decays,
-        the CLS, mask and semantic tokens ([1, 1, D]) included."""
+        the CLS, mask and semantic tokens ([1, 1, D]) included.
+
+        Their 2025 stage-2 program calls this rule; their stage-1 program tries timm's older
+        add_weight_decay first, which with timm 0.4.5 tests len(shape) == 1 and so would also decay
+        the 0-d logit scale, and falls back to this rule on the timm versions that lack it.
+        """
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
