@@ -444,14 +444,17 @@ def fit(t: Trainer, train: data.ClipSet, valid: data.ClipSet | None, test: data.
 
 
 def fit_result(t: Trainer, test: data.ClipSet, test_once: bool) -> dict:
-    """The reported score, the best epoch, and the test logits and metrics at the best epoch."""
-    state, scores = t.state, t.state.best_scores
-    if test_once and state.best_state is not None:
+    """The reported score, the best epoch, the test logits and metrics at the best epoch, and the last
+    epoch's test score beside them (what training to the end would have given, with no selection)."""
+    state, scores, metric = t.state, t.state.best_scores, t.recipe.metric
+    last = state.history[-1].get("test", {}).get(metric) if state.history else None
+    if test_once and state.best_state is not None:  # the main process: the last epoch's weights, then the best's
+        last = metrics.classification_scores(predict(t.model, test.clips, t.recipe), test.targets.cpu())[metric]
         t.model.load_state_dict(state.best_state)
         scores = predict(t.model, test.clips, t.recipe)
     scored = metrics.classification_scores(scores, test.targets.cpu()) if scores is not None else {}
-    return {"score": scored.get(t.recipe.metric, 0.0), "best_epoch": state.best_epoch, "history": state.history,
-            "state": state.best_state, "test_scores": scores, "metrics": scored}
+    return {"score": scored.get(metric, 0.0), "best_epoch": state.best_epoch, "history": state.history,
+            "state": state.best_state, "test_scores": scores, "metrics": scored, "last_score": last}
 
 
 def seed_summary(scores: list[float]) -> dict:
@@ -481,6 +484,40 @@ class Task:
                                               raw_input, self.lazy, self.workers)
                               for part in ("train", "valid", "test"))
         return train, (valid if len(valid) else None), test
+
+
+VALID_SEED = 0  # the held-out validation part is the same for every seed of a run
+
+
+def held_out_valid(train: data.ClipSet, share: float, where: str) -> tuple[data.ClipSet, data.ClipSet]:
+    """(the rest, a validation part) of the training clips, for a rule that selects on validation clips.
+
+    Class-balanced and seeded (VALID_SEED): the clips are grouped by their
+    first class, and round(share * n) clips of each group of n, at least one
+    where n >= 2, are drawn for validation. A group of one clip stays in
+    training, so every class keeps a training clip.
+    """
+    first_class = train.targets.cpu().argmax(dim=1)
+    generator, chosen = torch.Generator().manual_seed(VALID_SEED), []
+    for c in first_class.unique().tolist():
+        group = (first_class == c).nonzero().flatten()
+        k = max(1, round(share * len(group))) if len(group) >= 2 else 0
+        chosen += group[torch.randperm(len(group), generator=generator)[:k]].tolist()
+    if not chosen:
+        raise ValueError(f"{where}: no class has 2 training clips, so no validation part can be held out; add "
+                         "valid rows to the manifest (split column: valid)")
+    valid = sorted(chosen)
+    rest = sorted(set(range(len(train))) - set(valid))
+    return subset(train, rest), subset(train, valid)
+
+
+def subset(clips: data.ClipSet, indices: list[int]) -> data.ClipSet:
+    """Some clips of a ClipSet, in the given order."""
+    index = torch.tensor(indices, dtype=torch.long)
+    names = [clips.names[i] for i in indices]
+    chosen = (data.LazyClips(clips.clips.read, names) if isinstance(clips.clips, data.LazyClips)
+              else [clips.clips[i] for i in indices])
+    return data.ClipSet(chosen, clips.targets[index.to(clips.targets.device)], names)
 
 
 def load_task(settings: RunSettings) -> Task:
@@ -585,12 +622,16 @@ class RunSettings:
                                        "limit)", type=int)
     max_bad_steps: int = setting(10, "stop after this many steps in a row with a non-finite loss (each is "
                                  "skipped with a warning)", type=int)
+    valid_share: float = setting(0.1, "where the recipe selects its epoch on validation clips and the manifest has "
+                                 "none: the share of the training clips held out for it, per class, seeded "
+                                 "(0: stop and ask for valid rows instead)", type=float)
 
     def identity(self, recipe: FinetuneRecipe, world_size: int) -> dict:
         """What must stay the same for a run to resume."""
         return {"init": str(self.init), "recipe_name": self.recipe_name, "recipe": recipe_record(recipe),
                 "manifest": str(self.manifest), "audio_root": str(self.audio_root), "shards": str(self.shards),
-                "folds": self.folds, "random_init": self.random_init, "stage": self.stage, "world_size": world_size}
+                "folds": self.folds, "random_init": self.random_init, "stage": self.stage, "world_size": world_size,
+                "valid_share": self.valid_share}
 
     def saved(self) -> dict:
         return {k: str(v) for k, v in vars(self).items()}
@@ -623,14 +664,15 @@ def finetune(settings: RunSettings, recipe: FinetuneRecipe) -> Path:
     if resume is not None:
         runs.check_same_run(settings.out_dir / RESUME_FILE, resume["resume"]["run"], identity)
     task = load_task(settings)
+    check_selection(settings, recipe, task)
     runs.prepare_out_dir(settings.out_dir, resume is None, ddp, also_stale=RUN_FILES)
     jobs = [(seed, holdout) for seed in recipe.seeds for holdout in task.holdouts]
     run = FinetuneRun(settings, recipe, task, ddp, device, runs.RunLog(settings.out_dir / "log.jsonl",
                                                                        len(jobs) * recipe.epochs, ddp.main),
                       identity, jobs, list(resume["results"]) if resume else [])
     start_job = resume["job"] if resume else 0
-    run.log.start(start_job * recipe.epochs + resume["fit"]["epoch"] if resume else 0,
-                  resume["resume"]["elapsed_s"] if resume else 0.0)
+    done_epochs = start_job * recipe.epochs + resume["fit"]["epoch"] if resume else 0  # one log record each
+    run.log.start(done_epochs, resume["resume"]["elapsed_s"] if resume else 0.0, keep_records=done_epochs)
     run.log.print(f"fine-tuning {settings.init} ({'random init' if settings.random_init else 'pre-trained'}) on "
                   f"{task.manifest.name}: {len(task.manifest.classes)} classes, recipe {settings.recipe_name}, "
                   f"{len(jobs)} run(s) of {recipe.epochs} epochs, {device} {settings.precision}, writing "
@@ -644,11 +686,26 @@ def finetune(settings: RunSettings, recipe: FinetuneRecipe) -> Path:
     return settings.out_dir / ("last.pt" if settings.stage == "1.1" else MODEL_FILE)
 
 
+def check_selection(settings: RunSettings, recipe: FinetuneRecipe, task: Task):
+    """A rule that selects on validation clips gets them: the manifest's, or a held-out share, never the test."""
+    if not 0 <= settings.valid_share < 1:
+        raise ValueError(f"--valid-share {settings.valid_share:g}: must be in [0, 1)")
+    manifest = task.manifest
+    has_valid = manifest.split is not None and bool(manifest.indices("valid"))
+    if recipe.report == "best_valid_then_test" and not has_valid and settings.valid_share == 0:
+        raise ValueError(f"{manifest.name}: the recipe selects its epoch on validation clips (rule "
+                         "best_valid_then_test) and the manifest has none, and --valid-share 0 holds none out. Add "
+                         "rows with split 'valid', or pass --valid-share 0.1 to hold out 10 % of each class's "
+                         "training clips.")
+
+
 def run_job(run: FinetuneRun, j: int, resume: dict | None) -> dict:
     """Fine-tune one seed on one held-out fold (or the splits); resumes from `resume` when it is this job's."""
     seed, holdout = run.jobs[j]
     settings, recipe = run.settings, run.recipe
     train, valid, test = run.task.splits(recipe.raw_input, holdout)
+    if valid is None and recipe.report == "best_valid_then_test":  # never select on the test clips
+        train, valid = held_out_valid(train, settings.valid_share, run.task.manifest.name)
     for split in (train, valid, test):
         if split is not None:
             split.targets = split.targets.to(run.device)
@@ -670,6 +727,8 @@ def run_job(run: FinetuneRun, j: int, resume: dict | None) -> dict:
         t.augment.set_state(resume["resume"]["rng"][run.ddp.rank]["augment"])
     result = fit(t, train, valid, test, on_epoch=lambda state: end_epoch(run, j, t))
     summary = {"seed": seed, "fold": holdout, "score": result["score"], "best_epoch": result["best_epoch"],
+               "last_score": result["last_score"], "steps": t.state.step, "train_clips": len(train),
+               "valid_clips": len(valid) if valid is not None else 0,
                "metrics": result["metrics"]}  # best_epoch None: no epoch scored above 0, no weights kept
     if run.ddp.main and result["state"] is not None and result["score"] > max([r["score"] for r in run.results] + [-1]):
         write_model(run, encoder, model, result, test)
@@ -685,12 +744,12 @@ def end_epoch(run: FinetuneRun, j: int, t: Trainer):
                              optimizer=t.stepper.optimizer.state_dict(), scaler=t.stepper.scaler.state_dict(),
                              resume=runs.resume_state(run.identity, run.recipe.lr, rng, run.log.elapsed_s()))
     seed, holdout = run.jobs[j]
-    record = {"step": j * run.recipe.epochs + t.state.epoch, "seed": seed, "fold": holdout, **t.state.history[-1]}
+    record = {"step": t.state.step, "seed": seed, "fold": holdout, **t.state.history[-1]}  # this run's optimiser steps
     run.log.write(record)
     part, metric = "valid" if "valid" in record else "test", run.recipe.metric
     score = record.get(part, {}).get(metric, float("nan"))  # nan on the ranks that do not evaluate
     fold = f" fold {holdout}" if holdout is not None else ""
-    run.log.progress(record["step"], {"loss": record["loss"]},
+    run.log.progress(j * run.recipe.epochs + t.state.epoch, {"loss": record["loss"]},  # epochs done of all runs
                      [f"lr {record['lr']:.3g}", f"{part} {metric} {score:.2f}"],
                      where=f"seed {seed}{fold} | epoch {t.state.epoch}/{run.recipe.epochs}")
     run.epochs_run += 1
@@ -712,15 +771,21 @@ def write_model(run: FinetuneRun, init: m2d.M2DCLAP, model: m2d.AudioClassifier,
 
 
 def write_result(run: FinetuneRun):
-    """result.json: the reported score by the task's rule (per seed: the mean over held-out folds), and curves.png."""
+    """result.json: the reported score by the task's rule (per seed: the mean over held-out folds), its spread
+    over seeds and folds, the last epoch's score beside it, how epochs were selected; and curves.png."""
     recipe, results = run.recipe, run.results
     per_seed = {str(seed): float(np.mean([r["score"] for r in results if r["seed"] == seed])) for seed in recipe.seeds}
     best = max(range(len(results)), key=lambda k: results[k]["score"])  # the run whose weights best.pt holds
     written = results[best]["best_epoch"] is not None  # else no epoch of any run scored above 0
     model_path = run.settings.out_dir / MODEL_FILE
     spread = seed_summary(list(per_seed.values()))
+    folds = list(dict.fromkeys(r["fold"] for r in results))
+    over_folds = seed_summary([np.mean([r["score"] for r in results if r["fold"] == f]) for f in folds])
+    lasts = [r.get("last_score") for r in results]
+    last = seed_summary(lasts) if None not in lasts else None
     report = {"task": run.task.manifest.name, "recipe_name": run.settings.recipe_name, "rule": recipe.report,
-              "metric": recipe.metric, "score": spread["mean"], "spread": spread, "per_seed": per_seed,
+              "selection": selection(run), "metric": recipe.metric, "score": spread["mean"], "spread": spread,
+              "over_folds": over_folds if folds != [None] else None, "last_epoch": last, "per_seed": per_seed,
               "runs": results, "best_run": best, "best_epoch": results[best]["best_epoch"],
               "model": str(model_path) if written else None,
               "metrics_at_best": results[best]["metrics"], "classes": run.task.manifest.classes,
@@ -729,15 +794,30 @@ def write_result(run: FinetuneRun):
     seed, holdout = run.jobs[best]
     plot_curves(run.settings.out_dir / "curves.png", [r for r in run.log.records if r["seed"] == seed
                                              and r["fold"] == holdout], recipe.metric, run.log.print)
-    score = f"{recipe.metric} {spread['mean']:.2f} (std {spread['std']:.2f} over {spread['n']} seed(s))"
+    fold_spread = f"; std {over_folds['std']:.2f} over {over_folds['n']} folds" if folds != [None] else ""
+    score = (f"{recipe.metric} {spread['mean']:.2f} (std {spread['std']:.2f} over {spread['n']} seed(s){fold_spread})"
+             + (f"; last epoch {last['mean']:.2f}" if last else ""))
+    run.log.print(f"{score}\nselected: {report['selection']}")
     if not written:
-        run.log.print(f"{score}; no epoch of any run scored above 0, so no model was written (no {MODEL_FILE}, "
+        run.log.print(f"no epoch of any run scored above 0, so no model was written (no {MODEL_FILE}, "
                       "no per_class.csv). The classifier learned nothing: check that the labels match the audio, "
                       "or train longer (--epochs) or at another --lr.")
         return
     fold = f", fold {holdout}" if holdout is not None else ""
-    run.log.print(f"{score}; best: seed {seed}{fold}, epoch {report['best_epoch']} (runs[{best}] in result.json); "
-                  f"wrote {model_path}")
+    run.log.print(f"wrote {model_path}: seed {seed}{fold}, epoch {report['best_epoch']} (runs[{best}] in "
+                  "result.json), the run with the highest selected score")
+
+
+def selection(run: FinetuneRun) -> str:
+    """How each run's epoch was selected, in words, for the summary and result.json."""
+    if run.recipe.report != "best_valid_then_test":
+        return (f"each run's best epoch on the test clips: the recipe's rule ({run.recipe.report}), as the authors "
+                "report this task; the last epoch's score is beside it")
+    held = [r for r in run.results if r["valid_clips"]]
+    if run.task.manifest.split is not None and run.task.manifest.indices("valid"):
+        return "the best epoch on the manifest's valid clips, then tested once"
+    return (f"the best epoch on {held[0]['valid_clips'] if held else 0} validation clips held out of the training "
+            f"clips ({run.settings.valid_share:.0%} of each class's, seed {VALID_SEED}), then tested once")
 
 
 # -----------------------------------------------------------------------------

@@ -352,12 +352,12 @@ def restore_training(ckpt: dict, path: Path, settings: dict, peak_lr: float, opt
     return ckpt["step"], ckpt["resume"]["elapsed_s"]
 
 
-def read_log(path: Path, last_step: int) -> list[dict]:
-    """The records of log.jsonl up to last_step: what a resumed run keeps of its log."""
+def read_log(path: Path, last_step: int | None) -> list[dict]:
+    """The records of log.jsonl up to last_step (None: all): what a resumed run keeps of its log."""
     if not path.is_file():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["step"] <= last_step]
+    return [r for r in records if last_step is None or r["step"] <= last_step]
 
 
 def seed_everything(seed: int):
@@ -638,9 +638,13 @@ class RunLog:
         self.started = self.logged_at = time.perf_counter()
         self.logged_step = 0
 
-    def start(self, start_step: int = 0, elapsed_s: float = 0.0):
-        """(Re)write log.jsonl with the records up to start_step, and start the clock at elapsed_s."""
-        self.records = read_log(self.path, start_step) if start_step else []
+    def start(self, start_step: int = 0, elapsed_s: float = 0.0, keep_records: int | None = None):
+        """(Re)write log.jsonl with the records up to start_step (or its first keep_records records, for a log
+        whose step restarts, one run after another), and start the clock at elapsed_s."""
+        if keep_records is not None:
+            self.records = read_log(self.path, None)[:keep_records]
+        else:
+            self.records = read_log(self.path, start_step) if start_step else []
         self.started = time.perf_counter() - elapsed_s
         self.logged_step, self.logged_at = start_step, time.perf_counter()  # for the pace between log lines
         if self.main:

@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import data
 import features
 import finetune as ft
 import runs
@@ -55,15 +56,62 @@ def test_folds_each_held_out_and_the_fold_mean_reported(tmp_path, init, capsys):
     ft.main(["--init", init, "--manifest", csv_path, "--recipe", "esc50", "--folds", "1", "2",
              "--out-dir", str(out), *SMALL])
     result = json.loads((out / "result.json").read_text())
+    printed = capsys.readouterr().out
     best = result["runs"][result["best_run"]]  # the summary line names the same run as result.json
-    assert f"best: seed 43, fold {best['fold']}, epoch {best['best_epoch']} (runs[{result['best_run']}] in " \
-           f"result.json); wrote {out / 'best.pt'}" in capsys.readouterr().out
+    assert f"wrote {out / 'best.pt'}: seed 43, fold {best['fold']}, epoch {best['best_epoch']} " \
+           f"(runs[{result['best_run']}] in result.json), the run with the highest selected score" in printed
     assert result["model"] == str(out / "best.pt")
     assert [r["fold"] for r in result["runs"]] == ["1", "2"] and result["rule"] == "best_test_fold_mean"
-    assert result["score"] == pytest.approx(np.mean([r["score"] for r in result["runs"]]))
-    assert len((out / "log.jsonl").read_text().splitlines()) == 4  # 2 folds x 2 epochs
+    scores = [r["score"] for r in result["runs"]]
+    assert result["score"] == pytest.approx(np.mean(scores))
+    # the spread over folds beside the one over seeds, and the last epoch's score beside the selected one
+    assert result["over_folds"]["n"] == 2 and result["over_folds"]["std"] == pytest.approx(np.std(scores, ddof=1))
+    lasts = [r["last_score"] for r in result["runs"]]
+    assert result["last_epoch"]["mean"] == pytest.approx(np.mean(lasts))
+    assert f"accuracy {np.mean(scores):.2f} (std 0.00 over 1 seed(s); std {np.std(scores, ddof=1):.2f} over 2 " \
+           f"folds); last epoch {np.mean(lasts):.2f}\nselected: each run's best epoch on the test clips: the " \
+           "recipe's rule (best_test_fold_mean), as the authors report this task" in printed
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 4  # 2 folds x 2 epochs
+    # steps are optimiser steps of each run: 8 training clips a fold at batch 4 are 2 steps an epoch
+    assert [(r["fold"], r["epoch"], r["step"]) for r in log] == [("1", 1, 2), ("1", 2, 4), ("2", 1, 2), ("2", 2, 4)]
+    assert [r["steps"] for r in result["runs"]] == [4, 4]
     assert (out / "per_class.csv").read_text().splitlines()[0] == "class,AP,roc_auc,positives"
     assert runs.load_checkpoint(out / "best.pt")["classes"] == ["cat", "dog"]
+
+
+def test_a_rule_that_selects_on_validation_clips_never_selects_on_the_test_clips(tmp_path, init, capsys):
+    # spcv2's rule is the best validation epoch, then one test; this manifest has train and test clips only
+    csv_path = write_clips(tmp_path, ["dog", "cat"] * 8, ["train"] * 12 + ["test"] * 4, "split")
+    args = ["--init", init, "--manifest", csv_path, "--recipe", "spcv2", *SMALL, "--input-frames", "48"]
+    with pytest.raises(SystemExit, match=r"manifest.csv: the recipe selects its epoch on validation clips .* "
+                                         r"--valid-share 0 holds none out. Add rows with split 'valid'"):
+        ft.main([*args, "--out-dir", str(tmp_path / "none"), "--valid-share", "0"])
+    out = tmp_path / "run"
+    ft.main([*args, "--out-dir", str(out)])  # the default: 10 % of each class's training clips held out
+    result = json.loads((out / "result.json").read_text())
+    run = result["runs"][0]
+    assert (run["train_clips"], run["valid_clips"]) == (10, 2)  # one of each class's 6, seeded
+    assert result["selection"] == "the best epoch on 2 validation clips held out of the training clips (10% of " \
+                                  "each class's, seed 0), then tested once"
+    assert "selected: the best epoch on 2 validation clips held out" in capsys.readouterr().out
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all("valid" in r and "test" not in r for r in log)  # the test clips are never scored while selecting
+
+
+def test_the_held_out_validation_part_is_class_balanced_seeded_and_leaves_a_training_clip(tmp_path):
+    targets = torch.zeros(23, 3)
+    targets[:10, 0] = 1
+    targets[10:22, 1] = 1
+    targets[22, 2] = 1  # a class of one clip
+    clips = data.ClipSet([torch.full((4,), float(i)) for i in range(23)], targets, [f"c{i}" for i in range(23)])
+    rest, valid = ft.held_out_valid(clips, 0.2, "m.csv")
+    assert valid.targets.sum(0).tolist() == [2, 2, 0]  # round(0.2 x 10), round(0.2 x 12), none of the single clip
+    assert sorted(rest.names + valid.names) == sorted(clips.names) and not set(rest.names) & set(valid.names)
+    assert [int(c[0]) for c in valid.clips] == [int(n[1:]) for n in valid.names]  # clips follow their names
+    assert ft.held_out_valid(clips, 0.2, "m.csv")[1].names == valid.names  # the same part every time
+    with pytest.raises(ValueError, match="m.csv: no class has 2 training clips"):
+        ft.held_out_valid(data.ClipSet(clips.clips[:1], targets[:1], clips.names[:1]), 0.2, "m.csv")
 
 
 def test_resume_after_a_stop_is_bit_identical(tmp_path, init):
@@ -137,8 +185,8 @@ def test_a_run_where_no_epoch_scores_above_0_says_that_it_wrote_no_model(tmp_pat
     out = tmp_path / "run"  # every test clip is a dog and every prediction a cat: accuracy 0 in every epoch
     ft.main(["--init", init, "--manifest", csv_path, "--recipe", "esc50", "--out-dir", str(out), *SMALL])
     printed = capsys.readouterr().out
-    assert "accuracy 0.00 (std 0.00 over 1 seed(s)); no epoch of any run scored above 0, so no model was written " \
-           "(no best.pt, no per_class.csv)." in printed
+    assert "accuracy 0.00 (std 0.00 over 1 seed(s)); last epoch 0.00\n" in printed
+    assert "no epoch of any run scored above 0, so no model was written (no best.pt, no per_class.csv)." in printed
     assert "wrote" not in printed
     assert not (out / "best.pt").exists() and not (out / "per_class.csv").exists()
     result = json.loads((out / "result.json").read_text())
