@@ -250,6 +250,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON (default: none)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads torch computes with (default: torch's choice, one per core). On a machine "
+                        "shared with other jobs, fewer threads than cores can be several times faster")
     p.add_argument("--plot", type=Path, default=None,
                    help="write PNG figures here (similarity matrix, confusion matrix, training curves); "
                         "needs matplotlib")
@@ -267,6 +270,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         runs.check_device(args.device)
+        runs.set_threads(args.threads)
         path = args.checkpoint or features.newest_run()
         embedder = features.load_model(path, args.device, args.text_encoder)
         eval_set = evaluation_set(args.data, args.audio_root)

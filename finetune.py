@@ -614,6 +614,9 @@ class RunSettings:
     grad_checkpointing: bool = setting(False, "recompute block activations in the backward pass, trading time "
                                        "for memory", action="store_true")
     workers: int = setting(1, "threads reading the clips", type=int)
+    threads: int | None = setting(None, "CPU threads torch computes with (default: torch's choice, one per core). "
+                                  "On a machine shared with other jobs, fewer threads than cores can be several "
+                                  "times faster", type=int)
     out_dir: Path = setting(Path("runs/finetune-builtin"), "run folder (default: runs/finetune-<recipe>; "
                             "runs/stage1.1 for --stage 1.1)", type=Path)
     resume: bool = setting(False, "go on from the run folder's resume.pt (default: when it exists; --no-resume "
@@ -655,6 +658,7 @@ class FinetuneRun:
 
 def finetune(settings: RunSettings, recipe: FinetuneRecipe) -> Path:
     """Run every (seed, held-out fold) of a task, resuming where a stopped run left off; returns best.pt's path."""
+    runs.set_threads(settings.threads)
     ddp, device = runs.setup_distributed(torch.device(settings.device))
     if not settings.init.is_file():
         raise FileNotFoundError(f"{settings.init}: the checkpoint to fine-tune was not found; pass --init CKPT "

@@ -10,7 +10,7 @@ library only, never a file of this project, so any piece can be copied alone.
   resumed run), RNG states (rng_state, set_rng_state, gather_rng_states,
   seed_everything, restore_rng), read_log.
 - torchrun: Distributed (rank, world size, barrier, DDP wrapping, gather and
-  mean over ranks, replica check), setup_distributed, check_device.
+  mean over ranks, replica check), setup_distributed, check_device, set_threads.
 - Precision and compilation: amp_defaults (the one place that chooses them),
   autocast, compiled, LossScaler (fp16 loss scaling without host syncs).
 - The optimiser step: Stepper (gradient accumulation, autocast, loss scaling,
@@ -245,6 +245,18 @@ def check_device(name: str | torch.device) -> torch.device:
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: Apple's MPS is not available on this machine; pass --device cpu")
     return device
+
+
+def set_threads(n: int | None):
+    """torch's CPU threads for this process: n, or torch's own choice (one per core) when None.
+
+    On a machine other jobs share, torch's choice oversubscribes the cores and
+    a step can take several times as long as with fewer threads.
+    """
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"--threads {n}: must be at least 1")
+        torch.set_num_threads(n)
 
 
 def setup_distributed(device: str | torch.device) -> tuple[Distributed, torch.device]:

@@ -254,3 +254,16 @@ def test_both_formats_of_torch_save_load(tmp_path):
     for name in ("zip.pt", "legacy.pt"):
         loaded = runs.load_checkpoint(tmp_path / name)
         assert loaded["step"] == 2 and torch.equal(loaded["model"]["w"], state["model"]["w"])
+
+
+def test_threads_are_set_only_when_asked():
+    before = torch.get_num_threads()
+    try:
+        runs.set_threads(None)
+        assert torch.get_num_threads() == before  # torch's own choice
+        runs.set_threads(1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(ValueError, match="--threads 0: must be at least 1"):
+            runs.set_threads(0)
+    finally:
+        torch.set_num_threads(before)
