@@ -1,7 +1,8 @@
 """Evaluation of M2D-CLAP checkpoints: the protocols used to judge them (linear
 probe, zero-shot classification, audio-text retrieval, RankMe), their command
-line and plots. Features come from features.py, manifests from data.py (the
-same rules as fine-tuning's), the scores from metrics.py.
+line and plots. Features and the linear probe come from features.py (fine-tuning
+reports the same probe beside its result), manifests from data.py (the same
+rules as fine-tuning's), the scores from metrics.py.
 
 Command line:
     python evaluate.py                                   # newest runs/stage*/last.pt, built-in held-out clips
@@ -27,45 +28,6 @@ import data
 import features
 import metrics
 import runs
-
-
-# -----------------------------------------------------------------------------
-# The linear probe (the scores are metrics.py's)
-
-
-def linear_probe(train_x: torch.Tensor, train_targets: torch.Tensor, test_x: torch.Tensor,
-                 test_targets: torch.Tensor, steps: int = 500, lr: float = 1e-3, weight_decay: float = 1e-4,
-                 seed: int = 0) -> tuple[dict, torch.Tensor]:
-    """A linear classifier on frozen, standardised features; accuracy (and mAP if multi-label) in %.
-
-    Features are standardised with the training set's mean and std; the
-    classifier trains full-batch with Adam, cross-entropy for single-label data
-    and binary cross-entropy when some clip has several labels. Targets are
-    multi-hot [N, C]. Returns the scores and the test logits [N_test, C].
-    """
-    mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    multilabel = bool((train_targets.sum(dim=1) > 1).any() or (test_targets.sum(dim=1) > 1).any())
-    generator = torch.Generator().manual_seed(seed)
-    classifier = torch.nn.Linear(train_x.shape[1], train_targets.shape[1])
-    torch.nn.init.normal_(classifier.weight, std=0.01, generator=generator)
-    torch.nn.init.zeros_(classifier.bias)
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=weight_decay)
-    if multilabel:
-        target, loss_fn = train_targets, torch.nn.BCEWithLogitsLoss()
-    else:
-        target, loss_fn = train_targets.argmax(dim=1), torch.nn.CrossEntropyLoss()
-    with torch.enable_grad():
-        for _ in range(steps):
-            optimizer.zero_grad()
-            loss_fn(classifier(train_x), target).backward()
-            optimizer.step()
-    with torch.no_grad():
-        scores = classifier(test_x)
-    result = {"accuracy": metrics.accuracy(scores, test_targets)}
-    if multilabel:
-        result["mAP"] = metrics.mean_average_precision(scores, test_targets)
-    return result, scores
 
 
 # -----------------------------------------------------------------------------
@@ -163,7 +125,8 @@ def run_linear_probe(clip: torch.Tensor, eval_set: data.Manifest, targets: torch
         return
     fold_results = []
     for train_ids, test_ids in groups:
-        result, scores = linear_probe(clip[train_ids], targets[train_ids], clip[test_ids], targets[test_ids])
+        result, scores = features.linear_probe(clip[train_ids], targets[train_ids], clip[test_ids],
+                                               targets[test_ids])
         fold_results.append(result)
         arrays["probe"] = (scores, targets[test_ids])
     results["linear_probe"] = {k: float(np.mean([r[k] for r in fold_results])) for k in fold_results[0]}

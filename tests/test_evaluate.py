@@ -26,7 +26,7 @@ def test_linear_probe_separates_separable_classes():
     labels = torch.randint(0, 4, (200,))
     x = centres[labels] + 0.3 * torch.randn(200, 20)
     targets = torch.nn.functional.one_hot(labels, 4).float()
-    result, scores = evaluate.linear_probe(x[:150], targets[:150], x[150:], targets[150:])
+    result, scores = features.linear_probe(x[:150], targets[:150], x[150:], targets[150:])
     assert result == {"accuracy": 100.0} and scores.shape == (50, 4)
 
 
