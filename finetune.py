@@ -35,6 +35,7 @@ as they do for test clips (they crop validation clips at random).
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -625,6 +626,9 @@ class RunSettings:
                                        "limit)", type=int)
     max_bad_steps: int = setting(10, "stop after this many steps in a row with a non-finite loss (each is "
                                  "skipped with a warning)", type=int)
+    probe: bool = setting(True, "also fit a linear probe on the frozen encoder's clip features of the same "
+                          "training and test clips, the baseline fine-tuning has to beat (not with --shards)",
+                          action=argparse.BooleanOptionalAction)
     valid_share: float = setting(0.1, "where the recipe selects its epoch on validation clips and the manifest has "
                                  "none: the share of the training clips held out for it, per class, seeded "
                                  "(0: stop and ask for valid rows instead)", type=float)
@@ -654,6 +658,7 @@ class FinetuneRun:
     jobs: list[tuple[int, str | None]]   # (seed, held-out fold) in the order they run
     results: list[dict] = field(default_factory=list)  # one summary per job done
     epochs_run: int = 0                  # in this invocation
+    probes: dict = field(default_factory=dict)  # held-out fold -> the frozen encoder's probe (pre-trained runs)
 
 
 def finetune(settings: RunSettings, recipe: FinetuneRecipe) -> Path:
@@ -688,6 +693,20 @@ def finetune(settings: RunSettings, recipe: FinetuneRecipe) -> Path:
         write_result(run)
     ddp.leave()
     return settings.out_dir / ("last.pt" if settings.stage == "1.1" else MODEL_FILE)
+
+
+def frozen_probe(encoder: m2d.M2DCLAP, train: data.ClipSet, test: data.ClipSet, raw_input: str,
+                 device: torch.device) -> dict:
+    """The baseline a fine-tuning result is read against: features.linear_probe on the frozen encoder's clip
+    features of the same training and test clips, as evaluate.py probes (accuracy; mAP when multi-label)."""
+    with torch.random.fork_rng(devices=[]):  # the run's own random numbers stay as they were
+        frozen = copy.deepcopy(encoder).to(device).eval()
+
+        def clip_features(clips) -> torch.Tensor:
+            return features.clip_features(frozen, [data.log_mel(c) if raw_input == "wave" else c for c in clips])
+        result, _ = features.linear_probe(clip_features(train.clips), train.targets.cpu(),
+                                          clip_features(test.clips), test.targets.cpu())
+    return result
 
 
 def check_selection(settings: RunSettings, recipe: FinetuneRecipe, task: Task):
@@ -730,8 +749,14 @@ def run_job(run: FinetuneRun, j: int, resume: dict | None) -> dict:
         t.order.set_state(resume["resume"]["rng"][0]["order"])
         t.augment.set_state(resume["resume"]["rng"][run.ddp.rank]["augment"])
     result = fit(t, train, valid, test, on_epoch=lambda state: end_epoch(run, j, t))
+    probe = None
+    if run.ddp.main and settings.probe and not run.task.lazy:  # the same for every seed of a pre-trained encoder
+        key = (seed if settings.random_init else None, holdout)
+        probe = run.probes.get(key) or frozen_probe(encoder, train, test, recipe.raw_input, run.device)
+        run.probes[key] = probe
     summary = {"seed": seed, "fold": holdout, "score": result["score"], "best_epoch": result["best_epoch"],
-               "last_score": result["last_score"], "steps": t.state.step, "train_clips": len(train),
+               "last_score": result["last_score"], "frozen_probe": probe, "steps": t.state.step,
+               "train_clips": len(train),
                "valid_clips": len(valid) if valid is not None else 0,
                "metrics": result["metrics"]}  # best_epoch None: no epoch scored above 0, no weights kept
     if run.ddp.main and result["state"] is not None and result["score"] > max([r["score"] for r in run.results] + [-1]):
@@ -787,9 +812,12 @@ def write_result(run: FinetuneRun):
     over_folds = seed_summary([np.mean([r["score"] for r in results if r["fold"] == f]) for f in folds])
     lasts = [r.get("last_score") for r in results]
     last = seed_summary(lasts) if None not in lasts else None
+    probes = [(r.get("frozen_probe") or {}).get(recipe.metric) for r in results]
+    probe = seed_summary(probes) if probes and None not in probes else None
     report = {"task": run.task.manifest.name, "recipe_name": run.settings.recipe_name, "rule": recipe.report,
               "selection": selection(run), "metric": recipe.metric, "score": spread["mean"], "spread": spread,
-              "over_folds": over_folds if folds != [None] else None, "last_epoch": last, "per_seed": per_seed,
+              "over_folds": over_folds if folds != [None] else None, "last_epoch": last, "frozen_probe": probe,
+              "per_seed": per_seed,
               "runs": results, "best_run": best, "best_epoch": results[best]["best_epoch"],
               "model": str(model_path) if written else None,
               "metrics_at_best": results[best]["metrics"], "classes": run.task.manifest.classes,
@@ -800,7 +828,8 @@ def write_result(run: FinetuneRun):
                                              and r["fold"] == holdout], recipe.metric, run.log.print)
     fold_spread = f"; std {over_folds['std']:.2f} over {over_folds['n']} folds" if folds != [None] else ""
     score = (f"{recipe.metric} {spread['mean']:.2f} (std {spread['std']:.2f} over {spread['n']} seed(s){fold_spread})"
-             + (f"; last epoch {last['mean']:.2f}" if last else ""))
+             + (f"; last epoch {last['mean']:.2f}" if last else "")
+             + (f"; frozen encoder's linear probe on the same clips {probe['mean']:.2f}" if probe else ""))
     run.log.print(f"{score}\nselected: {report['selection']}")
     if not written:
         run.log.print(f"no epoch of any run scored above 0, so no model was written (no {MODEL_FILE}, "

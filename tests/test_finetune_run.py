@@ -13,6 +13,7 @@ import soundfile as sf
 import torch
 
 import data
+import evaluate
 import features
 import finetune as ft
 import runs
@@ -68,9 +69,20 @@ def test_folds_each_held_out_and_the_fold_mean_reported(tmp_path, init, capsys):
     assert result["over_folds"]["n"] == 2 and result["over_folds"]["std"] == pytest.approx(np.std(scores, ddof=1))
     lasts = [r["last_score"] for r in result["runs"]]
     assert result["last_epoch"]["mean"] == pytest.approx(np.mean(lasts))
+    probes = [r["frozen_probe"]["accuracy"] for r in result["runs"]]
+    assert result["frozen_probe"]["mean"] == pytest.approx(np.mean(probes))
     assert f"accuracy {np.mean(scores):.2f} (std 0.00 over 1 seed(s); std {np.std(scores, ddof=1):.2f} over 2 " \
-           f"folds); last epoch {np.mean(lasts):.2f}\nselected: each run's best epoch on the test clips: the " \
-           "recipe's rule (best_test_fold_mean), as the authors report this task" in printed
+           f"folds); last epoch {np.mean(lasts):.2f}; frozen encoder's linear probe on the same clips " \
+           f"{np.mean(probes):.2f}\nselected: each run's best epoch on the test clips: the recipe's rule " \
+           "(best_test_fold_mean), as the authors report this task" in printed
+    # the probe is evaluate.py's, on the same folds
+    manifest = data.read_manifest(csv_path)
+    clip = features.clip_features(features.load_model(init).model, evaluate.manifest_log_mels(manifest))
+    targets = data.label_targets(manifest.labels, manifest.classes)
+    for fold, probe in zip(("1", "2"), probes):
+        train_ids, test_ids = manifest.indices("train", fold), manifest.indices("test", fold)
+        expected, _ = features.linear_probe(clip[train_ids], targets[train_ids], clip[test_ids], targets[test_ids])
+        assert probe == pytest.approx(expected["accuracy"])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 4  # 2 folds x 2 epochs
     # steps are optimiser steps of each run: 8 training clips a fold at batch 4 are 2 steps an epoch
@@ -185,7 +197,7 @@ def test_a_run_where_no_epoch_scores_above_0_says_that_it_wrote_no_model(tmp_pat
     out = tmp_path / "run"  # every test clip is a dog and every prediction a cat: accuracy 0 in every epoch
     ft.main(["--init", init, "--manifest", csv_path, "--recipe", "esc50", "--out-dir", str(out), *SMALL])
     printed = capsys.readouterr().out
-    assert "accuracy 0.00 (std 0.00 over 1 seed(s)); last epoch 0.00\n" in printed
+    assert "accuracy 0.00 (std 0.00 over 1 seed(s)); last epoch 0.00; frozen encoder's linear probe" in printed
     assert "no epoch of any run scored above 0, so no model was written (no best.pt, no per_class.csv)." in printed
     assert "wrote" not in printed
     assert not (out / "best.pt").exists() and not (out / "per_class.csv").exists()
