@@ -487,7 +487,18 @@ class Task:
         return train, (valid if len(valid) else None), test
 
 
-VALID_SEED = 0  # the held-out validation part is the same for every seed of a run
+VALID_SEED = 0  # the held-out validation part (and a --train-per-class subset) is the same for every seed
+
+
+def per_class_draw(targets: torch.Tensor, count, seed: int) -> list[int]:
+    """Clip indices drawn class by class: the clips grouped by their first class, count(n) of each group of n
+    drawn at random (seeded), in clip order."""
+    first_class = targets.cpu().argmax(dim=1)
+    generator, chosen = torch.Generator().manual_seed(seed), []
+    for c in first_class.unique().tolist():
+        group = (first_class == c).nonzero().flatten()
+        chosen += group[torch.randperm(len(group), generator=generator)[:count(len(group))]].tolist()
+    return sorted(chosen)
 
 
 def held_out_valid(train: data.ClipSet, share: float, where: str) -> tuple[data.ClipSet, data.ClipSet]:
@@ -498,18 +509,18 @@ def held_out_valid(train: data.ClipSet, share: float, where: str) -> tuple[data.
     where n >= 2, are drawn for validation. A group of one clip stays in
     training, so every class keeps a training clip.
     """
-    first_class = train.targets.cpu().argmax(dim=1)
-    generator, chosen = torch.Generator().manual_seed(VALID_SEED), []
-    for c in first_class.unique().tolist():
-        group = (first_class == c).nonzero().flatten()
-        k = max(1, round(share * len(group))) if len(group) >= 2 else 0
-        chosen += group[torch.randperm(len(group), generator=generator)[:k]].tolist()
+    chosen = per_class_draw(train.targets, lambda n: max(1, round(share * n)) if n >= 2 else 0, VALID_SEED)
     if not chosen:
         raise ValueError(f"{where}: no class has 2 training clips, so no validation part can be held out; add "
                          "valid rows to the manifest (split column: valid)")
-    valid = sorted(chosen)
-    rest = sorted(set(range(len(train))) - set(valid))
-    return subset(train, rest), subset(train, valid)
+    rest = sorted(set(range(len(train))) - set(chosen))
+    return subset(train, rest), subset(train, chosen)
+
+
+def labelled_subset(train: data.ClipSet, per_class: int) -> data.ClipSet:
+    """At most per_class training clips of each first class, seeded (VALID_SEED): a label-scarce task made of a
+    full one, to see what pre-training is worth when labels are few."""
+    return subset(train, per_class_draw(train.targets, lambda n: min(n, per_class), VALID_SEED))
 
 
 def subset(clips: data.ClipSet, indices: list[int]) -> data.ClipSet:
@@ -629,6 +640,9 @@ class RunSettings:
     probe: bool = setting(True, "also fit a linear probe on the frozen encoder's clip features of the same "
                           "training and test clips, the baseline fine-tuning has to beat (not with --shards)",
                           action=argparse.BooleanOptionalAction)
+    train_per_class: int | None = setting(None, "train on at most this many clips of each class (by a clip's "
+                                          "first class, seeded): a label-scarce task made of a full one "
+                                          "(default: every training clip)", type=int)
     valid_share: float = setting(0.1, "where the recipe selects its epoch on validation clips and the manifest has "
                                  "none: the share of the training clips held out for it, per class, seeded "
                                  "(0: stop and ask for valid rows instead)", type=float)
@@ -638,7 +652,7 @@ class RunSettings:
         return {"init": str(self.init), "recipe_name": self.recipe_name, "recipe": recipe_record(recipe),
                 "manifest": str(self.manifest), "audio_root": str(self.audio_root), "shards": str(self.shards),
                 "folds": self.folds, "random_init": self.random_init, "stage": self.stage, "world_size": world_size,
-                "valid_share": self.valid_share}
+                "valid_share": self.valid_share, "train_per_class": self.train_per_class}
 
     def saved(self) -> dict:
         return {k: str(v) for k, v in vars(self).items()}
@@ -729,6 +743,8 @@ def run_job(run: FinetuneRun, j: int, resume: dict | None) -> dict:
     train, valid, test = run.task.splits(recipe.raw_input, holdout)
     if valid is None and recipe.report == "best_valid_then_test":  # never select on the test clips
         train, valid = held_out_valid(train, settings.valid_share, run.task.manifest.name)
+    if settings.train_per_class:
+        train = labelled_subset(train, settings.train_per_class)
     for split in (train, valid, test):
         if split is not None:
             split.targets = split.targets.to(run.device)

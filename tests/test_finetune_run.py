@@ -264,3 +264,17 @@ def test_two_process_fine_tuning_stopped_and_resumed_equals_the_uninterrupted_ru
         assert all(torch.equal(value, parts[key][k]) for k, value in whole[key].items()), key
     resume = torch.load(tmp_path / "parts" / "resume.pt", weights_only=True)
     assert len(resume["resume"]["rng"]) == 2 and resume["fit"]["epoch"] == 2
+
+
+def test_train_per_class_keeps_a_seeded_label_scarce_part_of_the_training_clips():
+    targets = torch.zeros(30, 3)
+    targets[:12, 0] = 1
+    targets[12:15, 1] = 1
+    targets[15:, 2] = 1
+    targets[15:20, 0] = 1  # multi-label clips count under their first class
+    clips = data.ClipSet([torch.full((4,), float(i)) for i in range(30)], targets, [f"c{i}" for i in range(30)])
+    scarce = ft.labelled_subset(clips, 4)
+    first = scarce.targets.argmax(dim=1).tolist()
+    assert [first.count(c) for c in range(3)] == [4, 3, 4]  # 4 of 17, all 3 of the class of 3, 4 of 10
+    assert ft.labelled_subset(clips, 4).names == scarce.names
+    assert [int(c[0]) for c in scarce.clips] == [int(n[1:]) for n in scarce.names]
