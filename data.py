@@ -547,6 +547,10 @@ class Manifest:
         line = f", line {self.lines[i]}" if i < len(self.lines) else ""
         return f"{self.name}{line} ({self.files[i]})"
 
+    def unreadable(self, i: int, error: AudioError) -> AudioError:
+        """The AudioError of clip i's file, with where the manifest lists it and the way on."""
+        return AudioError(f"{error} It is listed in {self.where(i)}: fix the file or remove its row.")
+
     @property
     def classes(self) -> list[str]:
         """The sorted label strings of the training clips: split "train", or every clip without a split."""
@@ -750,12 +754,13 @@ def load_clips(manifest: Manifest, indices: list[int], source: AudioFolder | Sha
     if raw_input == "wave" and not isinstance(source, AudioFolder):
         raise ManifestError(f"{manifest.name}: raw_input='wave' needs audio files, not log-mel shards")
     raw = (lambda name: load_audio(source.root / name)) if raw_input == "wave" else source.log_mel
+    index = {manifest.files[i]: i for i in indices}
 
     def read(name: str) -> torch.Tensor:
         try:
             return raw(name)
         except AudioError as e:
-            raise AudioError(f"{e} It is listed in {manifest.name}: fix the file or remove its row.") from e
+            raise manifest.unreadable(index[name], e) from e
 
     targets = label_targets([manifest.labels[i] for i in indices], manifest.classes, manifest.name)
     if lazy:

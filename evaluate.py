@@ -61,7 +61,7 @@ def manifest_log_mels(manifest: data.Manifest) -> list[torch.Tensor]:
         try:
             mels.append(data.log_mel(data.load_audio(manifest.root / name)))
         except data.AudioError as e:
-            raise data.AudioError(f"{e} It is listed in {manifest.where(i)}: fix the file or remove its row.") from e
+            raise manifest.unreadable(i, e) from e
     return mels
 
 

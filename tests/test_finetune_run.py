@@ -187,6 +187,11 @@ def test_bad_input_is_named(tmp_path, init, capsys):
         in error("file_name,label,fold\na.wav,dog,1\nb.wav,cat,2\nc.wav,cat,1\nd.wav,dog,2\ne.wav,bird,3\n")
     assert not (tmp_path / "run" / "log.jsonl").exists()  # refused before the first fold trained
     assert "a file belongs to one split" in error("file_name,label,split\na.wav,dog,train\na.wav,dog,test\n")
+    (tmp_path / "garbage.wav").write_bytes(b"not audio")
+    assert "garbage.wav: cannot be decoded as audio" in error(
+        "file_name,label,split\na.wav,dog,train\ngarbage.wav,dog,train\nb.wav,dog,test\n")
+    assert "It is listed in " + str(tmp_path / "bad.csv") + ", line 3 (garbage.wav): fix the file or remove its " \
+           "row." in error("file_name,label,split\na.wav,dog,train\ngarbage.wav,dog,train\nb.wav,dog,test\n")
     assert "checkpoint to fine-tune was not found" in error("file_name,label,split\na.wav,dog,train\n"
                                                             "a.wav,dog,test\n", "--init", str(tmp_path / "no.pt"))
 
