@@ -479,6 +479,11 @@ class Task:
     lazy: bool = False                   # read clips when a batch needs them (shards)
     workers: int = 1                     # threads reading the clips otherwise
 
+    @property
+    def has_valid(self) -> bool:
+        """Whether the manifest itself has validation clips (split 'valid'; folds have none)."""
+        return self.manifest.split is not None and bool(self.manifest.indices("valid"))
+
     def splits(self, raw_input: str, holdout: str | None) -> tuple[data.ClipSet, data.ClipSet | None, data.ClipSet]:
         """(train, valid or None, test) of one held-out fold (or of the manifest's splits)."""
         train, valid, test = (data.load_clips(self.manifest, self.manifest.indices(part, holdout), self.source,
@@ -727,10 +732,8 @@ def check_selection(settings: RunSettings, recipe: FinetuneRecipe, task: Task):
     """A rule that selects on validation clips gets them: the manifest's, or a held-out share, never the test."""
     if not 0 <= settings.valid_share < 1:
         raise ValueError(f"--valid-share {settings.valid_share:g}: must be in [0, 1)")
-    manifest = task.manifest
-    has_valid = manifest.split is not None and bool(manifest.indices("valid"))
-    if recipe.report == "best_valid_then_test" and not has_valid and settings.valid_share == 0:
-        raise ValueError(f"{manifest.name}: the recipe selects its epoch on validation clips (rule "
+    if recipe.report == "best_valid_then_test" and not task.has_valid and settings.valid_share == 0:
+        raise ValueError(f"{task.manifest.name}: the recipe selects its epoch on validation clips (rule "
                          "best_valid_then_test) and the manifest has none, and --valid-share 0 holds none out. Add "
                          "rows with split 'valid', or pass --valid-share 0.1 to hold out 10 % of each class's "
                          "training clips.")
@@ -863,7 +866,7 @@ def selection(run: FinetuneRun) -> str:
         return (f"each run's best epoch on the test clips: the recipe's rule ({run.recipe.report}), as the authors "
                 "report this task; the last epoch's score is beside it")
     held = [r for r in run.results if r["valid_clips"]]
-    if run.task.manifest.split is not None and run.task.manifest.indices("valid"):
+    if run.task.has_valid:
         return "the best epoch on the manifest's valid clips, then tested once"
     return (f"the best epoch on {held[0]['valid_clips'] if held else 0} validation clips held out of the training "
             f"clips ({run.settings.valid_share:.0%} of each class's, seed {VALID_SEED}), then tested once")
