@@ -287,6 +287,14 @@ class AudioFolder:
         """Full-length log-mel [n_mels, frames] of one file."""
         return read_log_mel(self.root / name, self.convert)
 
+    def frames(self, name: str) -> int:
+        """Log-mel frames of one file at 16 kHz, from its header (decoded in full where the header fails)."""
+        try:
+            info = sf.info(str(self.root / name))
+        except RuntimeError:  # soundfile's LibsndfileError: let read_log_mel say what is wrong
+            return self.log_mel(name).shape[-1]
+        return 1 + int(info.frames * SAMPLE_RATE / info.samplerate) // HOP_SAMPLES
+
 
 def read_log_mel(path: str | Path, convert: bool = True) -> torch.Tensor:
     """Full-length log-mel [n_mels, frames] of an audio file of at least one patch (MIN_FRAMES frames)."""
@@ -807,6 +815,9 @@ class ShardStore:
 
     def where(self) -> str:
         return f"in the shard index {self.folder / 'index.csv'}; prepare those files or fix the file names"
+
+    def frames(self, name: str) -> int:
+        return self.entries[name][2]
 
     def log_mel(self, name: str) -> torch.Tensor:
         shard, offset, frames = self.entries[name]

@@ -657,33 +657,41 @@ def clap_audio(model, log_mels: Iterable[torch.Tensor], batch_size: int = 64) ->
 # The linear probe: a classifier trained on frozen features, the baseline of every encoder
 
 
+def fit_linear(x: torch.Tensor, targets: torch.Tensor, multilabel: bool, steps: int = 500, lr: float = 1e-3,
+               weight_decay: float = 1e-4, seed: int = 0) -> torch.nn.Linear:
+    """A linear classifier on standardised features x [N, D] for multi-hot targets [N, C]: full-batch Adam,
+    cross-entropy (single-label) or binary cross-entropy (multi-label), weights drawn N(0, 0.01) from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    classifier = torch.nn.Linear(x.shape[1], targets.shape[1])
+    torch.nn.init.normal_(classifier.weight, std=0.01, generator=generator)
+    torch.nn.init.zeros_(classifier.bias)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=weight_decay)
+    if multilabel:
+        target, loss_fn = targets, torch.nn.BCEWithLogitsLoss()
+    else:
+        target, loss_fn = targets.argmax(dim=1), torch.nn.CrossEntropyLoss()
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss_fn(classifier(x), target).backward()
+            optimizer.step()
+    return classifier.requires_grad_(False)
+
+
 def linear_probe(train_x: torch.Tensor, train_targets: torch.Tensor, test_x: torch.Tensor,
                  test_targets: torch.Tensor, steps: int = 500, lr: float = 1e-3, weight_decay: float = 1e-4,
                  seed: int = 0) -> tuple[dict, torch.Tensor]:
     """A linear classifier on frozen, standardised features; accuracy (and mAP if multi-label) in %.
 
     Features are standardised with the training set's mean and std; the
-    classifier trains full-batch with Adam, cross-entropy for single-label data
-    and binary cross-entropy when some clip has several labels. Targets are
-    multi-hot [N, C]. Returns the scores and the test logits [N_test, C].
+    classifier (fit_linear) uses binary cross-entropy when some clip has
+    several labels. Targets are multi-hot [N, C]. Returns the scores and the
+    test logits [N_test, C].
     """
     mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     multilabel = bool((train_targets.sum(dim=1) > 1).any() or (test_targets.sum(dim=1) > 1).any())
-    generator = torch.Generator().manual_seed(seed)
-    classifier = torch.nn.Linear(train_x.shape[1], train_targets.shape[1])
-    torch.nn.init.normal_(classifier.weight, std=0.01, generator=generator)
-    torch.nn.init.zeros_(classifier.bias)
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=weight_decay)
-    if multilabel:
-        target, loss_fn = train_targets, torch.nn.BCEWithLogitsLoss()
-    else:
-        target, loss_fn = train_targets.argmax(dim=1), torch.nn.CrossEntropyLoss()
-    with torch.enable_grad():
-        for _ in range(steps):
-            optimizer.zero_grad()
-            loss_fn(classifier(train_x), target).backward()
-            optimizer.step()
+    classifier = fit_linear(train_x, train_targets, multilabel, steps, lr, weight_decay, seed)
     with torch.no_grad():
         scores = classifier(test_x)
     result = {"accuracy": metrics.accuracy(scores, test_targets)}

@@ -79,6 +79,7 @@ class FinetuneRecipe:
     mixup_alpha: float = option(0.0, "mixup's Beta(alpha, alpha) on the raw input; 0: off")
     freq_mask_bins: int = option(30, "one frequency band of a width drawn in [0, N) zeroed")
     time_mask_frames: int = option(48, "one time band of a width drawn in [0, N) zeroed")
+    time_mask_share: float = option(0.0, "if above 0, the time band's N is this share of input_frames instead")
     random_resized_crop: bool = option(True, "BYOL-A's random resized crop of the log-mel")
     token_drop_ratio: float = option(0.5, "structured token drop (the authors' training_mask): share of "
                                      "frequency rows and time columns flagged")
@@ -86,25 +87,34 @@ class FinetuneRecipe:
                                   "code) or the unflagged", ("flagged", "unflagged"))
     raw_input: str = option("wave", "what the clips are and mixup mixes: waveforms or log-mels [F, T]",
                              ("wave", "log_mel"))
-    input_frames: int = option(1001, "crop length in log-mel frames (waveforms: (frames - 1) x hop samples)")
+    input_frames: int = option(1001, "crop length in log-mel frames (waveforms: (frames - 1) x hop samples); 0: "
+                               "the manifest's longest clip, at most 1001")
     encoder_frames: int = option(0, "zero-padded to this many frames after augmentation; 0: input_frames")
     freeze_patch_embed: bool = option(False, "keep the patch embedding fixed")
+    frozen_blocks: int = option(0, "keep the patch embedding and this many of the lowest transformer blocks fixed "
+                                "(the depth or more: only the final norm and the head train)")
     feature: str = option("mean", "clip feature: the mean of the kept patch tokens (D), or the frequency rows "
                           "of each time column stacked (F*D)", ("mean", "stacked"))
+    head_init: str = option("random", "the head's start: random, N(0, 0.01) as the authors', or probe: a linear "
+                            "probe fitted on the frozen encoder's features first, then everything is fine-tuned "
+                            "(LP-FT)", ("random", "probe"))
     loss: str = option("ce", "bce (multi-label) or ce (cross-entropy / number of classes)", ("bce", "ce"))
     sampling: str = option("shuffle", "shuffle, or draw clips by AudioSet's class-balancing weights",
                             ("shuffle", "weighted"))
     clips_per_epoch: int = option(200_000, "weighted sampling: clips drawn per epoch, without replacement")
-    report: str = option("best_test", "the reporting rule", ("best_test", "best_test_fold_mean",
-                                                          "best_valid_then_test"))
+    wise_ft: float = option(1.0, "the result's weights: this share of the way from the start (after the head's "
+                            "probe) to the fine-tuned ones (WiSE-FT); 1: the fine-tuned weights as they are")
+    report: str = option("best_test", "the reporting rule: the best epoch on the test clips (per run, or the "
+                         "fold-mean curve's), the best on validation clips tested once, or the last epoch",
+                         ("best_test", "best_test_fold_mean", "best_valid_then_test", "last"))
     seeds: tuple[int, ...] = option((43, 44, 45), "one run per seed (and held-out fold)")
 
     def __post_init__(self):
         """Refuse settings that would run without telling: a warm-up longer than the run never reaches the
         peak rate (our check, not the authors': their scheduler would run it)."""
-        for name in ("epochs", "batch_size", "input_frames"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        for name, least in (("epochs", 1), ("batch_size", 1), ("input_frames", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least {least}")
         if not self.seeds:
             raise ValueError("--seeds: give at least one seed")
         if self.warmup_epochs >= self.epochs > 0 and self.warmup_epochs > 0:
@@ -152,7 +162,32 @@ FINETUNE_RECIPES: dict[str, FinetuneRecipe] = {
                               time_mask_frames=40, random_resized_crop=False, raw_input="log_mel",
                               input_frames=208, loss="bce", sampling="weighted", clips_per_epoch=1000,
                               seeds=(43,)),
+    # A few hundred clips of any length (ours, not the authors'; docs/TRAINING.md says how it was chosen).
+    "small": FinetuneRecipe(lr=0.01, batch_size=32, epochs=30, warmup_epochs=3, freq_mask_bins=15,
+                            time_mask_share=0.1, random_resized_crop=False, token_drop_ratio=0.0, input_frames=0,
+                            feature="stacked", head_init="probe", wise_ft=0.5, report="last"),
 }
+
+
+MAX_INPUT_FRAMES = 1001  # the longest input a recipe sizes itself to: 10 s, the authors' AudioSet crop
+
+
+def sized_to_clips(recipe: FinetuneRecipe, longest_frames: int) -> FinetuneRecipe:
+    """The recipe with its lengths settled for clips of at most `longest_frames` frames.
+
+    input_frames 0 becomes the longest clip's (at most MAX_INPUT_FRAMES), so
+    every clip is seen whole, and the encoder pads it to whole patches; a
+    time_mask_share sets the time band relative to that length, so a 1-s clip
+    loses no more of itself than a 10-s one.
+    """
+    changes = {}
+    if recipe.input_frames == 0:
+        frames = min(max(longest_frames, data.MIN_FRAMES), MAX_INPUT_FRAMES)
+        changes.update(input_frames=frames, encoder_frames=max(recipe.encoder_frames, -(-frames // 16) * 16))
+    frames = changes.get("input_frames", recipe.input_frames)
+    if recipe.time_mask_share > 0:
+        changes.update(time_mask_frames=round(recipe.time_mask_share * frames), time_mask_share=0.0)
+    return replace(recipe, **changes)
 
 
 def recipe(name: str, **overrides) -> FinetuneRecipe:
@@ -287,7 +322,9 @@ def classifier_for(encoder: m2d.AudioEncoder, n_classes: int, recipe: FinetuneRe
                                              token_drop_ratio=recipe.token_drop_ratio,
                                              token_drop_keep=recipe.token_drop_keep, feature=recipe.feature,
                                              generator=generator)
-    model.patch_embed.requires_grad_(not recipe.freeze_patch_embed)
+    model.patch_embed.requires_grad_(not (recipe.freeze_patch_embed or recipe.frozen_blocks > 0))
+    for block in model.blocks[:recipe.frozen_blocks]:
+        block.requires_grad_(False)
     return model
 
 
@@ -343,6 +380,32 @@ def finetune_step(stepper: runs.Stepper, clips: list[torch.Tensor], targets: tor
     return sums, finite
 
 
+@torch.no_grad()
+def probe_head(model: m2d.AudioClassifier, train: data.ClipSet, recipe: FinetuneRecipe, seed: int):
+    """The LP of LP-FT (Kumar et al., ICLR 2022): the head fitted on the frozen encoder before fine-tuning.
+
+    The clip features of the training clips (the evaluation crop, no
+    augmentation) set head_norm's statistics, and a linear classifier fitted
+    on the standardised features (features.fit_linear, as the frozen probe)
+    becomes the head. Fine-tuning then starts from a head that already reads
+    the features, so the first steps adapt the encoder to the task instead of
+    moving it towards a random head.
+    """
+    model.eval()
+    device, length = model.norm_stats.device, recipe.crop_length
+    batches = [torch.stack([features.start_crop(c, length) for c in train.clips[i:i + recipe.batch_size]])
+               for i in range(0, len(train), recipe.batch_size)]
+    x = torch.cat([model.clip_feature(features.classifier_input(b.to(device), recipe.raw_input, model)).cpu()
+                   for b in batches])                                               # [N, D]
+    mean, var = x.mean(dim=0), x.var(dim=0, unbiased=False)
+    standardised = (x - mean) / torch.sqrt(var + model.head_norm.eps)
+    linear = features.fit_linear(standardised, train.targets.cpu(), recipe.loss == "bce", seed=seed)
+    model.head_norm.running_mean.copy_(mean)
+    model.head_norm.running_var.copy_(var)
+    model.head.weight.copy_(linear.weight)
+    model.head.bias.copy_(linear.bias)
+
+
 def predict(model: m2d.AudioClassifier, clips, recipe: FinetuneRecipe) -> torch.Tensor:
     """Logits [N, C] of the evaluation crop (features.classify, which features.tag_audio uses too)."""
     return features.classify(model, clips, recipe.raw_input, recipe.input_frames, recipe.batch_size)
@@ -363,6 +426,7 @@ class FitState:
     best_epoch: int | None = None         # counted from 1, as the progress lines count
     best_state: dict | None = None        # the best epoch's state dict
     best_scores: torch.Tensor | None = None  # the selecting split's logits [N, C] at the best epoch
+    start_state: dict | None = None       # the weights fine-tuning started from (kept for wise_ft < 1)
 
 
 @dataclass
@@ -420,11 +484,14 @@ def fit(t: Trainer, train: data.ClipSet, valid: data.ClipSet | None, test: data.
 
     Without a validation split, the test split selects the epoch (the best
     test score over epochs, as the authors report AudioSet and ESC-50); with
-    one, the best validation epoch's weights are tested once. Only rank 0
+    one, the best validation epoch's weights are tested once. The rule "last"
+    selects nothing: the last epoch's weights are the result. Only rank 0
     evaluates, on the whole split. on_epoch(state) runs after every epoch (a
     resume file, the progress line).
     """
     recipe, state = t.recipe, t.state
+    if recipe.wise_ft < 1 and state.start_state is None:
+        state.start_state = {k: v.clone() for k, v in t.model.state_dict().items()}
     weights = audioset_sampling_weights(train.targets) if recipe.sampling == "weighted" else None
     selector = valid if valid is not None and len(valid) else test
     part = "valid" if selector is valid else "test"
@@ -435,13 +502,28 @@ def fit(t: Trainer, train: data.ClipSet, valid: data.ClipSet | None, test: data.
         if t.rank == 0:
             scores = predict(t.model, selector.clips, recipe)
             record[part] = metrics.classification_scores(scores, selector.targets.cpu())
-            if record[part][recipe.metric] > state.best_score:  # strictly better, from 0, as the authors keep the best
+            chosen = (state.epoch == recipe.epochs if recipe.report == "last"  # else strictly better, from 0,
+                      else record[part][recipe.metric] > state.best_score)     # as the authors keep the best
+            if chosen:
                 state.best_score, state.best_epoch, state.best_scores = record[part][recipe.metric], state.epoch, scores
-                state.best_state = {k: v.clone() for k, v in t.model.state_dict().items()}
+                tuned = {k: v.clone() for k, v in t.model.state_dict().items()}
+                state.best_state = tuned
+                if recipe.wise_ft < 1:  # the result is the interpolation; training goes on from its own weights
+                    state.best_state = interpolated(state.start_state, state.best_state, recipe.wise_ft)
+                    t.model.load_state_dict(state.best_state)
+                    state.best_scores = predict(t.model, selector.clips, recipe)
+                    t.model.load_state_dict(tuned)
         state.history.append(record)
         if on_epoch is not None:
             on_epoch(state)
     return fit_result(t, test, selector is valid)
+
+
+def interpolated(start: dict, tuned: dict, share: float) -> dict:
+    """WiSE-FT (Wortsman et al., CVPR 2022): start + share x (tuned - start) for every float tensor of a state
+    dict; the rest (BatchNorm's step counter) the tuned one's. Averaging the weights before and after
+    fine-tuning keeps what pre-training knew that a few hundred clips would otherwise overwrite."""
+    return {k: torch.lerp(start[k], v, share) if v.is_floating_point() else v.clone() for k, v in tuned.items()}
 
 
 def fit_result(t: Trainer, test: data.ClipSet, test_once: bool) -> dict:
@@ -483,6 +565,10 @@ class Task:
     def has_valid(self) -> bool:
         """Whether the manifest itself has validation clips (split 'valid'; folds have none)."""
         return self.manifest.split is not None and bool(self.manifest.indices("valid"))
+
+    def longest_frames(self) -> int:
+        """The longest clip of the manifest, in log-mel frames (read from the file headers)."""
+        return max(self.source.frames(name) for name in self.manifest.files)
 
     def splits(self, raw_input: str, holdout: str | None) -> tuple[data.ClipSet, data.ClipSet | None, data.ClipSet]:
         """(train, valid or None, test) of one held-out fold (or of the manifest's splits)."""
@@ -687,11 +773,12 @@ def finetune(settings: RunSettings, recipe: FinetuneRecipe) -> Path:
     if not settings.init.is_file():
         raise FileNotFoundError(f"{settings.init}: the checkpoint to fine-tune was not found; pass --init CKPT "
                                 "(python train.py --stage 1 writes runs/stage1/last.pt)")
+    task = load_task(settings)
+    recipe = sized_to_clips(recipe, task.longest_frames() if recipe.input_frames == 0 else 0)
     identity = settings.identity(recipe, ddp.world_size)
     resume = runs.find_resume(settings.out_dir / RESUME_FILE, settings.resume, "finetune")
     if resume is not None:
         runs.check_same_run(settings.out_dir / RESUME_FILE, resume["resume"]["run"], identity)
-    task = load_task(settings)
     check_selection(settings, recipe, task)
     runs.prepare_out_dir(settings.out_dir, resume is None, ddp, also_stale=RUN_FILES)
     jobs = [(seed, holdout) for seed in recipe.seeds for holdout in task.holdouts]
@@ -703,7 +790,8 @@ def finetune(settings: RunSettings, recipe: FinetuneRecipe) -> Path:
     run.log.start(done_epochs, resume["resume"]["elapsed_s"] if resume else 0.0, keep_records=done_epochs)
     run.log.print(f"fine-tuning {settings.init} ({'random init' if settings.random_init else 'pre-trained'}) on "
                   f"{task.manifest.name}: {len(task.manifest.classes)} classes, recipe {settings.recipe_name}, "
-                  f"{len(jobs)} run(s) of {recipe.epochs} epochs, {device} {settings.precision}, writing "
+                  f"{len(jobs)} run(s) of {recipe.epochs} epochs at {recipe.input_frames} frames, {device} "
+                  f"{settings.precision}, writing "
                   f"{settings.out_dir}" + (f"; resuming at run {start_job + 1}, epoch {resume['fit']['epoch']}"
                                            if resume else ""))
     for j in range(start_job, len(jobs)):
@@ -760,6 +848,8 @@ def run_job(run: FinetuneRun, j: int, resume: dict | None) -> dict:
                 augment=torch.Generator().manual_seed(1_000_003 * (run.ddp.rank + 1) + seed),
                 guard=runs.NonFiniteGuard(settings.max_bad_steps, settings.out_dir / RESUME_FILE, run.log.print),
                 rank=run.ddp.rank, world_size=run.ddp.world_size)
+    if resume is None and recipe.head_init == "probe":
+        probe_head(model, train, recipe, seed)
     if resume is not None:
         model.load_state_dict(resume["model"])
         runs.restore_training(resume, settings.out_dir / RESUME_FILE, run.identity, recipe.lr, t.stepper.optimizer,
@@ -846,8 +936,9 @@ def write_result(run: FinetuneRun):
     plot_curves(run.settings.out_dir / "curves.png", [r for r in run.log.records if r["seed"] == seed
                                              and r["fold"] == holdout], recipe.metric, run.log.print)
     fold_spread = f"; std {over_folds['std']:.2f} over {over_folds['n']} folds" if folds != [None] else ""
+    last_name = "last epoch" if recipe.wise_ft == 1 else "last epoch without WiSE-FT"
     score = (f"{recipe.metric} {spread['mean']:.2f} (std {spread['std']:.2f} over {spread['n']} seed(s){fold_spread})"
-             + (f"; last epoch {last['mean']:.2f}" if last else "")
+             + (f"; {last_name} {last['mean']:.2f}" if last else "")
              + (f"; frozen encoder's linear probe on the same clips {probe['mean']:.2f}" if probe else ""))
     run.log.print(f"{score}\nselected: {report['selection']}")
     if not written:
@@ -862,6 +953,10 @@ def write_result(run: FinetuneRun):
 
 def selection(run: FinetuneRun) -> str:
     """How each run's epoch was selected, in words, for the summary and result.json."""
+    wise = (f", averaged with the weights it started from (WiSE-FT, {run.recipe.wise_ft:g} of the way to the "
+            "fine-tuned ones)" if run.recipe.wise_ft < 1 else "")
+    if run.recipe.report == "last":
+        return f"none: each run's last epoch{wise}, the recipe's rule (last); the best epoch is never looked for"
     if run.recipe.report != "best_valid_then_test":
         return (f"each run's best epoch on the test clips: the recipe's rule ({run.recipe.report}), as the authors "
                 "report this task; the last epoch's score is beside it")

@@ -829,6 +829,10 @@ class AudioClassifier(AudioEncoder):
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Normalised log-mel [B, 1, F_bins, T] -> logits [B, n_classes]; `generator` draws the token drop."""
+        return self.head(self.head_norm(self.clip_feature(x, generator)))
+
+    def clip_feature(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised log-mel [B, 1, F_bins, T] -> the feature the head reads [B, D] (or [B, F*D])."""
         frames = self.config.crop_frames
         if x.shape[-1] > frames:
             raise ValueError(f"input of {x.shape[-1]} frames; this model takes at most {frames}")
@@ -838,7 +842,7 @@ class AudioClassifier(AudioEncoder):
             patches, _ = structured_token_drop(patches, grid_f, grid_t, self.token_drop_ratio, generator,
                                                self.token_drop_keep)  # [B, K, D]
         tokens = self.encode_tokens(patches)[:, 1:]                           # [B, K, D], CLS dropped
-        return self.head(self.head_norm(self.pool(tokens)))
+        return self.pool(tokens)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, K, D] -> [B, D] (mean), or [B, F*T, D] -> [B, F*D] (stacked columns, mean over time)."""

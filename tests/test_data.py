@@ -357,3 +357,9 @@ def test_the_shard_commands_say_what_is_missing_in_one_line(tmp_path):
             data.main(argv)
         assert str(stop.value).startswith("error: ") and message in str(stop.value)
     assert not (tmp_path / "out").exists()  # nothing made for a folder that had nothing to prepare
+
+
+def test_audio_folder_reads_a_clips_length_from_its_header(tmp_path):
+    sf.write(tmp_path / "a.wav", np.zeros(44100 * 2, dtype=np.float32), 44100)   # 2 s at 44.1 kHz
+    folder = data.AudioFolder(tmp_path)
+    assert folder.frames("a.wav") == folder.log_mel("a.wav").shape[-1] == 201

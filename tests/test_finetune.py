@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import features
 import finetune as ft
 import metrics
 import model as m2d
@@ -306,3 +307,94 @@ def test_fit_on_waveforms_selects_the_best_validation_epoch_and_tests_it_once():
     assert result["state"]["pos_embed"].shape == (1, 1 + 5 * 3, 32)
     with pytest.raises(ValueError, match="raw_input='wave'"):
         ft.predict(model, [torch.randn(80, 33)], recipe)
+
+
+# --- the small-data recipe -------------------------------------------------------------------
+
+
+def test_a_recipe_of_input_frames_0_sizes_itself_to_the_longest_clip_and_its_time_band_to_that():
+    small = ft.recipe("small")
+    assert small.input_frames == 0 and small.time_mask_share == 0.1
+    words = ft.sized_to_clips(small, 402)                  # a 4-s clip: every clip seen whole
+    assert (words.input_frames, words.encoder_frames, words.time_mask_frames) == (402, 416, 40)
+    assert words.time_mask_share == 0.0                    # settled: the record says the band used
+    assert ft.sized_to_clips(small, 101).time_mask_frames == 10     # a 1-s set loses 10 % of a clip, not half
+    assert ft.sized_to_clips(small, 60_000).input_frames == ft.MAX_INPUT_FRAMES
+    esc50 = ft.recipe("esc50")
+    assert ft.sized_to_clips(esc50, 60_000) == esc50       # the authors' recipes keep their lengths
+    with pytest.raises(ValueError, match="--input-frames -1: must be at least 0"):
+        ft.recipe("small", input_frames=-1)
+
+
+def test_the_probe_head_is_the_linear_probe_of_the_classifiers_own_features():
+    # LP-FT's first step: after probe_head the classifier (eval mode) predicts what a linear classifier fitted
+    # on its frozen, standardised clip features predicts, and fits separable clips before any fine-tuning
+    recipe = ft.recipe("small", input_frames=48, encoder_frames=48, batch_size=4)
+    g = torch.Generator().manual_seed(0)
+    model = ft.classifier_for(small_encoder(), 2, recipe, g)
+    t = torch.arange(7520) / 16000
+    waves = [torch.sin(2 * torch.pi * (300 if i % 2 else 2000) * t) * 0.3 + 0.01 * torch.randn(7520, generator=g)
+             for i in range(10)]
+    train = data.ClipSet(waves, torch.eye(2).repeat(5, 1)[[1, 0] * 5])
+    encoder_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head")}
+    ft.probe_head(model, train, recipe, seed=43)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in encoder_before.items())  # the encoder is frozen
+    x = torch.stack([features.start_crop(w, recipe.crop_length) for w in waves])
+    with torch.no_grad():
+        feats = model.clip_feature(features.classifier_input(x, "wave", model))
+    mean, var = feats.mean(0), feats.var(0, unbiased=False)
+    linear = features.fit_linear((feats - mean) / torch.sqrt(var + 1e-5), train.targets, False, seed=43)
+    logits = ft.predict(model, waves, recipe)
+    assert torch.allclose(logits, linear((feats - mean) / torch.sqrt(var + 1e-5)), atol=1e-4)
+    assert torch.equal(logits.argmax(1), train.targets.argmax(1))
+
+
+def test_the_rule_last_keeps_the_last_epoch_even_when_an_earlier_one_scored_higher(monkeypatch):
+    recipe = ft.recipe("small", input_frames=33, encoder_frames=48, batch_size=4, epochs=3, warmup_epochs=1,
+                       head_init="random", wise_ft=1.0)
+    model = ft.classifier_for(small_encoder(), 2, recipe, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    split = data.ClipSet([0.1 * torch.randn(5000, generator=g) for _ in range(8)], torch.eye(2).repeat(4, 1))
+    accuracies = iter([90.0, 60.0, 40.0])  # epoch 1 the best on the test clips: the rule never looks
+    monkeypatch.setattr(ft.metrics, "classification_scores", lambda scores, targets: {"accuracy": next(accuracies, 0.0)})
+    trainer = ft.Trainer(model, recipe, ft.make_stepper(model, recipe), order=g, augment=g)
+    result = ft.fit(trainer, split, None, split)
+    assert result["best_epoch"] == 3
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in result["state"].items())
+
+
+def test_wise_ft_reports_the_average_of_the_start_and_the_fine_tuned_weights_and_trains_on_its_own():
+    recipe = ft.recipe("small", input_frames=33, encoder_frames=48, batch_size=4, epochs=2, warmup_epochs=1,
+                       head_init="random", lr=0.05)
+    assert recipe.wise_ft == 0.5
+    model = ft.classifier_for(small_encoder(), 2, recipe, torch.Generator().manual_seed(0))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    split = data.ClipSet([0.1 * torch.randn(5000, generator=g) for _ in range(8)], torch.eye(2).repeat(4, 1))
+    trainer = ft.Trainer(model, recipe, ft.make_stepper(model, recipe), order=g, augment=g)
+    result = ft.fit(trainer, split, None, split)
+    tuned = model.state_dict()                                   # the model goes on with its own weights
+    for k, v in result["state"].items():
+        if v.is_floating_point():
+            assert torch.allclose(v, (start[k] + tuned[k]) / 2, atol=1e-6), k
+    assert not torch.equal(result["state"]["blocks.0.attn.qkv.weight"], tuned["blocks.0.attn.qkv.weight"])
+    model.load_state_dict(result["state"])
+    assert torch.equal(result["test_scores"], ft.predict(model, split.clips, recipe))  # the score is the average's
+    assert result["last_score"] == result["history"][-1]["test"]["accuracy"]          # the tuned weights' beside it
+
+
+def test_frozen_blocks_keep_the_patch_embedding_and_the_lowest_blocks_fixed():
+    recipe = ft.recipe("small", input_frames=33, encoder_frames=48, batch_size=4, frozen_blocks=1, head_init="random")
+    model = ft.classifier_for(small_encoder(), 2, recipe, torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    stepper = ft.make_stepper(model, recipe)
+    t = torch.arange(5000) / 16000
+    tones = [torch.sin(2 * torch.pi * pitch * t) for pitch in (300, 2000, 500, 3000)]
+    ft.finetune_step(stepper, tones, torch.eye(2).repeat(2, 1), recipe, g, lr=0.1)
+    after = model.state_dict()
+    for k in before:
+        if k.startswith(("patch_embed.", "blocks.0.")):
+            assert torch.equal(before[k], after[k]), k
+        if k in ("blocks.1.attn.qkv.weight", "head.weight"):
+            assert not torch.equal(before[k], after[k]), k

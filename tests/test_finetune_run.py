@@ -283,3 +283,26 @@ def test_train_per_class_keeps_a_seeded_label_scarce_part_of_the_training_clips(
     assert [first.count(c) for c in range(3)] == [4, 3, 4]  # 4 of 17, all 3 of the class of 3, 4 of 10
     assert ft.labelled_subset(clips, 4).names == scarce.names
     assert [int(c[0]) for c in scarce.clips] == [int(n[1:]) for n in scarce.names]
+
+
+def test_the_small_recipe_sizes_itself_to_the_clips_and_reports_the_wise_ft_average_beside_the_probe(
+        tmp_path, init, capsys):
+    csv_path = write_clips(tmp_path, ["dog", "cat"] * 6, ["1", "2", "3"] * 4, "fold")
+    t = np.arange(16000) / 16000                       # one clip of 1 s among the 0.5-s ones: 101 frames
+    sf.write(tmp_path / "c0.wav", (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16000)
+    out = tmp_path / "run"
+    ft.main(["--init", init, "--manifest", csv_path, "--recipe", "small", "--folds", "1", "--epochs", "2",
+             "--warmup-epochs", "1", "--batch-size", "4", "--seeds", "43", "--device", "cpu", "--out-dir", str(out)])
+    result = json.loads((out / "result.json").read_text())
+    recipe = result["recipe"]
+    assert (recipe["input_frames"], recipe["encoder_frames"], recipe["time_mask_frames"]) == (101, 112, 10)
+    assert recipe["head_init"] == "probe" and recipe["wise_ft"] == 0.5 and result["rule"] == "last"
+    run = result["runs"][0]
+    assert run["best_epoch"] == 2 and run["frozen_probe"] is not None
+    printed = capsys.readouterr().out
+    assert "1 run(s) of 2 epochs at 101 frames" in printed
+    assert f"; last epoch without WiSE-FT {run['last_score']:.2f}; frozen encoder's linear probe" in printed
+    assert "selected: none: each run's last epoch, averaged with the weights it started from (WiSE-FT, 0.5 of " \
+           "the way to the fine-tuned ones), the recipe's rule (last)" in printed
+    model = features.load_model(out / "best.pt")       # the average is the file written
+    assert model.classifier.config.crop_frames == 112
