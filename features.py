@@ -1183,12 +1183,18 @@ def classify(classifier: m2d.AudioClassifier, clips, raw_input: str, input_frame
     appended to shorter clips), no token drop, BatchNorm in eval mode.
     """
     classifier.eval()
+    logits = [classifier(x).cpu() for x in evaluation_inputs(classifier, clips, raw_input, input_frames, batch_size)]
+    return torch.cat(logits) if logits else torch.zeros(0, classifier.head.out_features)
+
+
+def evaluation_inputs(classifier: m2d.AudioEncoder, clips, raw_input: str, input_frames: int,
+                      batch_size: int = 64) -> Iterator[torch.Tensor]:
+    """The evaluation crop of raw clips, batch_size at a time: normalised log-mels [B, 1, F, T] on the
+    classifier's device, one crop from the start of each clip, zeros appended to shorter clips."""
     device, length = classifier.norm_stats.device, raw_crop_length(raw_input, input_frames)
-    logits = []
     for i in range(0, len(clips), batch_size):
         x = torch.stack([start_crop(c, length) for c in clips[i:i + batch_size]]).to(device)
-        logits.append(classifier(classifier_input(x, raw_input, classifier)).cpu())
-    return torch.cat(logits) if logits else torch.zeros(0, classifier.head.out_features)
+        yield classifier_input(x, raw_input, classifier)
 
 
 def tag_audio(audio: torch.Tensor, model: Embedder, batch_size: int = 64) -> torch.Tensor:

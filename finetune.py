@@ -183,7 +183,8 @@ def sized_to_clips(recipe: FinetuneRecipe, longest_frames: int) -> FinetuneRecip
     changes = {}
     if recipe.input_frames == 0:
         frames = min(max(longest_frames, data.MIN_FRAMES), MAX_INPUT_FRAMES)
-        changes.update(input_frames=frames, encoder_frames=max(recipe.encoder_frames, -(-frames // 16) * 16))
+        patch = m2d.M2DConfig.patch_size  # 16, in every preset and released file
+        changes.update(input_frames=frames, encoder_frames=max(recipe.encoder_frames, -(-frames // patch) * patch))
     frames = changes.get("input_frames", recipe.input_frames)
     if recipe.time_mask_share > 0:
         changes.update(time_mask_frames=round(recipe.time_mask_share * frames), time_mask_share=0.0)
@@ -392,11 +393,8 @@ def probe_head(model: m2d.AudioClassifier, train: data.ClipSet, recipe: Finetune
     moving it towards a random head.
     """
     model.eval()
-    device, length = model.norm_stats.device, recipe.crop_length
-    batches = [torch.stack([features.start_crop(c, length) for c in train.clips[i:i + recipe.batch_size]])
-               for i in range(0, len(train), recipe.batch_size)]
-    x = torch.cat([model.clip_feature(features.classifier_input(b.to(device), recipe.raw_input, model)).cpu()
-                   for b in batches])                                               # [N, D]
+    x = torch.cat([model.clip_feature(batch).cpu() for batch in features.evaluation_inputs(
+        model, train.clips, recipe.raw_input, recipe.input_frames, recipe.batch_size)])  # [N, D]
     mean, var = x.mean(dim=0), x.var(dim=0, unbiased=False)
     standardised = (x - mean) / torch.sqrt(var + model.head_norm.eps)
     linear = features.fit_linear(standardised, train.targets.cpu(), recipe.loss == "bce", seed=seed)
@@ -509,7 +507,7 @@ def fit(t: Trainer, train: data.ClipSet, valid: data.ClipSet | None, test: data.
                 tuned = {k: v.clone() for k, v in t.model.state_dict().items()}
                 state.best_state = tuned
                 if recipe.wise_ft < 1:  # the result is the interpolation; training goes on from its own weights
-                    state.best_state = interpolated(state.start_state, state.best_state, recipe.wise_ft)
+                    state.best_state = interpolated(state.start_state, tuned, recipe.wise_ft)
                     t.model.load_state_dict(state.best_state)
                     state.best_scores = predict(t.model, selector.clips, recipe)
                     t.model.load_state_dict(tuned)
