@@ -1176,15 +1176,71 @@ def classifier_input(x: torch.Tensor, raw_input: str, classifier: m2d.AudioEncod
 
 @torch.no_grad()
 def classify(classifier: m2d.AudioClassifier, clips, raw_input: str, input_frames: int,
-             batch_size: int = 64) -> torch.Tensor:
+             batch_size: int = 64, padding: str = "counted") -> torch.Tensor:
     """Logits [N, C] on the CPU of raw clips (waveforms [samples] or log-mels [F, T]), as fine-tuning evaluates.
 
-    One crop from the start of each clip at the task's length (zeros
-    appended to shorter clips), no token drop, BatchNorm in eval mode.
+    padding "counted" (the authors'): one crop from the start of each clip
+    at the task's length, zeros appended to shorter clips and averaged in.
+    "masked": each clip whole, at its own length (own_column_features). No
+    token drop, BatchNorm in eval mode.
     """
     classifier.eval()
+    if padding == "masked":
+        x = own_column_features(classifier, clips, raw_input, batch_size).to(classifier.norm_stats.device)
+        return classifier.head(classifier.head_norm(x)).cpu()
     logits = [classifier(x).cpu() for x in evaluation_inputs(classifier, clips, raw_input, input_frames, batch_size)]
     return torch.cat(logits) if logits else torch.zeros(0, classifier.head.out_features)
+
+
+@torch.no_grad()
+def classifier_features(classifier: m2d.AudioClassifier, clips, raw_input: str, input_frames: int,
+                        batch_size: int = 64, padding: str = "counted") -> torch.Tensor:
+    """The features the head reads [N, D or F*D] on the CPU, of the evaluation view `classify` takes."""
+    classifier.eval()
+    if padding == "masked":
+        return own_column_features(classifier, clips, raw_input, batch_size)
+    x = [classifier.clip_feature(x).cpu() for x in evaluation_inputs(classifier, clips, raw_input, input_frames,
+                                                                       batch_size)]
+    return torch.cat(x) if x else torch.zeros(0, classifier.head.in_features)
+
+
+@torch.no_grad()
+def own_column_features(classifier: m2d.AudioClassifier, clips, raw_input: str,
+                        batch_size: int = 64) -> torch.Tensor:
+    """The head's input [N, D or F*D] on the CPU of each clip read whole, at its own length.
+
+    As clip_features reads a clip for the frozen probe: its normalised
+    log-mel cut into consecutive crops of the classifier's input length
+    (feature_crops), each crop encoded with its padding masked out
+    (AudioClassifier.clip_feature's frames), and the crops' column means
+    averaged, each weighted by its columns: the mean over all of the clip's
+    own time columns. No crop of any clip is left out.
+    """
+    config, device = classifier.config, classifier.norm_stats.device
+    length, patch = config.crop_frames, config.patch_size
+    sums = torch.zeros(len(clips), classifier.head.in_features)
+    counts = torch.zeros(len(clips), 1)
+    waiting: list[tuple[int, torch.Tensor]] = []   # (clip, normalised crop [F, frames])
+
+    def encode():
+        x = torch.stack([F.pad(crop, (0, length - crop.shape[-1])) for _, crop in waiting])[:, None]  # [B, 1, F, L]
+        frames = torch.tensor([crop.shape[-1] for _, crop in waiting], device=device)
+        features = classifier.clip_feature(x, frames=frames).float().cpu()                       # [B, dim]
+        for (clip, crop), feature in zip(waiting, features):
+            columns = crop.shape[-1] // patch
+            sums[clip] += feature * columns
+            counts[clip] += columns
+        waiting.clear()
+
+    for i, clip in enumerate(clips):
+        mel = data.log_mel(clip.to(device)) if raw_input == "wave" else clip.to(device)
+        for crop in feature_crops(classifier.normalize(mel.float()), length, patch):
+            waiting.append((i, crop))
+            if len(waiting) == batch_size:
+                encode()
+    if waiting:
+        encode()
+    return sums / counts
 
 
 def evaluation_inputs(classifier: m2d.AudioEncoder, clips, raw_input: str, input_frames: int,
@@ -1211,7 +1267,8 @@ def tag_audio(audio: torch.Tensor, model: Embedder, batch_size: int = 64) -> tor
     clips = [wave for wave in check_audio(audio).to(model.device)]
     if task["raw_input"] == "log_mel":
         clips = [data.log_mel(wave) for wave in clips]
-    logits = classify(model.classifier, clips, task["raw_input"], task["input_frames"], batch_size)
+    logits = classify(model.classifier, clips, task["raw_input"], task["input_frames"], batch_size,
+                      task.get("padding", "counted"))
     return logits.sigmoid() if task["multi_label"] else logits.softmax(dim=-1)
 
 

@@ -90,6 +90,10 @@ class FinetuneRecipe:
     input_frames: int = option(1001, "crop length in log-mel frames (waveforms: (frames - 1) x hop samples); 0: "
                                "the manifest's longest clip, at most 1001")
     encoder_frames: int = option(0, "zero-padded to this many frames after augmentation; 0: input_frames")
+    padding: str = option("counted", "a clip shorter than the input: counted (zeros appended and averaged in with "
+                          "the clip, one crop from the start evaluated: the authors') or masked (its own time "
+                          "columns only, the rest hidden from attention and pooling; longer clips evaluated "
+                          "whole, crop by crop: as the frozen probe reads them)", ("counted", "masked"))
     freeze_patch_embed: bool = option(False, "keep the patch embedding fixed")
     frozen_blocks: int = option(0, "keep the patch embedding and this many of the lowest transformer blocks fixed "
                                 "(the depth or more: only the final norm and the head train)")
@@ -117,6 +121,10 @@ class FinetuneRecipe:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least {least}")
         if not self.seeds:
             raise ValueError("--seeds: give at least one seed")
+        if self.padding == "masked" and (self.mixup_alpha > 0 or self.random_resized_crop or self.token_drop_ratio > 0):
+            raise ValueError("--padding masked keeps each clip in its own time columns, which mixup, the random "
+                             "resized crop and the token drop all move or remove: pass --mixup-alpha 0 "
+                             "--no-random-resized-crop --token-drop-ratio 0 with it, or --padding counted")
         if self.warmup_epochs >= self.epochs > 0 and self.warmup_epochs > 0:
             raise ValueError(f"--warmup-epochs {self.warmup_epochs} does not fit in --epochs {self.epochs}: the "
                              "learning rate would rise from 0 for the whole run and never reach its peak "
@@ -165,24 +173,28 @@ FINETUNE_RECIPES: dict[str, FinetuneRecipe] = {
     # A few hundred clips of any length (ours, not the authors'; docs/TRAINING.md says how it was chosen).
     "small": FinetuneRecipe(lr=0.01, batch_size=32, epochs=30, warmup_epochs=3, freq_mask_bins=15,
                             time_mask_share=0.1, random_resized_crop=False, token_drop_ratio=0.0, input_frames=0,
-                            feature="stacked", head_init="probe", wise_ft=0.5, report="last"),
+                            padding="masked", feature="stacked", head_init="probe", wise_ft=0.5, report="last"),
 }
 
 
 MAX_INPUT_FRAMES = 1001  # the longest input a recipe sizes itself to: 10 s, the authors' AudioSet crop
 
 
-def sized_to_clips(recipe: FinetuneRecipe, longest_frames: int) -> FinetuneRecipe:
+def sized_to_clips(recipe: FinetuneRecipe, longest_frames: int, encoder_frames: int = MAX_INPUT_FRAMES) -> FinetuneRecipe:
     """The recipe with its lengths settled for clips of at most `longest_frames` frames.
 
     input_frames 0 becomes the longest clip's (at most MAX_INPUT_FRAMES), so
-    every clip is seen whole, and the encoder pads it to whole patches; a
-    time_mask_share sets the time band relative to that length, so a 1-s clip
-    loses no more of itself than a 10-s one.
+    every clip is seen whole, and the encoder pads it to whole patches. With
+    masked padding it is at most the pre-trained encoder's input length
+    (`encoder_frames`): its position table is used as it was trained, never
+    stretched, and longer clips are evaluated crop by crop, as the frozen
+    probe reads them. A time_mask_share sets the time band relative to that
+    length, so a 1-s clip loses no more of itself than a 10-s one.
     """
     changes = {}
     if recipe.input_frames == 0:
-        frames = min(max(longest_frames, data.MIN_FRAMES), MAX_INPUT_FRAMES)
+        longest_input = min(encoder_frames, MAX_INPUT_FRAMES) if recipe.padding == "masked" else MAX_INPUT_FRAMES
+        frames = min(max(longest_frames, data.MIN_FRAMES), longest_input)
         patch = m2d.M2DConfig.patch_size  # 16, in every preset and released file
         changes.update(input_frames=frames, encoder_frames=max(recipe.encoder_frames, -(-frames // patch) * patch))
     frames = changes.get("input_frames", recipe.input_frames)
@@ -368,6 +380,7 @@ def finetune_step(stepper: runs.Stepper, clips: list[torch.Tensor], targets: tor
     """
     model = getattr(stepper.net, "module", stepper.net)
     x = torch.stack([random_crop(c, recipe.crop_length, generator) for c in clips]).to(targets.device)  # (1)
+    own = None if recipe.padding == "counted" else own_frames(clips, recipe).to(targets.device)     # [B]
     x, targets = mixup(x, targets, recipe.mixup_alpha, generator)                     # (2)
     x = features.classifier_input(x, recipe.raw_input, model)                         # (3) [B, 1, F, T]
     x = band_masks(x, recipe.freq_mask_bins, recipe.time_mask_frames, generator)      # (4)
@@ -377,8 +390,15 @@ def finetune_step(stepper: runs.Stepper, clips: list[torch.Tensor], targets: tor
     for group in stepper.optimizer.param_groups:
         group["lr"] = lr
     sums, _, finite = stepper.step([(x, targets)], lambda x, y: {                     # (6)
-        "loss": finetune_loss(stepper.forward(x, generator), y, recipe.loss)})
+        "loss": finetune_loss(stepper.forward(x, generator) if own is None else stepper.forward(x, generator, own),
+                              y, recipe.loss)})
     return sums, finite
+
+
+def own_frames(clips: list[torch.Tensor], recipe: FinetuneRecipe) -> torch.Tensor:
+    """[B]: the log-mel frames of each clip's crop that are the clip's own (all of them when it fills the crop)."""
+    own = [min(c.shape[-1], recipe.crop_length) for c in clips]
+    return torch.tensor([n // data.HOP_SAMPLES + 1 if recipe.raw_input == "wave" else n for n in own])
 
 
 @torch.no_grad()
@@ -392,9 +412,8 @@ def probe_head(model: m2d.AudioClassifier, train: data.ClipSet, recipe: Finetune
     the features, so the first steps adapt the encoder to the task instead of
     moving it towards a random head.
     """
-    model.eval()
-    x = torch.cat([model.clip_feature(batch).cpu() for batch in features.evaluation_inputs(
-        model, train.clips, recipe.raw_input, recipe.input_frames, recipe.batch_size)])  # [N, D]
+    x = features.classifier_features(model, train.clips, recipe.raw_input, recipe.input_frames, recipe.batch_size,
+                                     recipe.padding)  # [N, D]
     mean, var = x.mean(dim=0), x.var(dim=0, unbiased=False)
     standardised = (x - mean) / torch.sqrt(var + model.head_norm.eps)
     linear = features.fit_linear(standardised, train.targets.cpu(), recipe.loss == "bce", seed=seed)
@@ -406,7 +425,8 @@ def probe_head(model: m2d.AudioClassifier, train: data.ClipSet, recipe: Finetune
 
 def predict(model: m2d.AudioClassifier, clips, recipe: FinetuneRecipe) -> torch.Tensor:
     """Logits [N, C] of the evaluation crop (features.classify, which features.tag_audio uses too)."""
-    return features.classify(model, clips, recipe.raw_input, recipe.input_frames, recipe.batch_size)
+    return features.classify(model, clips, recipe.raw_input, recipe.input_frames, recipe.batch_size,
+                             recipe.padding)
 
 
 # -----------------------------------------------------------------------------
@@ -772,7 +792,10 @@ def finetune(settings: RunSettings, recipe: FinetuneRecipe) -> Path:
         raise FileNotFoundError(f"{settings.init}: the checkpoint to fine-tune was not found; pass --init CKPT "
                                 "(python train.py --stage 1 writes runs/stage1/last.pt)")
     task = load_task(settings)
-    recipe = sized_to_clips(recipe, task.longest_frames() if recipe.input_frames == 0 else 0)
+    if recipe.input_frames == 0:  # the longest clip, within the pre-trained encoder's input for masked padding
+        recipe = sized_to_clips(recipe, task.longest_frames(), features.load_model(settings.init).model.config.crop_frames)
+    else:
+        recipe = sized_to_clips(recipe, 0)
     identity = settings.identity(recipe, ddp.world_size)
     resume = runs.find_resume(settings.out_dir / RESUME_FILE, settings.resume, "finetune")
     if resume is not None:

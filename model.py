@@ -176,14 +176,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, n_queries: int | None = None) -> torch.Tensor:
-        """[B, L, D] -> [B, L, D]; with n_queries, only the first n_queries tokens attend: [B, n, D]."""
+    def forward(self, x: torch.Tensor, n_queries: int | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L, D] -> [B, L, D]; with n_queries, only the first n_queries tokens attend: [B, n, D].
+
+        key_mask [B, L] (bool): the tokens that serve as keys and values (the
+        others, a short clip's padding, are seen by no token); None: all.
+        """
         B, L, D = x.shape
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)        # 3 x [B, H, L, D/H]
         if n_queries is not None:
             q = q[:, :, :n_queries]                           # [B, H, n, D/H]
-        x = F.scaled_dot_product_attention(q, k, v)           # [B, H, n or L, D/H]
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, L]
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, n or L, D/H]
         return self.proj(x.transpose(1, 2).reshape(B, -1, D))  # [B, n or L, D]
 
 
@@ -208,13 +214,15 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, n_queries: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, n_queries: int | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L, D] -> [B, L, D]; with n_queries, the outputs of the first n_queries tokens only.
 
         The other tokens still serve as keys and values, so those outputs are
         exactly the first n_queries rows of the full output, at O(L) cost.
+        key_mask [B, L]: the tokens that serve as keys and values (Attention).
         """
-        x = (x if n_queries is None else x[:, :n_queries]) + self.attn(self.norm1(x), n_queries)
+        x = (x if n_queries is None else x[:, :n_queries]) + self.attn(self.norm1(x), n_queries, key_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -366,18 +374,24 @@ class AudioEncoder(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1)  # [B, 1+K, D]
 
-    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Blocks in turn; with grad_checkpointing, activations are recomputed in backward."""
         for block in blocks:
             if self.config.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, None, key_mask, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x) if key_mask is None else block(x, key_mask=key_mask)
         return x
 
-    def encode_tokens(self, patches: torch.Tensor) -> torch.Tensor:
-        """The blocks on patch tokens that carry their positions: [B, K, D] -> [B, 1+K, D] (CLS first)."""
-        return self.norm(self._run_blocks(self.blocks, self._with_cls(patches)))
+    def encode_tokens(self, patches: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks on patch tokens that carry their positions: [B, K, D] -> [B, 1+K, D] (CLS first).
+
+        key_mask [B, K] (bool): the patch tokens that serve as keys (the CLS
+        token always does); the others are seen by no token. None: all.
+        """
+        if key_mask is not None:
+            key_mask = torch.cat([key_mask.new_ones(key_mask.shape[0], 1), key_mask], dim=1)  # [B, 1+K]
+        return self.norm(self._run_blocks(self.blocks, self._with_cls(patches), key_mask))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder without masking: [B, 1, F, T] log-mel -> [B, 1+N, D]."""
@@ -827,28 +841,57 @@ class AudioClassifier(AudioEncoder):
         model.load_state_dict(state, strict=False)  # the head keeps its initialisation
         return model.to(encoder.norm_stats.device)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Normalised log-mel [B, 1, F_bins, T] -> logits [B, n_classes]; `generator` draws the token drop."""
-        return self.head(self.head_norm(self.clip_feature(x, generator)))
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised log-mel [B, 1, F_bins, T] -> logits [B, n_classes]; `generator` draws the token drop,
+        `frames` [B] (optional) are the clips' own lengths (clip_feature)."""
+        return self.head(self.head_norm(self.clip_feature(x, generator, frames)))
 
-    def clip_feature(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Normalised log-mel [B, 1, F_bins, T] -> the feature the head reads [B, D] (or [B, F*D])."""
-        frames = self.config.crop_frames
-        if x.shape[-1] > frames:
-            raise ValueError(f"input of {x.shape[-1]} frames; this model takes at most {frames}")
-        patches = self.embed_patches(F.pad(x, (0, frames - x.shape[-1])))  # [B, F*T, D], zeros after normalisation
+    def clip_feature(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                     frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised log-mel [B, 1, F_bins, T] -> the feature the head reads [B, D] (or [B, F*D]).
+
+        frames [B] (optional): how many of the T frames are each clip's own.
+        Then the rest is zeroed, the time columns it fills alone are seen by
+        no token (attention's key mask) and the feature averages the clip's
+        own columns only: a 1-s clip in a 4-s input reads as it does alone,
+        as the frozen encoder's features (features.clip_features) read it.
+        Without, every column counts, the padding's too (the authors' way).
+        """
+        length = self.config.crop_frames
+        if x.shape[-1] > length:
+            raise ValueError(f"input of {x.shape[-1]} frames; this model takes at most {length}")
+        grid_f, grid_t = self.config.grid_size
+        columns = None
+        if frames is not None:
+            x = x.masked_fill(torch.arange(x.shape[-1], device=x.device) >= frames.view(-1, 1, 1, 1), 0.0)
+            own = -(-frames // self.config.patch_size)                               # [B] columns, partly own included
+            columns = torch.arange(grid_t, device=x.device) < own.view(-1, 1)        # [B, T]
+        patches = self.embed_patches(F.pad(x, (0, length - x.shape[-1])))  # [B, F*T, D], zeros after normalisation
         if self.training and self.token_drop_ratio > 0:
-            grid_f, grid_t = self.config.grid_size
+            if columns is not None:
+                raise ValueError("the token drop needs every token: pass no frames, or set token_drop_ratio to 0")
             patches, _ = structured_token_drop(patches, grid_f, grid_t, self.token_drop_ratio, generator,
                                                self.token_drop_keep)  # [B, K, D]
-        tokens = self.encode_tokens(patches)[:, 1:]                           # [B, K, D], CLS dropped
-        return self.pool(tokens)
+        key_mask = None if columns is None else columns.repeat(1, grid_f)            # [B, F*T], frequency-major
+        tokens = self.encode_tokens(patches, key_mask)[:, 1:]                        # [B, K, D], CLS dropped
+        return self.pool(tokens, columns)
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, K, D] -> [B, D] (mean), or [B, F*T, D] -> [B, F*D] (stacked columns, mean over time)."""
+    def pool(self, tokens: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, K, D] -> [B, D] (mean), or [B, F*T, D] -> [B, F*D] (stacked columns, mean over time).
+
+        columns [B, T] (bool, optional): the time columns the mean is taken over (the clip's own).
+        """
+        grid_f = self.config.grid_size[0]
+        if columns is None:
+            if self.feature == "mean":
+                return tokens.mean(dim=1)
+            return stacked_columns(tokens, grid_f).mean(dim=1)
+        weights = (columns / columns.sum(dim=1, keepdim=True)).unsqueeze(-1).to(tokens.dtype)  # [B, T, 1]
+        stacked = (stacked_columns(tokens, grid_f) * weights).sum(dim=1)                      # [B, F*D]
         if self.feature == "mean":
-            return tokens.mean(dim=1)
-        return stacked_columns(tokens, self.config.grid_size[0]).mean(dim=1)
+            return stacked.view(tokens.shape[0], grid_f, -1).mean(dim=1)                     # [B, D]
+        return stacked
 
 
 def stacked_columns(tokens: torch.Tensor, grid_f: int) -> torch.Tensor:
