@@ -799,6 +799,8 @@ class AudioClassifier(AudioEncoder):
     which tokens: kept_token_ids). The clip feature is the mean of the kept
     patch tokens (feature="mean", D) or, with feature="stacked", the F rows of
     each time column stacked and averaged over time (F*D; needs every token).
+    Given each clip's own length (clip_feature's frames), the padding's
+    columns are masked out of attention and the average instead.
     The head is BatchNorm1d(feature, affine=False), then Linear (weight normal
     std 0.01 drawn from `generator`, bias 0). State-dict keys: the encoder's
     (pos_embed holds the task's stretched table, a buffer: never trained),

@@ -349,6 +349,45 @@ def test_the_probe_head_is_the_linear_probe_of_the_classifiers_own_features():
     assert torch.equal(logits.argmax(1), train.targets.argmax(1))
 
 
+def test_masked_padding_reads_every_clip_as_the_frozen_probe_reads_it():
+    # short clips (padded), one that fills the input, and long ones (evaluated crop by crop): the head's input is
+    # the frozen encoder's clip feature of features.clip_features, so LP-FT starts exactly at the frozen probe
+    encoder = small_encoder().eval()
+    recipe = ft.sized_to_clips(ft.recipe("small"), 200, encoder_frames=SMALL.crop_frames)
+    assert (recipe.padding, recipe.input_frames, recipe.encoder_frames) == ("masked", 64, 64)  # the table unstretched
+    model = ft.classifier_for(encoder, 3, recipe, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    waves = [0.1 * torch.randn(n, generator=g) for n in (2400, 5000, 63 * 160, 12000, 31000)]
+    frozen = features.clip_features(encoder, [data.log_mel(w) for w in waves])
+    mine = features.classifier_features(model, waves, "wave", recipe.input_frames, 2, "masked")
+    assert torch.allclose(mine, frozen, atol=1e-5)
+    counted = features.classifier_features(model, waves, "wave", recipe.input_frames, 2, "counted")
+    assert not torch.allclose(counted[0], frozen[0], atol=1e-2)   # the authors' way counts a short clip's padding
+    logits = ft.predict(model, waves, recipe)
+    assert torch.allclose(logits, model.head(model.head_norm(frozen)), atol=1e-4)
+
+
+def test_masked_padding_hides_what_lies_past_a_clips_end_in_training_too():
+    model = ft.classifier_for(small_encoder(), 2, ft.recipe("small", input_frames=64, encoder_frames=64),
+                              torch.Generator().manual_seed(0)).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 80, 64, generator=g)
+    noisy = x.clone()
+    frames = torch.tensor([20, 64, 33])
+    noisy[0, ..., 20:] = 5.0                                # whatever the padding holds: silence, noise, another clip
+    noisy[2, ..., 33:] = -3.0
+    a, b = model.clip_feature(x, frames=frames), model.clip_feature(noisy, frames=frames)
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(model.clip_feature(x), model.clip_feature(noisy), atol=1e-3)  # counted: it leaks in
+    a[0].sum().backward()                                   # and the clip's gradient flows through its own tokens
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert ft.own_frames([torch.zeros(3199), torch.zeros(50000)], ft.recipe("small", input_frames=64)).tolist() == [20, 64]
+    with pytest.raises(ValueError, match="--padding masked"):
+        ft.recipe("small", mixup_alpha=0.3)
+    with pytest.raises(ValueError, match="token drop needs every token"):
+        m2d.AudioClassifier(SMALL, 2, token_drop_ratio=0.5).train().clip_feature(x, frames=frames)
+
+
 def test_the_rule_last_keeps_the_last_epoch_even_when_an_earlier_one_scored_higher(monkeypatch):
     recipe = ft.recipe("small", input_frames=33, encoder_frames=48, batch_size=4, epochs=3, warmup_epochs=1,
                        head_init="random", wise_ft=1.0)
