@@ -306,3 +306,9 @@ def test_the_small_recipe_sizes_itself_to_the_clips_and_reports_the_wise_ft_aver
            "the way to the fine-tuned ones), the recipe's rule (last)" in printed
     model = features.load_model(out / "best.pt")       # the average is the file written
     assert model.classifier.config.crop_frames == 112
+    assert model.task["padding"] == "masked"           # tagging reads a clip as the evaluation did: whole
+    short = data.load_audio(tmp_path / "c1.wav")
+    tagged = features.tag_audio(short[None], model)
+    masked = features.classify(model.classifier, [short], "wave", 101, padding="masked").softmax(dim=-1)
+    counted = features.classify(model.classifier, [short], "wave", 101).softmax(dim=-1)
+    assert torch.allclose(tagged, masked) and not torch.allclose(tagged, counted, atol=1e-4)
