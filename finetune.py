@@ -99,6 +99,9 @@ class FinetuneRecipe:
                                 "(the depth or more: only the final norm and the head train)")
     feature: str = option("mean", "clip feature: the mean of the kept patch tokens (D), or the frequency rows "
                           "of each time column stacked (F*D)", ("mean", "stacked"))
+    head_norm: str = option("batch", "the head's BatchNorm while training: batch (each batch normalised by its own "
+                            "statistics, which the running ones follow: the authors') or fixed (the statistics "
+                            "it starts with, the probe's with --head-init probe, kept)", ("batch", "fixed"))
     head_init: str = option("random", "the head's start: random, N(0, 0.01) as the authors', or probe: a linear "
                             "probe fitted on the frozen encoder's features first, then everything is fine-tuned "
                             "(LP-FT)", ("random", "probe"))
@@ -106,6 +109,9 @@ class FinetuneRecipe:
     sampling: str = option("shuffle", "shuffle, or draw clips by AudioSet's class-balancing weights",
                             ("shuffle", "weighted"))
     clips_per_epoch: int = option(200_000, "weighted sampling: clips drawn per epoch, without replacement")
+    head_refit: bool = option(False, "fit the head once more, as --head-init probe fits it, on the result's "
+                              "encoder (after any WiSE-FT average): on the clean features evaluation reads, not "
+                              "the augmented ones it was trained on")
     wise_ft: float = option(1.0, "the result's weights: this share of the way from the start (after the head's "
                             "probe) to the fine-tuned ones (WiSE-FT); 1: the fine-tuned weights as they are")
     report: str = option("best_test", "the reporting rule: the best epoch on the test clips (per run, or the "
@@ -173,7 +179,8 @@ FINETUNE_RECIPES: dict[str, FinetuneRecipe] = {
     # A few hundred clips of any length (ours, not the authors'; docs/TRAINING.md says how it was chosen).
     "small": FinetuneRecipe(lr=0.01, batch_size=32, epochs=30, warmup_epochs=3, freq_mask_bins=15,
                             time_mask_share=0.1, random_resized_crop=False, token_drop_ratio=0.0, input_frames=0,
-                            padding="masked", feature="stacked", head_init="probe", wise_ft=0.5, report="last"),
+                            padding="masked", feature="stacked", head_init="probe", head_refit=True, wise_ft=0.5,
+                            report="last"),
 }
 
 
@@ -387,6 +394,8 @@ def finetune_step(stepper: runs.Stepper, clips: list[torch.Tensor], targets: tor
     if recipe.random_resized_crop:
         x = random_resized_crop(x, generator)                                         # (5)
     model.train()
+    if recipe.head_norm == "fixed":
+        model.head_norm.eval()
     for group in stepper.optimizer.param_groups:
         group["lr"] = lr
     sums, _, finite = stepper.step([(x, targets)], lambda x, y: {                     # (6)
@@ -460,6 +469,7 @@ class Trainer:
     guard: runs.NonFiniteGuard = field(default_factory=lambda: runs.NonFiniteGuard(10, Path(RESUME_FILE)))
     rank: int = 0
     world_size: int = 1
+    seed: int = 0                         # the head's fits (head_init probe, head_refit)
 
 
 def audioset_sampling_weights(targets: torch.Tensor) -> torch.Tensor:
@@ -526,15 +536,24 @@ def fit(t: Trainer, train: data.ClipSet, valid: data.ClipSet | None, test: data.
                 state.best_score, state.best_epoch, state.best_scores = record[part][recipe.metric], state.epoch, scores
                 tuned = {k: v.clone() for k, v in t.model.state_dict().items()}
                 state.best_state = tuned
-                if recipe.wise_ft < 1:  # the result is the interpolation; training goes on from its own weights
-                    state.best_state = interpolated(state.start_state, tuned, recipe.wise_ft)
-                    t.model.load_state_dict(state.best_state)
-                    state.best_scores = predict(t.model, selector.clips, recipe)
+                if recipe.wise_ft < 1 or recipe.head_refit:  # the result; training goes on from its own weights
+                    state.best_state, state.best_scores = result_weights(t, train, selector, tuned)
                     t.model.load_state_dict(tuned)
         state.history.append(record)
         if on_epoch is not None:
             on_epoch(state)
     return fit_result(t, test, selector is valid)
+
+
+def result_weights(t: Trainer, train: data.ClipSet, selector: data.ClipSet, tuned: dict) -> tuple[dict, torch.Tensor]:
+    """The weights an epoch reports and their scores on the selecting split: the fine-tuned weights averaged
+    with the start (wise_ft < 1), then the head fitted again on that encoder's clean features (head_refit)."""
+    if t.recipe.wise_ft < 1:
+        t.model.load_state_dict(interpolated(t.state.start_state, tuned, t.recipe.wise_ft))
+    if t.recipe.head_refit:
+        probe_head(t.model, train, t.recipe, t.seed)
+    state = {k: v.clone() for k, v in t.model.state_dict().items()}
+    return state, predict(t.model, selector.clips, t.recipe)
 
 
 def interpolated(start: dict, tuned: dict, share: float) -> dict:
@@ -868,7 +887,7 @@ def run_job(run: FinetuneRun, j: int, resume: dict | None) -> dict:
                 order=torch.Generator().manual_seed(seed),
                 augment=torch.Generator().manual_seed(1_000_003 * (run.ddp.rank + 1) + seed),
                 guard=runs.NonFiniteGuard(settings.max_bad_steps, settings.out_dir / RESUME_FILE, run.log.print),
-                rank=run.ddp.rank, world_size=run.ddp.world_size)
+                rank=run.ddp.rank, world_size=run.ddp.world_size, seed=seed)
     if resume is None and recipe.head_init == "probe":
         probe_head(model, train, recipe, seed)
     if resume is not None:
