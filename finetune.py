@@ -993,13 +993,15 @@ def write_result(run: FinetuneRun):
 
 def selection(run: FinetuneRun) -> str:
     """How each run's epoch was selected, in words, for the summary and result.json."""
-    wise = (f", averaged with the weights it started from (WiSE-FT, {run.recipe.wise_ft:g} of the way to the "
-            "fine-tuned ones)" if run.recipe.wise_ft < 1 else "")
+    made = ([f"averaged with the weights it started from (WiSE-FT, {run.recipe.wise_ft:g} of the way to the "
+             "fine-tuned ones)"] if run.recipe.wise_ft < 1 else []) + (
+        ["its head fitted again on that encoder's features of the training clips"] if run.recipe.head_refit else [])
+    wise = ", " + ", then ".join(made) if made else ""
     if run.recipe.report == "last":
         return f"none: each run's last epoch{wise}, the recipe's rule (last); the best epoch is never looked for"
     if run.recipe.report != "best_valid_then_test":
-        return (f"each run's best epoch on the test clips: the recipe's rule ({run.recipe.report}), as the authors "
-                "report this task; the last epoch's score is beside it")
+        return (f"each run's best epoch on the test clips{wise}: the recipe's rule ({run.recipe.report}), as the "
+                "authors report this task; the last epoch's score is beside it")
     held = [r for r in run.results if r["valid_clips"]]
     if run.task.has_valid:
         return "the best epoch on the manifest's valid clips, then tested once"

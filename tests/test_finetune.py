@@ -390,7 +390,7 @@ def test_masked_padding_hides_what_lies_past_a_clips_end_in_training_too():
 
 def test_the_rule_last_keeps_the_last_epoch_even_when_an_earlier_one_scored_higher(monkeypatch):
     recipe = ft.recipe("small", input_frames=33, encoder_frames=48, batch_size=4, epochs=3, warmup_epochs=1,
-                       head_init="random", wise_ft=1.0)
+                       head_init="random", head_refit=False, wise_ft=1.0)
     model = ft.classifier_for(small_encoder(), 2, recipe, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
     split = data.ClipSet([0.1 * torch.randn(5000, generator=g) for _ in range(8)], torch.eye(2).repeat(4, 1))
@@ -404,7 +404,7 @@ def test_the_rule_last_keeps_the_last_epoch_even_when_an_earlier_one_scored_high
 
 def test_wise_ft_reports_the_average_of_the_start_and_the_fine_tuned_weights_and_trains_on_its_own():
     recipe = ft.recipe("small", input_frames=33, encoder_frames=48, batch_size=4, epochs=2, warmup_epochs=1,
-                       head_init="random", lr=0.05)
+                       head_init="random", head_refit=False, lr=0.05)
     assert recipe.wise_ft == 0.5
     model = ft.classifier_for(small_encoder(), 2, recipe, torch.Generator().manual_seed(0))
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -420,6 +420,28 @@ def test_wise_ft_reports_the_average_of_the_start_and_the_fine_tuned_weights_and
     model.load_state_dict(result["state"])
     assert torch.equal(result["test_scores"], ft.predict(model, split.clips, recipe))  # the score is the average's
     assert result["last_score"] == result["history"][-1]["test"]["accuracy"]          # the tuned weights' beside it
+
+
+def test_head_refit_fits_the_head_again_on_the_averaged_encoder_and_reports_that():
+    recipe = ft.recipe("small", input_frames=33, encoder_frames=48, batch_size=4, epochs=2, warmup_epochs=1, lr=0.05)
+    assert recipe.head_refit and recipe.head_init == "probe"
+    model = ft.classifier_for(small_encoder(), 2, recipe, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(5000) / 16000
+    split = data.ClipSet([torch.sin(2 * torch.pi * (300 if i % 2 else 2000) * t) + 0.1 * torch.randn(5000, generator=g)
+                          for i in range(8)], torch.eye(2).repeat(4, 1))
+    ft.probe_head(model, split, recipe, seed=7)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = ft.Trainer(model, recipe, ft.make_stepper(model, recipe), order=g, augment=g, seed=7)
+    result = ft.fit(trainer, split, None, split)
+    tuned = model.state_dict()                                   # training went on with its own weights
+    expected = ft.classifier_for(small_encoder(), 2, recipe, torch.Generator().manual_seed(0))
+    expected.load_state_dict(ft.interpolated(start, tuned, 0.5))  # the WiSE-FT average ...
+    ft.probe_head(expected, split, recipe, seed=7)                # ... with its head fitted again on its features
+    for k, v in expected.state_dict().items():
+        assert torch.equal(result["state"][k], v), k
+    assert not torch.allclose(result["state"]["head.weight"], (start["head.weight"] + tuned["head.weight"]) / 2)
+    assert torch.equal(result["test_scores"], ft.predict(expected, split.clips, recipe))
 
 
 def test_frozen_blocks_keep_the_patch_embedding_and_the_lowest_blocks_fixed():

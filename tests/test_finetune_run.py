@@ -303,7 +303,8 @@ def test_the_small_recipe_sizes_itself_to_the_clips_and_reports_the_wise_ft_aver
     assert "1 run(s) of 2 epochs at 101 frames" in printed
     assert f"; last epoch without WiSE-FT {run['last_score']:.2f}; frozen encoder's linear probe" in printed
     assert "selected: none: each run's last epoch, averaged with the weights it started from (WiSE-FT, 0.5 of " \
-           "the way to the fine-tuned ones), the recipe's rule (last)" in printed
+           "the way to the fine-tuned ones), then its head fitted again on that encoder's features of the training " \
+           "clips, the recipe's rule (last)" in printed
     model = features.load_model(out / "best.pt")       # the average is the file written
     assert model.classifier.config.crop_frames == 112
     assert model.task["padding"] == "masked"           # tagging reads a clip as the evaluation did: whole
