@@ -99,9 +99,6 @@ class FinetuneRecipe:
                                 "(the depth or more: only the final norm and the head train)")
     feature: str = option("mean", "clip feature: the mean of the kept patch tokens (D), or the frequency rows "
                           "of each time column stacked (F*D)", ("mean", "stacked"))
-    head_norm: str = option("batch", "the head's BatchNorm while training: batch (each batch normalised by its own "
-                            "statistics, which the running ones follow: the authors') or fixed (the statistics "
-                            "it starts with, the probe's with --head-init probe, kept)", ("batch", "fixed"))
     head_init: str = option("random", "the head's start: random, N(0, 0.01) as the authors', or probe: a linear "
                             "probe fitted on the frozen encoder's features first, then everything is fine-tuned "
                             "(LP-FT)", ("random", "probe"))
@@ -394,8 +391,6 @@ def finetune_step(stepper: runs.Stepper, clips: list[torch.Tensor], targets: tor
     if recipe.random_resized_crop:
         x = random_resized_crop(x, generator)                                         # (5)
     model.train()
-    if recipe.head_norm == "fixed":
-        model.head_norm.eval()
     for group in stepper.optimizer.param_groups:
         group["lr"] = lr
     sums, _, finite = stepper.step([(x, targets)], lambda x, y: {                     # (6)
