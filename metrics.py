@@ -7,16 +7,21 @@ targets [N, C] (one-hot for single-label tasks), and are in %:
     classification_scores (all of them at once, as fine-tuning logs them).
 Audio-text retrieval: retrieval_metrics (R@1/5/10, mAP@10, both directions).
 Feature collapse: effective_rank (RankMe).
+Captioning: caption_scores (CIDEr-D, BLEU-4, ROUGE-L; METEOR, SPICE, SPIDEr
+where their Java tools are installed) through the optional aac-metrics
+package, the DCASE captioning scores, on captions normalised by caption_words.
 
 Ties are resolved against the model wherever a rank decides: a wrong item
 that scores the same as a right one ranks above it, so a collapsed model
 scores chance, never 100. ROC-AUC is the exception, by its definition: tied
 scores count one half.
 
-Imports torch and numpy only.
+Imports torch and numpy only (aac-metrics inside caption_scores, when called).
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import torch
@@ -120,3 +125,61 @@ def effective_rank(features: torch.Tensor) -> float:
     sigma = torch.linalg.svdvals(features.double())
     p = sigma / sigma.sum() + 1e-12
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+# -----------------------------------------------------------------------------
+# Captioning scores (the DCASE / AudioCaps convention)
+
+
+WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")  # a word: letters and digits, with an apostrophe's ending ("dog's")
+
+
+def caption_words(text: str) -> list[str]:
+    """A caption as the scores read it: lower-cased words, punctuation dropped ("A dog barks." -> a dog barks).
+
+    The COCO caption tools' PTB tokenizer (a Java program) does the same for
+    the captions of audio datasets, which are plain English sentences; this
+    rule needs no Java and is applied to generated and reference captions alike.
+    """
+    return WORD.findall(text.lower())
+
+
+def aac_metrics():
+    """aac-metrics' functions (aac_metrics.functional), or an ImportError saying how to install it."""
+    try:
+        from aac_metrics import functional
+    except ImportError as e:
+        raise ImportError("captioning scores need the optional aac-metrics package (DCASE's captioning metrics): "
+                          "pip install -r requirements-extras.txt, or pip install aac-metrics==0.5.4") from e
+    return functional
+
+
+def caption_scores(candidates: list[str], references: list[list[str]]) -> tuple[dict, dict]:
+    """Corpus-level captioning scores of one generated caption per clip against all of its references.
+
+    Returns ({score name: value}, {score name: why it was not computed}).
+    CIDEr-D, BLEU-4 and ROUGE-L are always computed (pure Python); METEOR,
+    SPICE and SPIDEr = (CIDEr-D + SPICE) / 2 only where Java and the tools'
+    jar files are installed (aac-metrics-download), else listed as not
+    computed with the reason. Values are aac-metrics' own (CIDEr-D about 0-3,
+    the others 0-1), on captions normalised by caption_words.
+    """
+    aac = aac_metrics()
+    if len(candidates) != len(references) or not candidates:
+        raise ValueError(f"caption_scores: {len(candidates)} generated captions for {len(references)} clips' "
+                         "references; give one generated caption per clip, for at least one clip")
+    cands = [" ".join(caption_words(c)) for c in candidates]
+    refs = [[" ".join(caption_words(r)) for r in rs] for rs in references]
+    scores = {"cider_d": aac.cider_d(cands, refs)[0]["cider_d"], "bleu_4": aac.bleu_4(cands, refs)[0]["bleu_4"],
+              "rouge_l": aac.rouge_l(cands, refs)[0]["rouge_l"]}
+    missing = {}
+    for name, score in (("meteor", aac.meteor), ("spice", aac.spice)):
+        try:
+            scores[name] = score(cands, refs)[0][name]
+        except (FileNotFoundError, RuntimeError, OSError, ValueError) as e:  # no Java, or no jar: not installed
+            missing[name] = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    if "spice" in scores:
+        scores["spider"] = (scores["cider_d"] + scores["spice"]) / 2
+    else:
+        missing["spider"] = "needs SPICE"
+    return {k: float(v) for k, v in scores.items()}, missing
