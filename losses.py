@@ -1,4 +1,4 @@
-"""The two losses of M2D-CLAP stage 1. Imports torch only.
+"""The two losses of M2D-CLAP stage 1, and captioning's. Imports torch only.
 
 - m2d_loss: 2 - 2 cos(prediction, standardised target), over masked patches.
 - ClapLoss: symmetric InfoNCE between audio and text embeddings with a learned
@@ -7,6 +7,8 @@
 - m2d_clap_loss: the training loss of a step and its parts, from the model's
   training forward: L = L_M2D + lambda * L_CLAP in stage 1, L_CLAP alone on a
   frozen encoder (stages 2 and 2.1).
+- caption_loss: teacher-forced cross-entropy of a captioner (caption.py),
+  padding left out.
 """
 
 from __future__ import annotations
@@ -117,3 +119,12 @@ def m2d_clap_loss(outputs: tuple[torch.Tensor, ...], logit_scale: torch.Tensor, 
     loss_m2d = m2d_loss(prediction, target)
     loss_clap = clap_loss(audio, text, logit_scale)
     return {"loss": loss_m2d + clap_weight * loss_clap, "loss_m2d": loss_m2d, "loss_clap": loss_clap}
+
+
+def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Teacher-forced cross-entropy of a captioner: logits [B, L, V], targets [B, L] -> the mean over real tokens.
+
+    Padding (pad_id) is not a token of any caption and counts for nothing;
+    every other position, the end token included, counts once.
+    """
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad_id)

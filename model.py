@@ -18,6 +18,10 @@ Fine-tuning (stage 1.1, downstream tasks) puts a head on the same encoder:
     normalised log-mel -> AudioEncoder path (structured token drop while
     training) -> mean or stacked-column pooling -> BatchNorm -> Linear
 AudioEncoder is that one encoder path; M2DCLAP and AudioClassifier extend it.
+Captioning (caption.py) reads the frozen encoder's frame features:
+    frame features [B, T, F*D] (+ CLAP audio [B, D]) -> CaptionPrefix [B, S, W]
+      -> a sequence-to-sequence language model passed in (BART)  -> logits [B, L, V]
+      -> beam_search writes the caption token by token
 
 The losses live in losses.py; the training loops in train.py and finetune.py.
 Submodule names give the state-dict keys of the released M2D / M2D-CLAP
@@ -901,3 +905,108 @@ def stacked_columns(tokens: torch.Tensor, grid_f: int) -> torch.Tensor:
     B, N, D = tokens.shape
     columns = tokens.reshape(B, grid_f, N // grid_f, D).permute(0, 2, 1, 3)  # [B, T, F, D]
     return columns.reshape(B, N // grid_f, grid_f * D)
+
+
+# -----------------------------------------------------------------------------
+# Captioning: a sequence-to-sequence language model reading the frozen encoder's frame features
+
+
+class CaptionPrefix(nn.Module):
+    """What the language model's encoder reads instead of word embeddings.
+
+    Each frame feature (a 160 ms time column, its F patch features stacked:
+    F*D) is layer-normalised and projected to the model's width W. With
+    clap_dim > 0 the clip's CLAP audio embedding, L2-normalised and projected,
+    comes first as one more token (EnCLAP's sequence-level CLAP prefix).
+    """
+
+    def __init__(self, frame_dim: int, width: int, clap_dim: int = 0):
+        super().__init__()
+        self.frame_norm = nn.LayerNorm(frame_dim)
+        self.frame_proj = nn.Linear(frame_dim, width)
+        self.clap_proj = nn.Linear(clap_dim, width) if clap_dim else None
+
+    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor,
+                clap: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """frames [B, T, F*D], frame_mask [B, T] (True: a real column), clap [B, D_clap] -> ([B, S, W], [B, S])."""
+        x = self.frame_proj(self.frame_norm(frames))                              # [B, T, W]
+        if self.clap_proj is None:
+            return x, frame_mask.long()
+        prefix = self.clap_proj(F.normalize(clap, dim=-1))[:, None]              # [B, 1, W]
+        mask = torch.cat([frame_mask.new_ones(frame_mask.shape[0], 1), frame_mask], dim=1)
+        return torch.cat([prefix, x], dim=1), mask.long()                        # [B, 1+T, W], [B, 1+T]
+
+
+class AudioCaptioner(nn.Module):
+    """CaptionPrefix, then a sequence-to-sequence language model that writes the caption.
+
+    language_model is transformers' BartForConditionalGeneration, or any
+    module called the same way (inputs_embeds, attention_mask,
+    decoder_input_ids, encoder_outputs, use_cache; its output has .logits and
+    get_encoder() its encoder). The decoder starts from start_id and stops at
+    eos_id. Padded frame columns are hidden from the encoder and from the
+    decoder's cross-attention by the attention mask; the decoder is causal.
+    """
+
+    def __init__(self, prefix: CaptionPrefix, language_model: nn.Module, start_id: int, eos_id: int):
+        super().__init__()
+        self.prefix, self.language_model = prefix, language_model
+        self.start_id, self.eos_id = start_id, eos_id
+
+    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor, clap: torch.Tensor | None,
+                decoder_inputs: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: decoder_inputs [B, L] (start_id, then the caption shifted right) -> logits [B, L, V]."""
+        x, mask = self.prefix(frames, frame_mask, clap)
+        return self.language_model(inputs_embeds=x, attention_mask=mask, decoder_input_ids=decoder_inputs,
+                                   use_cache=False).logits
+
+    def encode(self, frames: torch.Tensor, frame_mask: torch.Tensor,
+               clap: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The language model's encoder output [B, S, W] and its mask [B, S], computed once per clip."""
+        x, mask = self.prefix(frames, frame_mask, clap)
+        return self.language_model.get_encoder()(inputs_embeds=x, attention_mask=mask)[0], mask
+
+    def next_log_probs(self, memory: torch.Tensor, mask: torch.Tensor, prefixes: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [N, V] of the token after each prefix [N, L], all N reading memory [1, S, W]."""
+        n = prefixes.shape[0]
+        logits = self.language_model(encoder_outputs=(memory.expand(n, -1, -1),), attention_mask=mask.expand(n, -1),
+                                     decoder_input_ids=prefixes, use_cache=False).logits   # [N, L, V]
+        return logits[:, -1].float().log_softmax(dim=-1)
+
+    @torch.no_grad()
+    def generate(self, frames: torch.Tensor, frame_mask: torch.Tensor, clap: torch.Tensor | None,
+                 beam_width: int, max_tokens: int) -> list[list[int]]:
+        """A caption's token ids (start and end left out) for each clip of the batch, by beam_search."""
+        memory, mask = self.encode(frames, frame_mask, clap)
+        return [beam_search(lambda p, i=i: self.next_log_probs(memory[i:i + 1], mask[i:i + 1], p), self.start_id,
+                            self.eos_id, beam_width, max_tokens, frames.device) for i in range(frames.shape[0])]
+
+
+def beam_search(next_log_probs, start_id: int, eos_id: int, beam_width: int, max_tokens: int,
+                device: torch.device | None = None) -> list[int]:
+    """The highest-scoring token sequence found by beam search; its score is the mean log-probability per token.
+
+    next_log_probs(prefixes [N, L]) -> [N, V]. Every step extends each of
+    the beam_width live sequences by every token and keeps the beam_width
+    best extensions that do not end; those that end (eos_id) are set aside.
+    The search stops when beam_width sequences have ended, or after
+    max_tokens tokens (the live ones then count as they stand). The mean
+    over tokens (the end token included) keeps short captions from winning
+    merely for being short. Returns the tokens after start_id, without eos_id.
+    """
+    live = [([start_id], 0.0)]                                   # (tokens, summed log-probability)
+    ended = []
+    for _ in range(max_tokens):
+        prefixes = torch.tensor([tokens for tokens, _ in live], device=device)  # [N, L]
+        log_probs = next_log_probs(prefixes)                                     # [N, V]
+        totals = log_probs + torch.tensor([score for _, score in live], device=log_probs.device)[:, None]
+        best = totals.flatten().topk(min(2 * beam_width, totals.numel()))
+        extended = []
+        for score, k in zip(best.values.tolist(), best.indices.tolist()):
+            n, token = divmod(k, totals.shape[1])
+            (ended if token == eos_id else extended).append((live[n][0] + [token], score))
+        live = extended[:beam_width]
+        if len(ended) >= beam_width or not live:
+            break
+    tokens, _ = max(ended + live, key=lambda t: t[1] / (len(t[0]) - 1))
+    return [t for t in tokens[1:] if t != eos_id]
