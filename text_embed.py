@@ -1,6 +1,7 @@
 """Caption text: the caption-embedding file format, its validated loader, a
-command that computes embeddings with a sentence model, and the trainable text
-encoder of stages 2 and 2.1.
+command that computes embeddings with a sentence model, the trainable text
+encoder of stages 2 and 2.1, and the text side of captioning (caption.py): its
+tokenizers (the captions' own words by default) and its BART language model.
 
 File format (no pickles, readable by any tool):
     captions.csv  UTF-8 CSV with a header and at least the columns
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import metrics
 import runs
 
 REQUIRED_COLUMNS = ("file_name", "caption")
@@ -227,13 +229,13 @@ def embed_captions_csv(csv_path: str | Path, out_path: str | Path | None = None,
 # The trainable text encoder of stages 2 and 2.1 (optional dependency)
 
 
-def _transformers():
+def _transformers(need: str = "A trainable text encoder needs", way_out: str = ", or train the text side on "
+                  "the precomputed sentence embeddings with --text-side embeddings"):
     try:
         import transformers
     except ImportError as e:
-        raise ImportError("A trainable text encoder needs the optional transformers package: "
-                          "pip install -r requirements-extras.txt, or train the text side on the "
-                          "precomputed sentence embeddings with --text-side embeddings.") from e
+        raise ImportError(f"{need} the optional transformers package: pip install -r requirements-extras.txt"
+                          f"{way_out}.") from e
     return transformers
 
 
@@ -355,6 +357,124 @@ def tokenize(tokenizer, captions: list[str], max_tokens: int = 512) -> dict:
     """
     tokens = tokenizer(captions, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
     return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+
+# -----------------------------------------------------------------------------
+# The text side of captioning (caption.py): tokenizers and the BART language model
+
+
+class CaptionVocabulary:
+    """The default captioning tokenizer: the training captions' own words, so it needs nothing downloaded.
+
+    Ids 0-3 are <pad>, <bos> (the decoder's start), <eos> and <unk>; then the
+    words, most frequent first (ties alphabetical). A caption is read as the
+    scores read it (metrics.caption_words: lower case, no punctuation), so the
+    decoder learns to write what is scored. record() is what a checkpoint keeps.
+    """
+
+    SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+    pad_id, start_id, eos_id, unk_id = 0, 1, 2, 3
+
+    def __init__(self, words: list[str]):
+        self.words = list(words)
+        self.index = {w: i for i, w in enumerate(self.words)}
+
+    @classmethod
+    def from_captions(cls, captions: list[str]) -> "CaptionVocabulary":
+        counts: dict[str, int] = {}
+        for caption in captions:
+            for word in metrics.caption_words(caption):
+                counts[word] = counts.get(word, 0) + 1
+        return cls([*cls.SPECIALS, *sorted(counts, key=lambda w: (-counts[w], w))])
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def encode(self, text: str) -> list[int]:
+        """The caption's word ids, then <eos> (the decoder's targets)."""
+        return [self.index.get(w, self.unk_id) for w in metrics.caption_words(text)] + [self.eos_id]
+
+    def decode(self, ids: list[int]) -> str:
+        """Words up to the first <eos>; the other special tokens dropped."""
+        words = []
+        for i in ids:
+            if i == self.eos_id:
+                break
+            if i >= len(self.SPECIALS):
+                words.append(self.words[i])
+        return " ".join(words)
+
+    def record(self) -> dict:
+        return {"kind": "words", "words": self.words}
+
+
+class PretrainedCaptionTokenizer:
+    """A pretrained BART folder's own tokenizer (caption.py --decoder FOLDER), with CaptionVocabulary's methods."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = str(folder)
+        self.tokenizer = load_tokenizer(self.folder)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        """<s> caption </s>, as BART was pre-trained to write it (its decoder starts from </s>)."""
+        return self.tokenizer(text.strip())["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def record(self) -> dict:
+        return {"kind": "pretrained", "folder": self.folder}
+
+
+CAPTIONING_NEEDS = ("Captioning's decoder (transformers' BART) needs", "")
+
+
+def caption_tokenizer(record: dict, folder: str | Path | None = None):
+    """The tokenizer a captioning checkpoint records: its word list, or a BART folder's (`folder` replaces the
+    recorded one, e.g. on another machine)."""
+    if record["kind"] == "words":
+        return CaptionVocabulary(record["words"])
+    return PretrainedCaptionTokenizer(folder or record["folder"])
+
+
+def new_caption_decoder(vocab_size: int, width: int, layers: int, heads: int, positions: int, dropout: float,
+                        tokens: CaptionVocabulary):
+    """A small BART (transformers' BartForConditionalGeneration) with random weights, built from a config.
+
+    `layers` encoder and decoder layers each, feed-forward 4 x width,
+    `positions` positions for the audio columns and the caption alike, the
+    special ids of the CaptionVocabulary. Its initialisation draws from
+    torch's global generator: seed it first.
+    """
+    transformers = _transformers(*CAPTIONING_NEEDS)
+    config = transformers.BartConfig(
+        vocab_size=vocab_size, d_model=width, encoder_layers=layers, decoder_layers=layers,
+        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=4 * width,
+        decoder_ffn_dim=4 * width, max_position_embeddings=positions, dropout=dropout,
+        pad_token_id=tokens.pad_id, bos_token_id=tokens.start_id, eos_token_id=tokens.eos_id,
+        decoder_start_token_id=tokens.start_id, forced_eos_token_id=None, scale_embedding=True)
+    return transformers.BartForConditionalGeneration(config)
+
+
+def pretrained_caption_decoder(folder: str | Path):
+    """A local pretrained BART folder (e.g. facebook/bart-base, downloaded beforehand), loaded offline."""
+    transformers = _transformers(*CAPTIONING_NEEDS)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"--decoder {folder}: not a folder. Pass a local Hugging Face BART folder "
+                                "(config.json, weights and tokenizer files), e.g. facebook/bart-base saved "
+                                "with save_pretrained.")
+    return transformers.BartForConditionalGeneration.from_pretrained(str(folder))
+
+
+def caption_decoder_from_config(config: dict):
+    """An empty BART of a checkpoint's recorded config (its weights are loaded next)."""
+    transformers = _transformers(*CAPTIONING_NEEDS)
+    with torch.random.fork_rng(devices=[]):  # its throw-away initialisation leaves the caller's draws alone
+        return transformers.BartForConditionalGeneration(transformers.BartConfig.from_dict(config))
 
 
 def main(argv=None):
