@@ -716,6 +716,25 @@ def builtin_eval_set() -> data.Manifest:
     return manifest
 
 
+def builtin_caption_set() -> data.CaptionManifest:
+    """The built-in data as a caption manifest: the 1,000 training and 250 held-out clips, 2 captions each, with
+    their committed sentence embeddings (for the nearest-caption baseline); the audio rendered on first use."""
+    manifest = data.CaptionManifest("built-in data", builtin_cache_dir())
+    embeddings = []
+    for part in ("train", "test"):
+        builtin_dataset(part)  # renders the audio on first use
+        table = text_embed.load_caption_embeddings(builtin_csv(part))
+        for name, caption in zip(table.file_names, table.captions):
+            if name not in manifest.files[-1:]:  # a clip's caption rows are consecutive
+                manifest.files.append(name)
+                manifest.split.append(part)
+                manifest.captions.append([])
+            manifest.captions[-1].append(caption)
+        embeddings.append(table.embeddings)
+    manifest.caption_embeddings = np.concatenate(embeddings)
+    return manifest
+
+
 def render_builtin_split(split: str, root: Path):
     """Render every clip of a split as 16-bit FLAC under root/split/.
 

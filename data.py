@@ -1,6 +1,7 @@
 """Audio data for M2D-CLAP: waveform -> log-mel front end, audio reading,
 datasets of captioned clips, normalisation statistics, manifests of labelled
-clips (evaluate.py and finetune.py read them), and corpus shards.
+clips (evaluate.py and finetune.py read them), manifests of captioned clips
+(caption.py reads them), and corpus shards.
 (The built-in synthetic dataset is builtin_data.py.)
 
 Front end (must match the reference numerically): 16 kHz mono, STFT with
@@ -21,6 +22,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import sys
 import time
 from collections import defaultdict
@@ -775,6 +777,115 @@ def load_clips(manifest: Manifest, indices: list[int], source: AudioFolder | Sha
         return ClipSet(LazyClips(read, names), targets, names)
     with ThreadPoolExecutor(max(workers, 1)) as pool:
         return ClipSet(list(pool.map(read, names)), targets, names)
+
+
+# -----------------------------------------------------------------------------
+# Caption manifests: clips and their reference captions, for captioning (caption.py)
+
+
+@dataclass
+class CaptionManifest:
+    """Captioned clips, read by read_caption_manifest, whose rules it documents.
+
+    files holds each clip once, in the order of first appearance; split its
+    part; captions its reference captions. caption_embeddings, where they are
+    precomputed (the built-in data), holds a sentence embedding per caption,
+    clip after clip in file order.
+    """
+
+    name: str                            # the CSV's path, for messages
+    root: Path                           # the folder the file names are relative to
+    files: list[str] = field(default_factory=list)
+    split: list[str] = field(default_factory=list)
+    captions: list[list[str]] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)  # the CSV line of each clip's first row, for messages
+    caption_embeddings: np.ndarray | None = None
+
+    def where(self, i: int) -> str:
+        line = f", line {self.lines[i]}" if i < len(self.lines) else ""
+        return f"{self.name}{line} ({self.files[i]})"
+
+    def indices(self, part: str) -> list[int]:
+        return [i for i, s in enumerate(self.split) if s == part]
+
+    def unreadable(self, i: int, error: AudioError) -> AudioError:
+        return AudioError(f"{error} It is listed in {self.where(i)}: fix the file or remove its rows.")
+
+
+CAPTION_COLUMN = re.compile(r"caption_\d+")  # Clotho's caption_1 ... caption_5
+
+
+def read_caption_manifest(csv_path: str | Path, audio_root: str | Path | None = None) -> CaptionManifest:
+    """Read a captioning manifest CSV. Its rules:
+
+    - columns: file_name (relative to audio_root, default the CSV's folder),
+      split (train, valid or test) and the captions, in one of two layouts:
+      `caption`, one per row, a clip on as many rows as it has captions (the
+      captions CSV of text_embed.py, with a split column); or caption_1,
+      caption_2, ... on one row (Clotho's layout; blank cells are skipped).
+      Other columns (label, ...) are ignored;
+    - every row names a file, its split, and at least one caption; a file
+      belongs to one split;
+    - there are train and test clips (valid ones are optional).
+    """
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns, rows = reader.fieldnames or [], list(reader)
+    except FileNotFoundError as e:
+        raise ManifestError(f"{csv_path}: caption manifest not found") from e
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ManifestError(f"{csv_path}: not a readable UTF-8 CSV ({e})") from e
+    caption_columns = caption_columns_of(csv_path, columns)
+    if not rows:
+        raise ManifestError(f"{csv_path}: no rows")
+    manifest = CaptionManifest(str(csv_path), Path(audio_root) if audio_root else Path(csv_path).parent)
+    index: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
+        add_caption_row(manifest, index, row, caption_columns, f"{csv_path}, line {line}", line)
+    for part in ("train", "test"):
+        if not manifest.indices(part):
+            raise ManifestError(f"{csv_path}: no clip in the {part} split; captioning trains on split train and "
+                                "scores on split test. Mark some rows train and some test.")
+    return manifest
+
+
+def caption_columns_of(csv_path: str | Path, columns: list[str]) -> list[str]:
+    """The caption columns of a manifest's header: ["caption"], or caption_1, caption_2, ... in number order."""
+    numbered = sorted((c for c in columns if CAPTION_COLUMN.fullmatch(c)), key=lambda c: int(c.split("_")[1]))
+    missing = [c for c in ("file_name", "split") if c not in columns]
+    if missing or ("caption" in columns) == bool(numbered):
+        problem = (f"no {' or '.join(missing)} column" if missing else
+                   "both a caption column and caption_1, caption_2, ..." if numbered else "no caption column")
+        raise ManifestError(f"{csv_path}: the header has {columns}: {problem}. A caption manifest needs "
+                            "file_name, split (train/valid/test) and either caption (one per row) or caption_1, "
+                            "caption_2, ... (several per row, as Clotho's CSVs).")
+    return ["caption"] if "caption" in columns else numbered
+
+
+def add_caption_row(manifest: CaptionManifest, index: dict[str, int], row: dict, caption_columns: list[str],
+                    where: str, line: int):
+    """One CSV row: a new clip, or more captions of a clip already read (in the same split)."""
+    name, part = (row["file_name"] or "").strip(), (row["split"] or "").strip()
+    captions = [row[c].strip() for c in caption_columns if (row[c] or "").strip()]
+    if not name:
+        raise ManifestError(f"{where}: empty file_name")
+    if part not in SPLITS:
+        raise ManifestError(f"{where}: split must be train, valid or test, got {part!r}")
+    if not captions:
+        raise ManifestError(f"{where}: {name} has no caption on this row (the {', '.join(caption_columns)} "
+                            "cell(s) are empty); write its caption, or remove the row")
+    if name not in index:
+        index[name] = len(manifest.files)
+        manifest.files.append(name)
+        manifest.split.append(part)
+        manifest.captions.append([])
+        manifest.lines.append(line)
+    k = index[name]
+    if manifest.split[k] != part:
+        raise ManifestError(f"{where}: {name} is in split {part!r} here but {manifest.split[k]!r} on line "
+                            f"{manifest.lines[k]}; a file belongs to one split")
+    manifest.captions[k] += captions
 
 
 # -----------------------------------------------------------------------------
