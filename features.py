@@ -19,6 +19,7 @@ Command line:
     python features.py embed --checkpoint CKPT --audio DIR_OR_CSV --out FEATURES/
     python features.py export runs/stage2/last.pt OUT.pth   # ours in the released layout
     python features.py tag --checkpoint best.pt a.wav ...   # a fine-tuned file's top classes
+    captions = caption_audio(audio, load_model("runs/caption/best.pt"))  # caption.py's file: one per clip
     python features.py --help                               # the commands; COMMAND --help for each
 """
 
@@ -217,6 +218,8 @@ def load_ours(ckpt: dict, text_encoder: str | None = None) -> Embedder:
     embedder = Embedder(model, info, text)
     if "head" in ckpt:  # a fine-tuned file (finetune.py): its classifier too
         attach_classifier(embedder, ckpt)
+    if "captioner" in ckpt:  # a captioning file (caption.py): its decoder too
+        attach_captioner(embedder, ckpt)
     return embedder
 
 
@@ -1323,6 +1326,107 @@ def one_line(path: Path, error: Exception) -> str:
     """'PATH: reason' on one line, the path said once where the message already starts with it."""
     reason = " ".join(str(error).splitlines())
     return reason if reason.startswith(f"{path}:") else f"{path}: {reason}"
+
+
+# -----------------------------------------------------------------------------
+# Captioning files: the decoder caption.py trains on the frozen encoder, and the captions it writes
+
+
+def fit_columns(frames: torch.Tensor, max_columns: int) -> torch.Tensor:
+    """[T, C] frame features -> at most max_columns rows: a longer clip's consecutive columns averaged in groups
+    of ceil(T / max_columns) (the last group may be shorter), so that it fits the decoder's positions."""
+    if frames.shape[0] <= max_columns:
+        return frames
+    group = -(-frames.shape[0] // max_columns)
+    return torch.stack([chunk.mean(dim=0) for chunk in frames.split(group)])
+
+
+@torch.no_grad()
+def caption_inputs(model: m2d.M2DCLAP, log_mels: Iterable[torch.Tensor], max_columns: int, with_clap: bool,
+                   batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """What a captioner reads of each full-length log-mel, on the CPU: (frame features [T, F*D], CLAP audio [D]).
+
+    The frame features are get_timestamp_embeddings' (frames_of, the clip cut
+    as the authors' runtime cuts it), fitted to max_columns (fit_columns);
+    the CLAP audio embedding (None without with_clap) is encode_clap_audio's.
+    """
+    return [(fit_columns(frames_of(p), max_columns).cpu(), clap_audio_of(model, p).cpu() if with_clap else None)
+            for p in iter_patch_features(model, log_mels, batch_size)]
+
+
+def caption_batch(inputs: list[tuple[torch.Tensor, torch.Tensor | None]],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Clips' caption_inputs as one batch on `device`: frames [B, T, F*D] zero-padded to the longest clip,
+    the mask of real columns [B, T] (bool), CLAP audio [B, D] (or None)."""
+    longest = max(frames.shape[0] for frames, _ in inputs)
+    frames = torch.stack([F.pad(f.float(), (0, 0, 0, longest - f.shape[0])) for f, _ in inputs])
+    mask = torch.arange(longest)[None] < torch.tensor([f.shape[0] for f, _ in inputs])[:, None]
+    clap = torch.stack([c.float() for _, c in inputs]).to(device) if inputs[0][1] is not None else None
+    return frames.to(device), mask.to(device), clap
+
+
+def captioner_checkpoint(encoder: m2d.M2DCLAP, captioner: m2d.AudioCaptioner, tokenizer, captioning: dict,
+                         recipe: dict, settings: dict) -> dict:
+    """The file caption.py writes (best.pt): the frozen encoder in our layout, so that load_model reads it, and
+    "captioner": the prefix's sizes and weights, the language model's config and weights, the tokenizer's
+    record (text_embed.caption_tokenizer), and `captioning` (beam_width, max_tokens, max_columns)."""
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items() if not k.startswith("text_encoder.")}
+    prefix, language_model = captioner.prefix, captioner.language_model
+    record = {"prefix": {"frame_dim": prefix.frame_proj.in_features, "width": prefix.frame_proj.out_features,
+                         "clap_dim": prefix.clap_proj.in_features if prefix.clap_proj is not None else 0},
+              "prefix_state": {k: v.detach().cpu() for k, v in prefix.state_dict().items()},
+              "language_model_config": language_model.config.to_dict(),
+              "language_model": {k: v.detach().cpu() for k, v in language_model.state_dict().items()},
+              "tokenizer": tokenizer.record(), **captioning}
+    return {"stage": "caption", "model_config": asdict(encoder.config), "norm_stats": encoder.norm_stats.tolist(),
+            "model": state, "captioner": record, "recipe": recipe, "args": settings}
+
+
+def attach_captioner(embedder: Embedder, ckpt: dict, decoder_folder: str | Path | None = None):
+    """Give an Embedder of a captioning checkpoint its captioner: .captioner (model.AudioCaptioner),
+    .caption_tokenizer, .captioning (beam_width, max_tokens, max_columns). A pretrained BART's tokenizer is
+    read from the folder the checkpoint names, or decoder_folder; where neither is there, caption_audio
+    says so."""
+    record = ckpt["captioner"]
+    language_model = text_embed.caption_decoder_from_config(record["language_model_config"])
+    language_model.load_state_dict(record["language_model"])
+    prefix = m2d.CaptionPrefix(**record["prefix"])
+    prefix.load_state_dict(record["prefix_state"])
+    config = language_model.config
+    captioner = m2d.AudioCaptioner(prefix, language_model, config.decoder_start_token_id, config.eos_token_id)
+    embedder.captioner = captioner.to(embedder.device).eval()
+    embedder.captioning = {k: record[k] for k in ("beam_width", "max_tokens", "max_columns")}
+    try:
+        embedder.caption_tokenizer = text_embed.caption_tokenizer(record["tokenizer"], decoder_folder)
+    except (OSError, ImportError) as e:
+        embedder.caption_tokenizer = None
+        embedder.captioning["unavailable"] = (f"{e} (pass the BART folder the decoder was trained from: "
+                                              "caption.py predict --decoder FOLDER)")
+
+
+@torch.no_grad()
+def caption_audio(audio: torch.Tensor, model: Embedder, beam_width: int | None = None,
+                  max_tokens: int | None = None, batch_size: int = 16) -> list[str]:
+    """One caption per clip of audio [n, samples] under a captioning checkpoint (caption.py's best.pt).
+
+    Beam search with the checkpoint's width and maximum length unless given;
+    the captions are written in the checkpoint tokenizer's words.
+    """
+    if getattr(model, "captioner", None) is None:
+        raise ValueError(f"{model.info.get('path')}: not a captioning checkpoint (no caption decoder); "
+                         "caption_audio needs the best.pt that caption.py writes")
+    if model.caption_tokenizer is None:
+        raise ValueError(f"cannot write captions: {model.captioning['unavailable']}")
+    settings, captioner = model.captioning, model.captioner
+    with_clap = captioner.prefix.clap_proj is not None
+    inputs = caption_inputs(model.model, _log_mels(audio, model), settings["max_columns"], with_clap, batch_size)
+    captions = []
+    for start in range(0, len(inputs), batch_size):
+        frames, mask, clap = caption_batch(inputs[start:start + batch_size], model.device)
+        for ids in captioner.generate(frames, mask, clap, beam_width or settings["beam_width"],
+                                      max_tokens or settings["max_tokens"]):
+            captions.append(model.caption_tokenizer.decode(ids))
+    return captions
 
 
 # -----------------------------------------------------------------------------
