@@ -499,7 +499,8 @@ def run_job(run: CaptionRun, j: int, resume: dict | None) -> dict:
         runs.set_rng_state(resume["resume"]["rng"][0]["global"], run.device)
     captioner.load_state_dict(fit(t, recipe, lambda t: end_epoch(run, j, t)))
     captions = write_captions(captioner, test, inputs, run.tokenizer, recipe)
-    scores, missing = ({}, {}) if run.scoring else metrics.caption_scores(captions, [manifest.captions[i] for i in test])
+    references = [manifest.captions[i] for i in test]
+    scores, missing = ({}, {}) if run.scoring else metrics.caption_scores(captions, references)
     held = "valid_loss" if valid else "test_loss"
     summary = {"seed": seed, "encoder": encoder, "best_epoch": t.state.best_epoch, "steps": t.state.step,
                held: t.state.best_loss if valid else t.state.history[-1][held], "scores": scores,
@@ -680,7 +681,9 @@ def predict_main(argv):
                    "from, where it is not where the checkpoint says (its tokenizer is read there)")
     p.add_argument("--beam-width", type=int, default=None, help="beams (default: the checkpoint's)")
     p.add_argument("--max-tokens", type=int, default=None, help="longest caption in tokens (default: the checkpoint's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", default=device, help=f"where the model runs (default: {device}; cuda when a GPU is "
+                   "visible)")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="audio files, in any format soundfile reads, "
                    "at any sample rate and channel count (downmixed to mono and resampled to 16 kHz)")
     args = p.parse_args(argv)

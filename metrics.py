@@ -158,7 +158,7 @@ def caption_scores(candidates: list[str], references: list[list[str]]) -> tuple[
     """Corpus-level captioning scores of one generated caption per clip against all of its references.
 
     Returns ({score name: value}, {score name: why it was not computed}).
-    CIDEr-D, BLEU-4 and ROUGE-L are always computed (pure Python); METEOR,
+    CIDEr-D (from 2 clips on), BLEU-4 and ROUGE-L are always computed (pure Python); METEOR,
     SPICE and SPIDEr = (CIDEr-D + SPICE) / 2 only where Java and the tools'
     jar files are installed (aac-metrics-download), else listed as not
     computed with the reason. Values are aac-metrics' own (CIDEr-D about 0-3,
@@ -170,16 +170,19 @@ def caption_scores(candidates: list[str], references: list[list[str]]) -> tuple[
                          "references; give one generated caption per clip, for at least one clip")
     cands = [" ".join(caption_words(c)) for c in candidates]
     refs = [[" ".join(caption_words(r)) for r in rs] for rs in references]
-    scores = {"cider_d": aac.cider_d(cands, refs)[0]["cider_d"], "bleu_4": aac.bleu_4(cands, refs)[0]["bleu_4"],
-              "rouge_l": aac.rouge_l(cands, refs)[0]["rouge_l"]}
+    scores = {"bleu_4": aac.bleu_4(cands, refs)[0]["bleu_4"], "rouge_l": aac.rouge_l(cands, refs)[0]["rouge_l"]}
     missing = {}
+    if len(cands) > 1:
+        scores["cider_d"] = aac.cider_d(cands, refs)[0]["cider_d"]
+    else:  # its n-gram weights are document frequencies over the clips
+        missing["cider_d"] = "CIDEr-D needs at least 2 clips"
     for name, score in (("meteor", aac.meteor), ("spice", aac.spice)):
         try:
             scores[name] = score(cands, refs)[0][name]
         except (FileNotFoundError, RuntimeError, OSError, ValueError) as e:  # no Java, or no jar: not installed
             missing[name] = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-    if "spice" in scores:
+    if "spice" in scores and "cider_d" in scores:
         scores["spider"] = (scores["cider_d"] + scores["spice"]) / 2
     else:
-        missing["spider"] = "needs SPICE"
+        missing["spider"] = "needs CIDEr-D and SPICE"
     return {k: float(v) for k, v in scores.items()}, missing

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = [("train", []), ("finetune", []), ("evaluate", []), ("bench", []), ("bench", ["prepared"]),
             ("bench", ["loader"]), ("data", ["prepare"]), ("data", ["stats"]), ("text_embed", []),
             ("builtin_data", ["render"]), ("builtin_data", ["captions"]), ("features", ["embed"]),
-            ("features", ["export"]), ("features", ["tag"])]
+            ("features", ["export"]), ("features", ["tag"]), ("caption", []), ("caption", ["predict"])]
 
 
 def parsers_of(module: str, argv: list[str], monkeypatch) -> list[argparse.ArgumentParser]:
