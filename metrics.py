@@ -170,12 +170,12 @@ def caption_scores(candidates: list[str], references: list[list[str]]) -> tuple[
                          "references; give one generated caption per clip, for at least one clip")
     cands = [" ".join(caption_words(c)) for c in candidates]
     refs = [[" ".join(caption_words(r)) for r in rs] for rs in references]
-    scores = {"bleu_4": aac.bleu_4(cands, refs)[0]["bleu_4"], "rouge_l": aac.rouge_l(cands, refs)[0]["rouge_l"]}
-    missing = {}
+    scores, missing = {}, {}
     if len(cands) > 1:
         scores["cider_d"] = aac.cider_d(cands, refs)[0]["cider_d"]
     else:  # its n-gram weights are document frequencies over the clips
         missing["cider_d"] = "CIDEr-D needs at least 2 clips"
+    scores.update(bleu_4=aac.bleu_4(cands, refs)[0]["bleu_4"], rouge_l=aac.rouge_l(cands, refs)[0]["rouge_l"])
     for name, score in (("meteor", aac.meteor), ("spice", aac.spice)):
         try:
             scores[name] = score(cands, refs)[0][name]
