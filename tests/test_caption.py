@@ -293,3 +293,42 @@ def test_resume_after_a_stop_is_bit_identical(stage1_run, tmp_path):
     with pytest.raises(SystemExit, match=r"resume.pt: cannot resume with other settings than the run's "
                                          r"\(recipe.epochs 3 -> 4\)"):
         caption.main([*args, "--out-dir", str(tmp_path / "parts"), "--epochs", "4"])
+
+
+def local_bart(folder) -> str:
+    """A tiny BART saved as a pretrained folder would be (config, weights, a byte-level BPE tokenizer of single
+    letters), standing in for a downloaded bart-base: nothing is fetched."""
+    from transformers import BartConfig, BartForConditionalGeneration, BartTokenizer
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", *letters, *("\u0120" + c for c in letters),
+                                         "\u0120", "<mask>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=len(vocab), d_model=16, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                        max_position_embeddings=64)
+    BartForConditionalGeneration(config).save_pretrained(folder / "bart")
+    BartTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder / "bart")
+    return str(folder / "bart")
+
+
+def test_a_pretrained_bart_folder_trains_with_its_own_tokenizer_and_reloads(stage1_run, tmp_path):
+    folder = local_bart(tmp_path)
+    out = tmp_path / "run"
+    caption.main(["--encoder", str(stage1_run / "last.pt"), "--manifest", captioned_clips(tmp_path),
+                  "--decoder", folder, "--no-baselines", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8", "--max-tokens", "5",
+                  "--device", "cpu", "--out-dir", str(out)])
+    ckpt = runs.load_checkpoint(out / "best.pt")
+    assert ckpt["captioner"]["tokenizer"] == {"kind": "pretrained", "folder": folder}
+    assert ckpt["captioner"]["language_model_config"]["decoder_start_token_id"] == 2  # BART's: </s>, then <s>
+    model = features.load_model(out / "best.pt")
+    assert model.caption_tokenizer.encode("a tone") == [0, 4, 56, 23, 18, 17, 8, 2]  # <s> a ' t' o n e </s>
+    with open(out / "predictions.csv", newline="") as f:
+        written = [r["caption"] for r in csv.DictReader(f)]
+    audio = torch.stack([data.load_audio(tmp_path / f"c{i}.wav") for i in range(8, 12)])
+    assert features.caption_audio(audio, model) == written
+    (tmp_path / "bart").rename(tmp_path / "moved")
+    moved = features.load_model(out / "best.pt")
+    with pytest.raises(ValueError, match=r"cannot write captions: .*caption.py predict --decoder FOLDER"):
+        features.caption_audio(audio, moved)
