@@ -317,8 +317,8 @@ def test_a_pretrained_bart_folder_trains_with_its_own_tokenizer_and_reloads(stag
     folder = local_bart(tmp_path)
     out = tmp_path / "run"
     caption.main(["--encoder", str(stage1_run / "last.pt"), "--manifest", captioned_clips(tmp_path),
-                  "--decoder", folder, "--no-baselines", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8", "--max-tokens", "5",
-                  "--device", "cpu", "--out-dir", str(out)])
+                  "--decoder", folder, "--no-baselines", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8",
+                  "--max-tokens", "5", "--device", "cpu", "--out-dir", str(out)])
     ckpt = runs.load_checkpoint(out / "best.pt")
     assert ckpt["captioner"]["tokenizer"] == {"kind": "pretrained", "folder": folder}
     assert ckpt["captioner"]["language_model_config"]["decoder_start_token_id"] == 2  # BART's: </s>, then <s>
