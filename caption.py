@@ -625,12 +625,8 @@ def write_predictions(path: Path, files: list[str], captions: list[str], referen
 
 def plot_curves(path: Path, records: list[dict], seed: int, log=print):
     """Train and held-out loss per epoch, for each encoder of one seed (skipped without matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: curves.png skipped")
+    plt = runs.pyplot(log, "curves.png")
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for encoder in ENCODERS:
@@ -715,35 +711,9 @@ def predict_main(argv):
 # The command line: the run's flags, then one flag per recipe field
 
 
-def recipe_values(name: str) -> str:
-    """A recipe field's value in every recipe, for --help."""
-    values = {r: getattr(CAPTION_RECIPES[r], name) for r in CAPTION_RECIPES}
-    if len(set(values.values())) == 1:
-        return f"every recipe: {next(iter(values.values()))}"
-    return ", ".join(f"{r} {v}" for r, v in values.items())
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per RunSettings field, then one per recipe field; every default None: not given."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(RunSettings):
-        options = {k: v for k, v in f.metadata.items() if k not in ("help", "flag")}
-        shown = "" if "default" in f.metadata["help"] or f.default in (None, False) else f" (default: {f.default})"
-        p.add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")), dest=f.name, default=None,
-                       help=f.metadata["help"] + shown, **options)
-    group = p.add_argument_group("recipe fields (default: the --recipe's value, listed per recipe)")
-    for f in fields(CaptionRecipe):
-        kind = type(getattr(CaptionRecipe(), f.name))
-        options = ({"action": argparse.BooleanOptionalAction} if kind is bool else
-                   {"nargs": "+", "type": int} if kind is tuple else {"type": kind})
-        group.add_argument("--" + f.name.replace("_", "-"), default=None, choices=f.metadata["choices"],
-                           help=f"{f.metadata['help']} ({recipe_values(f.name)})", **options)
-    return p
-
-
 def parse_args(argv=None) -> tuple[RunSettings, CaptionRecipe]:
     """RunSettings with every default settled, and the recipe with the command line's overrides."""
-    args = vars(build_parser().parse_args(argv))
+    args = vars(runs.command_line(__doc__, RunSettings, CaptionRecipe, CAPTION_RECIPES).parse_args(argv))
     overrides = {f.name: args[f.name] for f in fields(CaptionRecipe) if args[f.name] is not None}
     given = {f.name: args[f.name] for f in fields(RunSettings) if args[f.name] is not None}
     settings = RunSettings(**given)

@@ -590,6 +590,18 @@ class Manifest:
         return [i for i, f in enumerate(self.fold) if (f == holdout_fold) == (part == "test")]
 
 
+def read_csv(csv_path: Path, what: str) -> tuple[list[str], list[dict]]:
+    """A CSV's header and rows (dicts), or a ManifestError naming the file: `what` not found, or not UTF-8 CSV."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            return reader.fieldnames or [], list(reader)
+    except FileNotFoundError as e:
+        raise ManifestError(f"{csv_path}: {what} not found") from e
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ManifestError(f"{csv_path}: not a readable UTF-8 CSV ({e})") from e
+
+
 def read_manifest(csv_path: str | Path, audio_root: str | Path | None = None) -> Manifest:
     """Read a manifest CSV. Its rules, for evaluate.py and finetune.py alike:
 
@@ -604,14 +616,7 @@ def read_manifest(csv_path: str | Path, audio_root: str | Path | None = None) ->
     Whether the audio files exist is checked by the program against its
     source (audio folder or shards), not here.
     """
-    try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns, rows = reader.fieldnames or [], list(reader)
-    except FileNotFoundError as e:
-        raise ManifestError(f"{csv_path}: manifest not found") from e
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise ManifestError(f"{csv_path}: not a readable UTF-8 CSV ({e})") from e
+    columns, rows = read_csv(csv_path, "manifest")
     if "file_name" not in columns or "label" not in columns:
         raise ManifestError(f"{csv_path}: the header has {columns}; a manifest needs file_name, label and "
                             "optionally caption and split (train/valid/test) or fold")
@@ -828,14 +833,7 @@ def read_caption_manifest(csv_path: str | Path, audio_root: str | Path | None = 
       belongs to one split;
     - there are train and test clips (valid ones are optional).
     """
-    try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns, rows = reader.fieldnames or [], list(reader)
-    except FileNotFoundError as e:
-        raise ManifestError(f"{csv_path}: caption manifest not found") from e
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise ManifestError(f"{csv_path}: not a readable UTF-8 CSV ({e})") from e
+    columns, rows = read_csv(csv_path, "caption manifest")
     caption_columns = caption_columns_of(csv_path, columns)
     if not rows:
         raise ManifestError(f"{csv_path}: no rows")

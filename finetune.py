@@ -688,12 +688,8 @@ def write_per_class(path: Path, scores: torch.Tensor, targets: torch.Tensor, cla
 
 def plot_curves(path: Path, history: list[dict], metric: str, log=print):
     """Train loss and the selecting split's metric per epoch (skipped without matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: curves.png skipped")
+    plt = runs.pyplot(log, "curves.png")
+    if plt is None:
         return
     part = "valid" if "valid" in history[0] else "test"
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -1008,35 +1004,9 @@ def selection(run: FinetuneRun) -> str:
 # The command line: the run's flags, then one flag per recipe field
 
 
-def recipe_values(name: str) -> str:
-    """A recipe field's value in every recipe, for --help: 'as2m 2.0, esc50 0.5, ...' or one value for all."""
-    values = {r: getattr(FINETUNE_RECIPES[r], name) for r in FINETUNE_RECIPES}
-    if len(set(values.values())) == 1:
-        return f"every recipe: {next(iter(values.values()))}"
-    return ", ".join(f"{r} {v}" for r, v in values.items())
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per RunSettings field, then one per recipe field; every default None: not given."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(RunSettings):
-        options = {k: v for k, v in f.metadata.items() if k not in ("help", "flag")}
-        shown = "" if "default" in f.metadata["help"] or f.default in (None, False) else f" (default: {f.default})"
-        p.add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")), dest=f.name, default=None,
-                       help=f.metadata["help"] + shown, **options)
-    group = p.add_argument_group("recipe fields (default: the --recipe's value, listed per recipe)")
-    for f in fields(FinetuneRecipe):
-        kind = type(getattr(FinetuneRecipe(), f.name))
-        options = ({"action": argparse.BooleanOptionalAction} if kind is bool else
-                   {"nargs": "+", "type": int} if kind is tuple else {"type": kind})
-        group.add_argument("--" + f.name.replace("_", "-"), default=None, choices=f.metadata["choices"],
-                           help=f"{f.metadata['help']} ({recipe_values(f.name)})", **options)
-    return p
-
-
 def parse_args(argv=None) -> tuple[RunSettings, FinetuneRecipe]:
     """RunSettings with every default settled, and the recipe with the command line's overrides."""
-    p = build_parser()
+    p = runs.command_line(__doc__, RunSettings, FinetuneRecipe, FINETUNE_RECIPES)
     args = vars(p.parse_args(argv))
     overrides = {f.name: args[f.name] for f in fields(FinetuneRecipe) if args[f.name] is not None}
     given = {f.name: args[f.name] for f in fields(RunSettings) if args[f.name] is not None}

@@ -38,7 +38,7 @@ import pickle
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -728,3 +728,48 @@ def format_duration(seconds: float) -> str:
     """12m05s, or 3h07m from an hour on."""
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# -----------------------------------------------------------------------------
+# A program's command line from its two dataclasses: the run's settings and the recipe
+
+
+def recipe_values(recipes: dict, name: str) -> str:
+    """A recipe field's value in every named recipe, for --help: 'as2m 2.0, esc50 0.5, ...' or one value for all."""
+    values = {r: getattr(recipes[r], name) for r in recipes}
+    if len(set(values.values())) == 1:
+        return f"every recipe: {next(iter(values.values()))}"
+    return ", ".join(f"{r} {v}" for r, v in values.items())
+
+
+def command_line(description: str, settings_type, recipe_type, recipes: dict) -> argparse.ArgumentParser:
+    """One flag per field of settings_type (its metadata: help, an optional other flag name, argparse's
+    options), then one per field of recipe_type (help, choices; its value in each of `recipes` shown), every
+    default None: not given, so that the program settles defaults itself."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(settings_type):
+        options = {k: v for k, v in f.metadata.items() if k not in ("help", "flag")}
+        shown = "" if "default" in f.metadata["help"] or f.default in (None, False) else f" (default: {f.default})"
+        p.add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")), dest=f.name, default=None,
+                       help=f.metadata["help"] + shown, **options)
+    group = p.add_argument_group("recipe fields (default: the --recipe's value, listed per recipe)")
+    for f in fields(recipe_type):
+        kind = type(getattr(recipe_type(), f.name))
+        options = ({"action": argparse.BooleanOptionalAction} if kind is bool else
+                   {"nargs": "+", "type": int} if kind is tuple else {"type": kind})
+        group.add_argument("--" + f.name.replace("_", "-"), default=None, choices=f.metadata["choices"],
+                           help=f"{f.metadata['help']} ({recipe_values(recipes, f.name)})", **options)
+    return p
+
+
+def pyplot(log=print, what: str = "the plot"):
+    """matplotlib's pyplot on its file-only backend (Agg), or None, with a line saying what is skipped, where
+    matplotlib (an optional extra) is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log(f"matplotlib is not installed: {what} skipped")
+        return None
+    return plt
