@@ -329,10 +329,6 @@ RUN_FILES = (RESUME_FILE, RESUME_FILE + ".tmp", MODEL_FILE, "log.jsonl", "result
 ENCODERS = ("pretrained", "random_init")
 
 
-class EpochLimit(Exception):
-    """Raised after --epochs-limit epochs: the run stops cleanly and the same command resumes it."""
-
-
 def setting(default, help: str, **argparse_options):
     """A RunSettings field: its default, its --help text and how argparse reads it (flag: another flag name)."""
     return field(default=default, metadata={"help": help, **argparse_options})
@@ -539,7 +535,8 @@ def end_epoch(run: CaptionRun, j: int, t: Trainer):
                      where=f"seed {seed} {encoder.replace('_', '-')} | epoch {t.state.epoch}/{run.recipe.epochs}")
     run.epochs_run += 1
     if run.settings.epochs_limit and run.epochs_run >= run.settings.epochs_limit:
-        raise EpochLimit(f"stopped after {run.epochs_run} epoch(s) (--epochs-limit); run the same command to resume")
+        raise runs.EpochLimit(f"stopped after {run.epochs_run} epoch(s) (--epochs-limit); "
+                              "run the same command to resume")
 
 
 # -----------------------------------------------------------------------------
@@ -571,12 +568,6 @@ def nearest_captions(run: CaptionRun) -> tuple[list[str] | None, str | None]:
     return [texts[k] for k in similarity.argmax(dim=1).tolist()], None
 
 
-def spread(values: list[float]) -> dict:
-    """The mean over seeds, with the spread (sample std) beside it."""
-    array = np.asarray(values, dtype=np.float64)
-    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0, "n": len(array)}
-
-
 def write_outputs(run: CaptionRun):
     """result.json, predictions.csv and curves.png, and the table of scores on the console."""
     manifest, test = run.manifest, run.manifest.indices("test")
@@ -585,11 +576,11 @@ def write_outputs(run: CaptionRun):
     for encoder in ENCODERS:
         scored = [r["scores"] for r in run.results if r["encoder"] == encoder and r["scores"]]
         if scored:
-            table[encoder] = {name: spread([s[name] for s in scored]) for name in scored[0]}
+            table[encoder] = {name: metrics.seed_summary([s[name] for s in scored]) for name in scored[0]}
     nearest, why = nearest_captions(run) if run.settings.baselines else (None, "--no-baselines")
     if nearest is not None and run.scoring is None:
         scores, _ = metrics.caption_scores(nearest, references)
-        table["nearest_caption"] = {name: spread([value]) for name, value in scores.items()}
+        table["nearest_caption"] = {name: metrics.seed_summary([value]) for name, value in scores.items()}
     best = max((r for r in run.results if r["encoder"] == "pretrained"), key=rank_key)
     result = {"data": manifest.name, "encoder": str(run.settings.encoder),
               "decoder": str(run.settings.decoder or "small BART, random init"),
@@ -736,7 +727,7 @@ def main(argv=None):
     settings, recipe = parse_args(argv)
     try:
         caption(settings, recipe)
-    except EpochLimit as stop:
+    except runs.EpochLimit as stop:
         print(stop)
     except (ValueError, FileNotFoundError, ImportError, runs.CheckpointWriteError, runs.NonFiniteError) as e:
         sys.exit(f"error: {e}")

@@ -184,7 +184,8 @@ FINETUNE_RECIPES: dict[str, FinetuneRecipe] = {
 MAX_INPUT_FRAMES = 1001  # the longest input a recipe sizes itself to: 10 s, the authors' AudioSet crop
 
 
-def sized_to_clips(recipe: FinetuneRecipe, longest_frames: int, encoder_frames: int = MAX_INPUT_FRAMES) -> FinetuneRecipe:
+def sized_to_clips(recipe: FinetuneRecipe, longest_frames: int,
+                   encoder_frames: int = MAX_INPUT_FRAMES) -> FinetuneRecipe:
     """The recipe with its lengths settled for clips of at most `longest_frames` frames.
 
     input_frames 0 becomes the longest clip's (at most MAX_INPUT_FRAMES), so
@@ -572,13 +573,6 @@ def fit_result(t: Trainer, test: data.ClipSet, test_once: bool) -> dict:
             "state": state.best_state, "test_scores": scores, "metrics": scored, "last_score": last}
 
 
-def seed_summary(scores: list[float]) -> dict:
-    """The authors' report over seeds (43, 44, 45): the mean, with the spread (sample std) beside it."""
-    values = np.asarray(scores, dtype=np.float64)
-    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
 # -----------------------------------------------------------------------------
 # A task: its manifest, its clips, the folds held out in turn
 
@@ -710,10 +704,6 @@ RESUME_FILE, MODEL_FILE = "resume.pt", "best.pt"
 RUN_FILES = (RESUME_FILE, RESUME_FILE + ".tmp", MODEL_FILE, "log.jsonl", "result.json", "per_class.csv", "curves.png")
 
 
-class EpochLimit(Exception):
-    """Raised after --epochs-limit epochs: the run stops cleanly and the same command resumes it."""
-
-
 def setting(default, help: str, **argparse_options):
     """A RunSettings field: its default, its --help text and how argparse reads it (flag: another flag name)."""
     return field(default=default, metadata={"help": help, **argparse_options})
@@ -803,7 +793,8 @@ def finetune(settings: RunSettings, recipe: FinetuneRecipe) -> Path:
                                 "(python train.py --stage 1 writes runs/stage1/last.pt)")
     task = load_task(settings)
     if recipe.input_frames == 0:  # the longest clip, within the pre-trained encoder's input for masked padding
-        recipe = sized_to_clips(recipe, task.longest_frames(), features.load_model(settings.init).model.config.crop_frames)
+        encoder_frames = features.load_model(settings.init).model.config.crop_frames
+        recipe = sized_to_clips(recipe, task.longest_frames(), encoder_frames)
     else:
         recipe = sized_to_clips(recipe, 0)
     identity = settings.identity(recipe, ddp.world_size)
@@ -923,7 +914,8 @@ def end_epoch(run: FinetuneRun, j: int, t: Trainer):
                      where=f"seed {seed}{fold} | epoch {t.state.epoch}/{run.recipe.epochs}")
     run.epochs_run += 1
     if run.settings.epochs_limit and run.epochs_run >= run.settings.epochs_limit:
-        raise EpochLimit(f"stopped after {run.epochs_run} epoch(s) (--epochs-limit); run the same command to resume")
+        raise runs.EpochLimit(f"stopped after {run.epochs_run} epoch(s) (--epochs-limit); "
+                              "run the same command to resume")
 
 
 def write_model(run: FinetuneRun, init: m2d.M2DCLAP, model: m2d.AudioClassifier, result: dict, test: data.ClipSet):
@@ -947,13 +939,13 @@ def write_result(run: FinetuneRun):
     best = max(range(len(results)), key=lambda k: results[k]["score"])  # the run whose weights best.pt holds
     written = results[best]["best_epoch"] is not None  # else no epoch of any run scored above 0
     model_path = run.settings.out_dir / MODEL_FILE
-    spread = seed_summary(list(per_seed.values()))
+    spread = metrics.seed_summary(list(per_seed.values()))
     folds = list(dict.fromkeys(r["fold"] for r in results))
-    over_folds = seed_summary([np.mean([r["score"] for r in results if r["fold"] == f]) for f in folds])
+    over_folds = metrics.seed_summary([np.mean([r["score"] for r in results if r["fold"] == f]) for f in folds])
     lasts = [r.get("last_score") for r in results]
-    last = seed_summary(lasts) if None not in lasts else None
+    last = metrics.seed_summary(lasts) if None not in lasts else None
     probes = [(r.get("frozen_probe") or {}).get(recipe.metric) for r in results]
-    probe = seed_summary(probes) if probes and None not in probes else None
+    probe = metrics.seed_summary(probes) if probes and None not in probes else None
     report = {"task": run.task.manifest.name, "recipe_name": run.settings.recipe_name, "rule": recipe.report,
               "selection": selection(run), "metric": recipe.metric, "score": spread["mean"], "spread": spread,
               "over_folds": over_folds if folds != [None] else None, "last_epoch": last, "frozen_probe": probe,
@@ -1031,7 +1023,7 @@ def main(argv=None):
     settings, task_recipe = parse_args(argv)
     try:
         finetune(settings, task_recipe)
-    except EpochLimit as stop:
+    except runs.EpochLimit as stop:
         print(stop)
     except (ValueError, FileNotFoundError, runs.CheckpointWriteError, runs.NonFiniteError) as e:  # ResumeError too
         sys.exit(f"error: {e}")

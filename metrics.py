@@ -120,6 +120,13 @@ def retrieval_metrics(similarity: torch.Tensor, caption_clip: torch.Tensor) -> d
     return results
 
 
+def seed_summary(scores: list[float]) -> dict:
+    """A score over seeds (the authors report 43, 44, 45) or folds: the mean, with the spread (sample std)."""
+    values = np.asarray(scores, dtype=np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
 def effective_rank(features: torch.Tensor) -> float:
     """RankMe: exp of the entropy of the normalised singular values of features [N, D]; near 1 means collapse."""
     sigma = torch.linalg.svdvals(features.double())

@@ -730,6 +730,10 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+class EpochLimit(Exception):
+    """Raised after a program's --epochs-limit epochs: the run stops cleanly and the same command resumes it."""
+
+
 # -----------------------------------------------------------------------------
 # A program's command line from its two dataclasses: the run's settings and the recipe
 

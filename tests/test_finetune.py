@@ -181,8 +181,8 @@ def test_audioset_sampling_weights_on_a_small_table():
 
 def test_the_reported_metric_and_the_spread_over_seeds():
     assert ft.recipe("as20k").metric == "mAP" and ft.recipe("esc50").metric == "accuracy"
-    assert ft.seed_summary([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
-    assert ft.seed_summary([4.0]) == {"mean": 4.0, "std": 0.0, "n": 1}
+    assert metrics.seed_summary([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
+    assert metrics.seed_summary([4.0]) == {"mean": 4.0, "std": 0.0, "n": 1}
 
 
 # --- the model and one training step against a reference written out here ----------------------
