@@ -637,8 +637,10 @@ def class_labels(events: list[Event]) -> list[str]:
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 BUILTIN_VERSION = "v1"
 BUILTIN_SEED = 0
-# Clip indices of each split; the held-out split never shares a clip with train.
-BUILTIN_SPLITS = {"train": range(0, 1000), "test": range(1000, 1250)}
+# Clip indices of each split; no two splits share a clip. Pre-training sees train only; valid is for a
+# downstream run to choose its epoch on clips that neither it nor the encoder was trained on (captioning), so
+# that test stays unlooked-at.
+BUILTIN_SPLITS = {"train": range(0, 1000), "valid": range(1250, 1500), "test": range(1000, 1250)}
 # Stage 2.1 refines on a smaller "target domain" of the training clips: the
 # first 300 clips with two or three events (longer, ordered captions).
 BUILTIN_REFINE_CLIPS = 300
@@ -651,12 +653,12 @@ def builtin_cache_dir() -> Path:
 
 
 def builtin_clip_indices(split: str) -> list[int]:
-    """Clip indices of "train", "test" or "refine" (a subset of train)."""
+    """Clip indices of "train", "valid", "test" or "refine" (a subset of train)."""
     if split == "refine":
         multi = [i for i in BUILTIN_SPLITS["train"] if len(describe_clip(i, BUILTIN_SEED)[0]) >= 2]
         return multi[:BUILTIN_REFINE_CLIPS]
     if split not in BUILTIN_SPLITS:
-        raise ValueError(f"unknown built-in split {split!r}; choose train, test or refine")
+        raise ValueError(f"unknown built-in split {split!r}; choose train, valid, test or refine")
     return list(BUILTIN_SPLITS[split])
 
 
@@ -717,11 +719,12 @@ def builtin_eval_set() -> data.Manifest:
 
 
 def builtin_caption_set() -> data.CaptionManifest:
-    """The built-in data as a caption manifest: the 1,000 training and 250 held-out clips, 2 captions each, with
-    their committed sentence embeddings (for the nearest-caption baseline); the audio rendered on first use."""
+    """The built-in data as a caption manifest: the 1,000 training, 250 valid and 250 test clips, 2 captions
+    each, with their committed sentence embeddings (for the nearest-caption baseline); the audio rendered on first
+    use. Pre-training never sees the valid clips, so they can choose a decoder's epoch as unseen clips would."""
     manifest = data.CaptionManifest("built-in data", builtin_cache_dir())
     embeddings = []
-    for part in ("train", "test"):
+    for part in ("train", "valid", "test"):
         builtin_dataset(part)  # renders the audio on first use
         table = text_embed.load_caption_embeddings(builtin_csv(part))
         for name, caption in zip(table.file_names, table.captions):

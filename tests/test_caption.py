@@ -198,11 +198,23 @@ def test_bad_manifests_are_refused_naming_the_line_and_the_fix(tmp_path, header,
 
 def test_builtin_captions_are_the_committed_rows_with_their_embeddings():
     m = builtin_data.builtin_caption_set()
-    assert len(m.indices("train")) == 1000 and len(m.indices("test")) == 250
+    assert [len(m.indices(part)) for part in ("train", "valid", "test")] == [1000, 250, 250]
     assert all(len(c) == 2 for c in m.captions)
-    table = text_embed.load_caption_embeddings(builtin_data.builtin_csv("test"))
-    assert m.captions[1000] == table.captions[:2]
-    assert np.array_equal(m.caption_embeddings[2000:], table.embeddings)
+    for part, first in (("valid", 1000), ("test", 1250)):
+        table = text_embed.load_caption_embeddings(builtin_data.builtin_csv(part))
+        assert m.captions[first] == table.captions[:2] and m.files[first] == table.file_names[0]
+        assert np.array_equal(m.caption_embeddings[2 * first:2 * first + 500], table.embeddings)
+    names = [set(m.files[i] for i in m.indices(part)) for part in ("train", "valid", "test")]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])  # the valid clips are new clips
+
+
+def test_best_pt_is_chosen_on_the_valid_loss_never_on_the_test_scores():
+    runs = [{"seed": 0, "valid_loss": 0.50, "scores": {"cider_d": 3.0}},
+            {"seed": 1, "valid_loss": 0.40, "scores": {"cider_d": 2.0}}]
+    assert max(runs, key=caption.rank_key)["seed"] == 1
+    unselected = [{"seed": 0, "test_loss": 0.5, "scores": {"cider_d": 2.0}},
+                  {"seed": 1, "test_loss": 0.4, "scores": {"cider_d": 3.0}}]
+    assert max(unselected, key=caption.rank_key)["seed"] == 0  # no valid clips: the first seed's, not the best
 
 
 # -----------------------------------------------------------------------------
