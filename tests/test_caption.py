@@ -237,11 +237,12 @@ def captioned_clips(root) -> str:
 
 @pytest.fixture(scope="module")
 def caption_run(stage1_run, tmp_path_factory):
-    """A whole tiny run with both baselines on a manifest of 12 clips: (its folder, the manifest, the printout)."""
+    """A whole tiny run with both baselines and the CLAP prefix (the builtin recipe leaves it out) on a manifest of
+    12 clips: (its folder, the manifest)."""
     root = tmp_path_factory.mktemp("caption")
     manifest = captioned_clips(root)
     caption.main(["--encoder", str(stage1_run / "last.pt"), "--manifest", manifest, "--out-dir",
-                  str(root / "run"), *TINY])
+                  str(root / "run"), "--clap-prefix", *TINY])
     return root / "run", manifest
 
 
@@ -264,6 +265,7 @@ def test_a_tiny_run_writes_every_output(caption_run):
         assert set(result["scores"]) == {"pretrained", "random_init", "nearest_caption"}
         assert {"cider_d", "bleu_4", "rouge_l"} <= set(result["computed"])
     assert (out / "best.pt").is_file() and (out / "resume.pt").is_file()
+    assert runs.load_checkpoint(out / "best.pt")["captioner"]["prefix"]["clap_dim"] > 0
 
 
 def test_the_written_file_reloads_and_captions_as_the_run_did(caption_run, tmp_path, capsys):
@@ -332,6 +334,7 @@ def test_a_pretrained_bart_folder_trains_with_its_own_tokenizer_and_reloads(stag
                   "--decoder", folder, "--no-baselines", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8",
                   "--max-tokens", "5", "--device", "cpu", "--out-dir", str(out)])
     ckpt = runs.load_checkpoint(out / "best.pt")
+    assert ckpt["captioner"]["prefix"]["clap_dim"] == 0  # the builtin recipe: frames only
     assert ckpt["captioner"]["tokenizer"] == {"kind": "pretrained", "folder": folder}
     assert ckpt["captioner"]["language_model_config"]["decoder_start_token_id"] == 2  # BART's: </s>, then <s>
     model = features.load_model(out / "best.pt")
