@@ -90,7 +90,7 @@ class CaptionRecipe:
     lr_min: float = option(1e-5, "the cosine's floor")
     weight_decay: float = option(0.01, "AdamW's weight decay, on weight matrices only")
     batch_size: int = option(64, "(clip, caption) pairs per step")
-    epochs: int = option(10, "passes over every training caption")
+    epochs: int = option(20, "passes over every training caption")
     warmup_epochs: int = option(1, "linear warm-up from 0, in epochs")
     clip_grad_norm: float = option(1.0, "gradient norm clipped to this")
     beam_width: int = option(3, "beams of the search that writes captions")
@@ -116,10 +116,10 @@ CAPTION_RECIPES: dict[str, CaptionRecipe] = {
     # embedding was trained on these very training captions and finds them better than a new clip's (audio-to-
     # text R@1 42 against 34), so a decoder leans on it and misses on new clips. 30 epochs: 0.385 against 0.380
     # (3 seeds), so the shorter one. docs/PERFORMANCE.md has the table.
-    "builtin": CaptionRecipe(clap_prefix=False, epochs=20),
+    "builtin": CaptionRecipe(clap_prefix=False),
     # A local pretrained BART (--decoder, e.g. bart-base) on AudioCaps or Clotho, on a GPU: a fine-tuning rate
     # for a pretrained language model, and the usual beam and length of the field (ours, not measured here).
-    "pretrained-bart": CaptionRecipe(lr=5e-5, lr_min=1e-6, epochs=20, beam_width=4, seeds=(0, 1, 2)),
+    "pretrained-bart": CaptionRecipe(lr=5e-5, lr_min=1e-6, beam_width=4, seeds=(0, 1, 2)),
 }
 
 
